@@ -1,0 +1,37 @@
+//! dorafuse: fused CUDA kernels for DoRA adapters (Weight-Decomposed Low-Rank Adaptation),
+//! with a CPU reference path, a CPU emulator that runs the same `.cu` sources, and PEFT's
+//! adapter format.
+//!
+//! The math (DESIGN.md §1, PEFT semantics), with `W0 [d_out, d_in]`, `A [r, d_in]`,
+//! `B [d_out, r]`, `m [d_out]`, `x [T, d_in]`:
+//!
+//! ```text
+//! n_j = ‖W0_j + s·B_j·A‖₂      g = m / max(n, ε)
+//! y   = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b
+//! ```
+//!
+//! Modules:
+//! - [`dtype`], [`tensor`], [`layer`]: element types, host tensors, the layer description;
+//! - [`cpu`]: the CPU reference path (forward, backward, norm);
+//! - [`case`]: the layer-case safetensors format shared with PyTorch;
+//! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
+//! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
+//! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
+//! - [`bench`]: the benchmark behind `dorafuse bench`.
+
+pub mod adapter;
+pub mod backend;
+pub mod bench;
+pub mod case;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+pub mod emu;
+pub mod fsutil;
+pub mod kernels;
+pub mod layer;
+pub mod tensor;
+
+pub use dtype::DType;
+pub use layer::{Layer, Shape};
+pub use tensor::Tensor;
