@@ -167,6 +167,40 @@ impl Layer {
     }
 }
 
+/// Which gradient of the norm to take in backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradMode {
+    /// The norm is treated as a constant (DoRA paper §4.3; what PEFT does).
+    #[default]
+    Detached,
+    /// The exact gradient, with the norm's dependence on A and B.
+    Exact,
+}
+
+/// Gradients of one layer call, each parameter gradient in its parameter's dtype and
+/// `grad_x` in x's dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grads {
+    /// dL/dx `[T, d_in]`.
+    pub grad_x: Tensor,
+    /// dL/dA `[r, d_in]`.
+    pub grad_lora_a: Tensor,
+    /// dL/dB `[d_out, r]`.
+    pub grad_lora_b: Tensor,
+    /// dL/dm `[d_out]`; `None` for plain LoRA.
+    pub grad_magnitude: Option<Tensor>,
+}
+
+/// What a layer call produces: y `[T, d_out]` in x's dtype, and the gradients when a
+/// `grad_y` was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outputs {
+    /// The layer output.
+    pub y: Tensor,
+    /// Gradients, when backward was run.
+    pub grads: Option<Grads>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

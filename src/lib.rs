@@ -33,5 +33,5 @@ pub mod layer;
 pub mod tensor;
 
 pub use dtype::DType;
-pub use layer::{Layer, Shape};
+pub use layer::{GradMode, Grads, Layer, Outputs, Shape};
 pub use tensor::Tensor;
