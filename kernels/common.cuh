@@ -1,0 +1,77 @@
+// Shared helpers of the dorafuse kernels: dtype conversions, warp reductions, the dtype
+// stamping macro and the tile constants that the Rust launchers mirror
+// (src/kernels/spec.rs checks them against this file in a test).
+//
+// Everything here must compile both with nvcc and with the host emulator, so it uses only
+// what prelude.cuh (CUDA built-ins, or their emulation) and tensor_core.cuh (mma wrappers)
+// provide.
+#pragma once
+
+#include "prelude.cuh"
+// tensor_core.cuh (the mma wrappers) is included by norm.cu, its only user.
+
+namespace df {
+
+// ---- tile constants (mirrored in src/kernels/spec.rs; a test compares the two) ----------
+
+// Threads per block of every kernel but `mag_reduce`, `sum_partials`, `scale_rows`.
+constexpr int THREADS = 256;
+
+// norm v1 / merge (the V-tile pass): rows of W0 per block, columns per chunk, rank chunk.
+constexpr int VT_ROWS = 16;
+constexpr int VT_COLS = 64;
+constexpr int VT_RCHUNK = 32;
+
+// norm v2 (tensor cores): rows per block (4 warps x 16 rows), columns per chunk.
+constexpr int NT_ROWS = 64;
+constexpr int NT_COLS = 64;
+constexpr int NT_WARPS = 4;
+
+// shrink: rows (tokens) per block, ranks per block, reduction chunk.
+constexpr int SH_ROWS = 16;
+constexpr int SH_RANKS = 64;
+constexpr int SH_KCHUNK = 32;
+
+// compose: tokens per block, output columns per block, rank chunk.
+constexpr int CO_ROWS = 16;
+constexpr int CO_COLS = 64;
+constexpr int CO_RCHUNK = 32;
+
+// tn (long-reduction outer products): columns per block, reduction chunk.
+constexpr int TN_COLS = 64;
+constexpr int TN_TCHUNK = 16;
+
+// 1-D helper kernels.
+constexpr int SMALL_THREADS = 256;
+
+// ---- dtype conversions ----------------------------------------------------------------
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Round-to-nearest-even from f32, as PyTorch's .to(dtype) does.
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// ---- reductions -----------------------------------------------------------------------
+
+// Butterfly sum over the 32 lanes of a full warp: every lane gets the same value, and the
+// order of the additions is fixed (deterministic run to run).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+}  // namespace df
+
+// Stamps one `extern "C"` entry point per storage dtype from a templated body:
+// DF_FOR_EACH_DTYPE(X) expands X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16).
+#define DF_FOR_EACH_DTYPE(X) X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16)
+// The same for the dtypes the tensor cores take (mma.sync m16n8k16 has bf16 and f16 forms).
+#define DF_FOR_EACH_MMA_DTYPE(X) X(f16, __half) X(bf16, __nv_bfloat16)
