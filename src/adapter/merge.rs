@@ -1,0 +1,488 @@
+//! Merging an adapter into a base model's safetensors files, tensor by tensor, and undoing
+//! it.
+//!
+//! The output mirrors the input: the same shard files under the same names, each with the
+//! input's header copied byte for byte (merged weights keep their dtype and shape, so every
+//! offset is unchanged), every tensor the adapter does not touch copied byte for byte, and
+//! the index and the model's other files (config.json, tokenizer, ...) copied. Only one
+//! tensor is ever held in memory. Everything is written into a hidden temporary directory
+//! beside the output and renamed into place at the end, so a failed merge leaves nothing.
+//!
+//! `dora_unmerge.safetensors` beside the shards keeps what undoing the merge needs: for each
+//! module the g that was used, A, B, s and the base tensor name. W0 = W'/g − s·B·A.
+
+use super::apply::AdaptedModel;
+use super::base::{BaseModel, TensorEntry};
+use super::compute::{self, MergeDevice};
+use super::model::Adapter;
+use crate::dtype::DType;
+use crate::layer::Layer;
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The file that keeps what `unmerge` needs.
+pub const UNMERGE_FILE: &str = "dora_unmerge.safetensors";
+const UNMERGE_FORMAT: &str = "dorafuse-unmerge-1";
+
+/// How to merge.
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Where W' is computed.
+    pub device: MergeDevice,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeReport {
+    /// The output directory.
+    pub out: PathBuf,
+    /// Weights replaced (merged or unmerged).
+    pub modules: usize,
+    /// Tensors copied unchanged.
+    pub copied: usize,
+    /// Shard files written.
+    pub shards: usize,
+    /// Tensor bytes written.
+    pub bytes: u64,
+}
+
+/// Round f32 values to `dtype` and return the little-endian bytes.
+fn to_bytes(dtype: DType, shape: &[usize], v: &[f32]) -> Result<Vec<u8>> {
+    Ok(Tensor::from_f32(dtype, shape.to_vec(), v)?
+        .as_bytes()
+        .to_vec())
+}
+
+/// `[d_out, d_in]` → `[d_in, d_out]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = v[i * cols + j];
+        }
+    }
+    t
+}
+
+/// What changes between the input and the output of [`write_model`].
+trait Rewrite {
+    /// The new bytes of a tensor, or `None` to copy it.
+    fn replace(&mut self, name: &str, entry: &TensorEntry) -> Result<Option<Vec<u8>>>;
+    /// Files to add beside the shards, computed once every tensor was seen.
+    fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>>;
+}
+
+/// Writes `base` to `out` with some tensors' bytes replaced (see the module docs). Files of
+/// the base directory named in `skip_files` are not copied.
+fn write_model(
+    base: &BaseModel,
+    out: &Path,
+    progress: bool,
+    skip_files: &[&str],
+    rw: &mut dyn Rewrite,
+) -> Result<MergeReport> {
+    ensure!(
+        !out.exists(),
+        "output {} already exists; remove it or choose another --out",
+        out.display()
+    );
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    ensure!(
+        parent.is_dir(),
+        "output {}: the parent directory {} does not exist",
+        out.display(),
+        parent.display()
+    );
+    let out_name = out
+        .file_name()
+        .with_context(|| format!("output {}: not a directory name", out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    // Hidden, beside the output (same file system, so the final rename is atomic); removed
+    // by TempDir's Drop on any error.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{out_name}.dorafuse-tmp-"))
+        .tempdir_in(&parent)
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
+
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(base.data_bytes());
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:40!} [{bar:40}] {bytes}/{total_bytes} ({eta})",
+            )
+            .expect("constant template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut report = MergeReport {
+        out: out.to_path_buf(),
+        modules: 0,
+        copied: 0,
+        shards: base.shards.len(),
+        bytes: 0,
+    };
+    let mut written: Vec<String> = Vec::new();
+    for shard in &base.shards {
+        let fname = shard
+            .path
+            .file_name()
+            .context("shard without a file name")?
+            .to_string_lossy()
+            .into_owned();
+        let dest = tmp.path().join(&fname);
+        let file = std::fs::File::create(&dest)
+            .with_context(|| format!("cannot create {}", dest.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        // The header is copied as is: same names, dtypes, shapes and offsets.
+        w.write_all(&shard.map[..shard.header_len])
+            .with_context(|| format!("writing {}", dest.display()))?;
+        for name in &shard.names {
+            let e = &base.tensors[name];
+            bar.set_message(name.clone());
+            match rw.replace(name, e)? {
+                Some(bytes) => {
+                    ensure!(
+                        bytes.len() == e.range.len(),
+                        "{name}: new data is {} bytes, the slot is {}",
+                        bytes.len(),
+                        e.range.len()
+                    );
+                    w.write_all(&bytes)
+                        .with_context(|| format!("writing {}", dest.display()))?;
+                    report.modules += 1;
+                }
+                None => {
+                    w.write_all(&shard.map[e.range.clone()])
+                        .with_context(|| format!("writing {}", dest.display()))?;
+                    report.copied += 1;
+                }
+            }
+            report.bytes += e.range.len() as u64;
+            bar.inc(e.range.len() as u64);
+        }
+        let file = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", dest.display()))?;
+        file.sync_all()
+            .with_context(|| format!("flushing {}", dest.display()))?;
+        written.push(fname);
+    }
+    bar.finish_and_clear();
+    if base.from_dir {
+        let mut skip: Vec<&str> = written.iter().map(String::as_str).collect();
+        skip.extend_from_slice(skip_files);
+        copy_tree(&base.dir, tmp.path(), &skip)?;
+    }
+    for (name, bytes) in rw.extra_files()? {
+        let p = tmp.path().join(&name);
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let kept = tmp.keep();
+    if let Err(e) = std::fs::rename(&kept, out) {
+        let _ = std::fs::remove_dir_all(&kept);
+        return Err(e)
+            .with_context(|| format!("cannot rename the finished output to {}", out.display()));
+    }
+    Ok(report)
+}
+
+/// Copies every file and directory under `from` into `to`, except top-level names in `skip`.
+fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name_s = name.to_string_lossy();
+        if skip.contains(&name_s.as_ref()) {
+            continue;
+        }
+        let src = entry.path();
+        let dst = to.join(&name);
+        if src.is_dir() {
+            std::fs::create_dir(&dst)
+                .with_context(|| format!("cannot create {}", dst.display()))?;
+            copy_tree(&src, &dst, &[])?;
+        } else if src.is_file() {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The merge: adapted weights replaced by W', the unmerge data collected on the way.
+struct Merger<'m, 'a> {
+    model: &'m AdaptedModel<'a>,
+    by_weight: HashMap<String, String>,
+    device: MergeDevice,
+    unmerge: Vec<(String, Tensor)>,
+    meta: HashMap<String, String>,
+}
+
+impl Rewrite for Merger<'_, '_> {
+    fn replace(&mut self, name: &str, e: &TensorEntry) -> Result<Option<Vec<u8>>> {
+        let Some(module) = self.by_weight.get(name) else {
+            return Ok(None);
+        };
+        let layer = self.model.layer(module)?;
+        let (d_in, d_out, _) = layer.dims()?;
+        let (w, g) = compute::merged_weight(&layer, self.device)
+            .with_context(|| format!("{module}: computing the merged weight"))?;
+        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{module}: the merged weight has a non-finite element at row {}, column {}",
+                i / d_in,
+                i % d_in
+            );
+        }
+        let stored = if layer.fan_in_fan_out {
+            transpose(&w, d_out, d_in)
+        } else {
+            w
+        };
+        self.unmerge
+            .push((format!("{module}.lora_A"), layer.lora_a.clone()));
+        self.unmerge
+            .push((format!("{module}.lora_B"), layer.lora_b.clone()));
+        if let Some(g) = g {
+            self.unmerge.push((
+                format!("{module}.g"),
+                Tensor::from_f32(DType::F32, vec![d_out], &g)?,
+            ));
+        }
+        // {:?} of an f64 is the shortest string that reads back to the same value.
+        self.meta
+            .insert(format!("scaling.{module}"), format!("{:?}", layer.scaling));
+        self.meta
+            .insert(format!("weight.{module}"), name.to_string());
+        Ok(Some(
+            to_bytes(layer.weight.dtype(), &e.shape, &stored).with_context(|| module.clone())?,
+        ))
+    }
+
+    fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+        let views = self
+            .unmerge
+            .iter()
+            .map(|(k, t)| {
+                safetensors::tensor::TensorView::new(
+                    t.dtype().to_safetensors(),
+                    t.shape().to_vec(),
+                    t.as_bytes(),
+                )
+                .map_err(|e| anyhow::anyhow!("{k}: {e}"))
+                .map(|v| (k.clone(), v))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(views, &Some(self.meta.clone()))
+            .map_err(|e| anyhow::anyhow!("serialising {UNMERGE_FILE}: {e}"))?;
+        Ok(vec![(UNMERGE_FILE.to_string(), bytes)])
+    }
+}
+
+/// Merges `adapter` into `base` and writes the merged model to `out` (see the module docs).
+///
+/// Everything is checked before anything is written: every module is matched to its base
+/// weight and its shapes and dtypes agree.
+///
+/// # Errors
+/// A module that does not fit the base (named), `out` already existing, I/O errors. On any
+/// error `out` does not exist afterwards.
+pub fn merge_model(
+    base: &BaseModel,
+    adapter: &Adapter,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
+    let model = AdaptedModel::new(base, adapter)?;
+    let by_weight = adapter
+        .modules
+        .keys()
+        .map(|m| (model.weight_name(m), m.clone()))
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), UNMERGE_FORMAT.to_string());
+    meta.insert(
+        "fan_in_fan_out".to_string(),
+        adapter.config.lora.fan_in_fan_out.to_string(),
+    );
+    let mut m = Merger {
+        model: &model,
+        by_weight,
+        device: opts.device,
+        unmerge: Vec::new(),
+        meta,
+    };
+    // A stale unmerge file from an earlier merge must not be carried over.
+    write_model(base, out, opts.progress, &[UNMERGE_FILE], &mut m)
+}
+
+/// What undoing a merge needs for one module (read from [`UNMERGE_FILE`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnmergeEntry {
+    /// The base tensor that holds the merged weight.
+    pub weight_name: String,
+    /// A `[r, d_in]`.
+    pub lora_a: Tensor,
+    /// B `[d_out, r]`.
+    pub lora_b: Tensor,
+    /// The g the merge used; `None` for plain LoRA.
+    pub g: Option<Vec<f32>>,
+    /// s.
+    pub scaling: f64,
+    /// Whether the weight is stored `[d_in, d_out]`.
+    pub fan_in_fan_out: bool,
+}
+
+/// Reads `dora_unmerge.safetensors` from a merged model directory.
+///
+/// # Errors
+/// Missing or malformed file, naming the module.
+pub fn read_unmerge(dir: &Path) -> Result<BTreeMap<String, UnmergeEntry>> {
+    let p = dir.join(UNMERGE_FILE);
+    let bytes = std::fs::read(&p).with_context(|| {
+        format!(
+            "cannot read {} (was this model written by dorafuse merge?)",
+            p.display()
+        )
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let meta = md.metadata().clone().unwrap_or_default();
+    ensure!(
+        meta.get("format").map(String::as_str) == Some(UNMERGE_FORMAT),
+        "{}: not a dorafuse unmerge file (format {:?})",
+        p.display(),
+        meta.get("format")
+    );
+    let fifo = meta.get("fan_in_fan_out").map(String::as_str) == Some("true");
+    let mut out = BTreeMap::new();
+    for (k, v) in &meta {
+        let Some(module) = k.strip_prefix("weight.") else {
+            continue;
+        };
+        let get = |suffix: &str| -> Result<Option<Tensor>> {
+            let key = format!("{module}.{suffix}");
+            match st.tensor(&key) {
+                Ok(view) => Ok(Some(Tensor::from_view(&key, &view)?)),
+                Err(_) => Ok(None),
+            }
+        };
+        let lora_a = get("lora_A")?
+            .with_context(|| format!("{module}: lora_A missing from {UNMERGE_FILE}"))?;
+        let lora_b = get("lora_B")?
+            .with_context(|| format!("{module}: lora_B missing from {UNMERGE_FILE}"))?;
+        let g = get("g")?.map(|t| t.to_f32());
+        let scaling: f64 = meta
+            .get(&format!("scaling.{module}"))
+            .with_context(|| format!("{module}: scaling missing from {UNMERGE_FILE}"))?
+            .parse()
+            .with_context(|| format!("{module}: scaling is not a number"))?;
+        out.insert(
+            module.to_string(),
+            UnmergeEntry {
+                weight_name: v.clone(),
+                lora_a,
+                lora_b,
+                g,
+                scaling,
+                fan_in_fan_out: fifo,
+            },
+        );
+    }
+    ensure!(!out.is_empty(), "{}: lists no modules", p.display());
+    Ok(out)
+}
+
+/// Restores one module's base weight from a merged model: W0 = W'/g − s·B·A, in the merged
+/// weight's dtype and stored layout.
+///
+/// # Errors
+/// The module's weight is missing from `merged` or disagrees in shape.
+pub fn unmerge_module(merged: &BaseModel, entry: &UnmergeEntry) -> Result<Tensor> {
+    let w = merged.tensor(&entry.weight_name)?;
+    let layer = Layer {
+        weight: w,
+        bias: None,
+        lora_a: entry.lora_a.clone(),
+        lora_b: entry.lora_b.clone(),
+        magnitude: None,
+        scaling: entry.scaling,
+        fan_in_fan_out: entry.fan_in_fan_out,
+    };
+    let (d_in, d_out, _) = layer.dims().with_context(|| entry.weight_name.clone())?;
+    let wf = layer.weight.to_f32();
+    let rows = if entry.fan_in_fan_out {
+        transpose(&wf, d_in, d_out)
+    } else {
+        wf
+    };
+    let w0 = compute::unmerge_weight(&rows, &layer, entry.g.as_deref())
+        .with_context(|| entry.weight_name.clone())?;
+    let stored = if entry.fan_in_fan_out {
+        transpose(&w0, d_out, d_in)
+    } else {
+        w0
+    };
+    Tensor::from_f32(layer.weight.dtype(), layer.weight.shape().to_vec(), &stored)
+}
+
+/// Writes the model in `merged` (a directory written by [`merge_model`]) back with every
+/// merged weight restored, to `out`; the unmerge file itself is not copied.
+///
+/// # Errors
+/// As [`read_unmerge`] and [`unmerge_module`]; `out` existing; I/O errors. On any error
+/// `out` does not exist afterwards.
+pub fn unmerge_model(merged: &BaseModel, out: &Path, progress: bool) -> Result<MergeReport> {
+    let entries = read_unmerge(&merged.dir)?;
+    struct U<'b> {
+        by_weight: HashMap<String, UnmergeEntry>,
+        merged: &'b BaseModel,
+    }
+    impl Rewrite for U<'_> {
+        fn replace(&mut self, name: &str, _e: &TensorEntry) -> Result<Option<Vec<u8>>> {
+            match self.by_weight.get(name) {
+                Some(entry) => Ok(Some(
+                    unmerge_module(self.merged, entry)?.as_bytes().to_vec(),
+                )),
+                None => Ok(None),
+            }
+        }
+        fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+            Ok(vec![])
+        }
+    }
+    let mut by_weight = HashMap::new();
+    for (module, e) in entries {
+        ensure!(
+            merged.tensors.contains_key(&e.weight_name),
+            "{module}: {} names weight {}, absent from the merged model",
+            UNMERGE_FILE,
+            e.weight_name
+        );
+        by_weight.insert(e.weight_name.clone(), e);
+    }
+    let mut u = U { by_weight, merged };
+    write_model(merged, out, progress, &[UNMERGE_FILE], &mut u)
+}

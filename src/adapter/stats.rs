@@ -1,0 +1,146 @@
+//! Per-module statistics for `dorafuse inspect`, in f64: the size of the update and, with a
+//! base model, the DoRA paper's Figure-2 quantities ΔM and ΔD.
+
+use super::model::AdapterModule;
+use crate::layer::{Layer, NORM_EPS};
+use anyhow::Result;
+use serde::Serialize;
+
+/// What `inspect` reports for one module.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModuleStats {
+    /// Module name.
+    pub module: String,
+    /// Rank.
+    pub rank: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// Effective scaling s.
+    pub scaling: f64,
+    /// Storage dtype of the adapter tensors.
+    pub dtype: String,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// ‖s·B·A‖_F, from s²·tr((BᵀB)(AAᵀ)) without forming B·A.
+    pub sba_fro: f64,
+    /// Smallest magnitude (DoRA only).
+    pub magnitude_min: Option<f64>,
+    /// Mean magnitude (DoRA only).
+    pub magnitude_mean: Option<f64>,
+    /// Largest magnitude (DoRA only).
+    pub magnitude_max: Option<f64>,
+    /// With a base: ΔM = mean_j |m_j − ‖W0_j‖| (for plain LoRA m_j is ‖W0_j + s·B_j·A‖).
+    pub delta_m: Option<f64>,
+    /// With a base: ΔD = mean_j (1 − cos(W0_j, W'_j)), W' the merged weight.
+    pub delta_d: Option<f64>,
+    /// With a base: ‖W0‖_F.
+    pub w0_fro: Option<f64>,
+}
+
+/// ‖s·B·A‖_F = |s|·sqrt(tr((BᵀB)(AAᵀ))): two r×r Gram matrices, O((d_in + d_out)·r²).
+pub fn sba_fro(m: &AdapterModule) -> f64 {
+    let (d_in, d_out, r) = m.dims();
+    let a = m.lora_a.to_f64();
+    let b = m.lora_b.to_f64();
+    let mut aat = vec![0f64; r * r];
+    let mut btb = vec![0f64; r * r];
+    for p in 0..r {
+        for q in p..r {
+            let s: f64 = (0..d_in).map(|i| a[p * d_in + i] * a[q * d_in + i]).sum();
+            aat[p * r + q] = s;
+            aat[q * r + p] = s;
+            let t: f64 = (0..d_out).map(|j| b[j * r + p] * b[j * r + q]).sum();
+            btb[p * r + q] = t;
+            btb[q * r + p] = t;
+        }
+    }
+    // tr(XY) = Σ_pq X_pq·Y_qp, and both are symmetric.
+    let tr: f64 = aat.iter().zip(&btb).map(|(x, y)| x * y).sum();
+    m.scaling.abs() * tr.max(0.0).sqrt()
+}
+
+/// The adapter-only statistics of a module.
+pub fn module_stats(m: &AdapterModule) -> ModuleStats {
+    let (d_in, d_out, _) = m.dims();
+    let mag = m.magnitude.as_ref().map(|t| t.to_f64());
+    let (mn, mean, mx) = match &mag {
+        Some(v) if !v.is_empty() => (
+            Some(v.iter().copied().fold(f64::INFINITY, f64::min)),
+            Some(v.iter().sum::<f64>() / v.len() as f64),
+            Some(v.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+        ),
+        _ => (None, None, None),
+    };
+    ModuleStats {
+        module: m.name.clone(),
+        rank: m.rank,
+        alpha: m.alpha,
+        scaling: m.scaling,
+        dtype: m.dtype().name().to_string(),
+        d_in,
+        d_out,
+        sba_fro: sba_fro(m),
+        magnitude_min: mn,
+        magnitude_mean: mean,
+        magnitude_max: mx,
+        delta_m: None,
+        delta_d: None,
+        w0_fro: None,
+    }
+}
+
+/// ΔM, ΔD and ‖W0‖_F of a layer, in f64, one row of V = W0 + s·B·A at a time.
+///
+/// With g_j = m_j / max(‖V_j‖, ε) and W'_j = g_j·V_j: ΔM = mean_j |m_j − ‖W0_j‖| and
+/// ΔD = mean_j (1 − cos(W0_j, W'_j)). For plain LoRA, m_j = ‖V_j‖ and W' = V. A row where
+/// W0_j or W'_j is zero has no direction; it counts as cos = 1 (no change measured).
+///
+/// # Errors
+/// Inconsistent layer shapes.
+pub fn figure2(layer: &Layer) -> Result<(f64, f64, f64)> {
+    let (d_in, d_out, r) = layer.dims()?;
+    let w = layer.weight.to_f64();
+    let a = layer.lora_a.to_f64();
+    let b = layer.lora_b.to_f64();
+    let m = layer.magnitude.as_ref().map(|t| t.to_f64());
+    let s = layer.scaling;
+    let (mut dm, mut dd, mut w0sq) = (0f64, 0f64, 0f64);
+    let mut w0 = vec![0f64; d_in];
+    let mut v = vec![0f64; d_in];
+    for j in 0..d_out {
+        for i in 0..d_in {
+            w0[i] = if layer.fan_in_fan_out {
+                w[i * d_out + j]
+            } else {
+                w[j * d_in + i]
+            };
+        }
+        v.copy_from_slice(&w0);
+        for k in 0..r {
+            let c = s * b[j * r + k];
+            for (vi, ai) in v.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
+                *vi += c * ai;
+            }
+        }
+        let w0n2: f64 = w0.iter().map(|x| x * x).sum();
+        let vn = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let dot: f64 = w0.iter().zip(&v).map(|(x, y)| x * y).sum();
+        let w0n = w0n2.sqrt();
+        w0sq += w0n2;
+        let (mj, gj) = match &m {
+            Some(m) => (m[j], m[j] / vn.max(NORM_EPS)),
+            None => (vn, 1.0),
+        };
+        dm += (mj - w0n).abs();
+        let wn = gj.abs() * vn;
+        let cos = if w0n > 0.0 && wn > 0.0 {
+            gj * dot / (w0n * wn)
+        } else {
+            1.0
+        };
+        dd += 1.0 - cos;
+    }
+    Ok((dm / d_out as f64, dd / d_out as f64, w0sq.sqrt()))
+}
