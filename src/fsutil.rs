@@ -1,1 +1,100 @@
-//! (being written)
+//! File-system helpers shared by every command that writes output.
+
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::path::Path;
+
+/// Writes `path` atomically: `write` fills a temporary file created in the destination's own
+/// directory (so the final rename never crosses a file system), the data is flushed to disk,
+/// and the file is renamed over `path` only once everything succeeded.
+///
+/// On any failure (an error from `write`, a full disk, a failed rename) the temporary file is
+/// removed and `path` is untouched: a failed run never leaves a half-written output behind,
+/// and an existing file at `path` keeps its old contents.
+///
+/// # Errors
+/// The destination directory does not exist or is not writable, `write` fails, or the
+/// rename fails; the message names `path`.
+pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut File) -> Result<()>,
+{
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: not a file path", path.display()))?;
+    // A dot-prefixed name in the same directory: hidden from globs such as `*.safetensors`
+    // while it is being written, and removed by the guard's Drop if anything fails.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", file_name.to_string_lossy()))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot write {}: cannot create a file in {}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    write(tmp.as_file_mut()).with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("writing {}: flushing to disk", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}: rename failed", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn writes_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.bin");
+        write_atomic(&p, |f| Ok(f.write_all(b"one")?)).unwrap();
+        write_atomic(&p, |f| Ok(f.write_all(b"two")?)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(entries(dir.path()), vec!["out.bin".to_string()]);
+    }
+
+    #[test]
+    fn failure_leaves_nothing_and_keeps_old_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.bin");
+        let e = write_atomic(&p, |f| {
+            f.write_all(b"partial")?;
+            anyhow::bail!("simulated failure")
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("out.bin"), "{e:#}");
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+        write_atomic(&p, |f| Ok(f.write_all(b"good")?)).unwrap();
+        assert!(write_atomic(&p, |_| anyhow::bail!("again")).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"good");
+        assert_eq!(entries(dir.path()), vec!["out.bin".to_string()]);
+    }
+
+    #[test]
+    fn missing_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("no/such/dir/out.bin");
+        let e = format!("{:#}", write_atomic(&p, |_| Ok(())).unwrap_err());
+        assert!(e.contains("out.bin") && e.contains("cannot create"), "{e}");
+    }
+}

@@ -1,13 +1,233 @@
-//! `dorafuse replay` (being written).
+//! `dorafuse replay`: run layer cases captured from PyTorch and compare with what they expect.
+//!
+//! For every case, and every output with an `expected.*` tensor, it prints the relative L2
+//! error ‖got − expected‖₂ / ‖expected‖₂ and pass/fail against a bar:
+//!
+//! - x in f32 (an f32 case): the f32 tolerance, 1e-5;
+//! - x in f16/bf16, with PyTorch's own error recorded (`peft_rel_err.<output>` metadata, as
+//!   the PEFT fixtures have): no more than twice PyTorch's error, and never above the dtype's
+//!   tolerance (f16 1e-3, bf16 8e-3). The bar is floored at the output dtype's unit roundoff,
+//!   which is about what rounding the truth itself to that dtype costs;
+//! - x in f16/bf16 without it: the dtype's tolerance.
+//!
+//! NaN never passes. When the case records `zero_rows`, replay also checks that y equals the
+//! bias on those rows and that every output is finite. The exit status is non-zero when any
+//! comparison fails or any case cannot be run.
+//!
+//! `--out`: with one case, the file to write its outputs to; with several, an existing
+//! directory that receives `<case stem>.out.safetensors` for each. Outputs are written
+//! atomically (temporary file + rename), so a failure never leaves a partial file.
 
-use anyhow::{bail, Result};
+use super::Device;
+use anyhow::{ensure, Context, Result};
+use dorafuse::case::{named_outputs, write_outputs, LayerCase};
+use dorafuse::dtype::DType;
+use dorafuse::layer::{GradMode, Outputs};
+use dorafuse::tensor::{rel_l2, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Arguments of `dorafuse replay`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Layer-case files (safetensors, DESIGN.md §2) to run.
+    #[arg(required = true, value_name = "CASE")]
+    cases: Vec<PathBuf>,
+    /// Where to compute: the CPU path, the kernels on the CPU emulator, or the kernels on a GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Write the outputs: a file with one case, an existing directory with several
+    /// (`<case stem>.out.safetensors` in it).
+    #[arg(long, value_name = "OUT")]
+    out: Option<PathBuf>,
+    /// Exact gradient (the norm not detached) instead of PEFT's detached one.
+    #[arg(long)]
+    exact_grad: bool,
+}
+
+/// Computes a case's outputs on `device`: the one seam between replay and the paths.
+fn run_on(device: Device, case: &LayerCase, mode: GradMode) -> Result<Outputs> {
+    let (layer, x, gy) = (&case.layer, &case.x, case.grad_y.as_ref());
+    match device {
+        Device::Cpu => dorafuse::cpu::run(layer, x, gy, mode),
+        Device::Emu => anyhow::bail!(
+            "--device emu is not available in this build yet (the kernel launchers and the \
+             emulator are not wired into replay); use --device cpu"
+        ),
+        Device::Cuda => anyhow::bail!(
+            "--device cuda is not available in this build yet (the CUDA path is not wired \
+             into replay); use --device cpu"
+        ),
+    }
+}
+
+/// The bar output `name` of `case` is held to, and a few words on where it comes from.
+pub(crate) fn bar(case: &LayerCase, name: &str) -> (f64, String) {
+    let comp = case.x.dtype();
+    if comp == DType::F32 {
+        return (DType::F32.tolerance(), "f32 tolerance".into());
+    }
+    let cap = comp.tolerance();
+    match case.peft_rel_err(name) {
+        Some(e) => {
+            let floor = case.output_dtype(name).unit_roundoff();
+            let b = (2.0 * e).min(cap).max(floor);
+            (b, format!("2x PyTorch's {e:.2e}, cap {cap:.0e}"))
+        }
+        None => (cap, format!("{comp} tolerance")),
+    }
+}
+
+/// Output path for case `i` of `n`.
+fn out_path(out: &Path, case: &Path, n: usize) -> Result<PathBuf> {
+    if n == 1 {
+        return Ok(out.to_path_buf());
+    }
+    ensure!(
+        out.is_dir(),
+        "--out {} must be an existing directory when several cases are given",
+        out.display()
+    );
+    let stem = case
+        .file_stem()
+        .with_context(|| format!("case path {} has no file name", case.display()))?;
+    Ok(out.join(format!("{}.out.safetensors", stem.to_string_lossy())))
+}
+
+/// Runs one case: compute, write (if asked), compare. Returns whether every check passed.
+fn replay_one(args: &Args, path: &Path, out: Option<PathBuf>) -> Result<bool> {
+    let case = LayerCase::read(path)?;
+    let shape = case.shape()?;
+    let mode = if args.exact_grad {
+        GradMode::Exact
+    } else {
+        GradMode::Detached
+    };
+    let outputs = run_on(args.device, &case, mode).with_context(|| {
+        format!(
+            "layer case {}: running on {:?}",
+            path.display(),
+            args.device
+        )
+    })?;
+    if let Some(o) = &out {
+        let mut meta = BTreeMap::new();
+        meta.insert("source_case".into(), path.display().to_string());
+        meta.insert("device".into(), format!("{:?}", args.device).to_lowercase());
+        meta.insert("grad_mode".into(), format!("{mode:?}").to_lowercase());
+        write_outputs(o, &outputs, &meta)?;
+    }
+    let kind = if case.layer.is_dora() { "DoRA" } else { "LoRA" };
+    println!(
+        "{}: {kind} {shape}, x {}, device {:?}, {}{}",
+        path.display(),
+        case.x.dtype(),
+        args.device,
+        if case.grad_y.is_some() {
+            format!("backward {mode:?}")
+        } else {
+            "forward only".into()
+        },
+        out.as_ref()
+            .map(|o| format!(", outputs -> {}", o.display()))
+            .unwrap_or_default()
+    );
+    let mut ok = true;
+    let produced = named_outputs(&outputs);
+    let mut compared = 0;
+    for (name, got) in &produced {
+        let Some(want) = case.expected.get(*name) else {
+            continue;
+        };
+        compared += 1;
+        let err = rel_l2(&got.to_f64(), &want.to_f64());
+        let (b, why) = bar(&case, name);
+        let pass = err <= b;
+        ok &= pass;
+        println!(
+            "  {name:<15} {:<5} rel_err {err:.3e}  bar {b:.3e} ({why})  {}",
+            got.dtype().name(),
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    for name in case.expected.keys() {
+        if !produced.iter().any(|(n, _)| n == name) {
+            println!("  {name:<15} expected but not produced (no grad_y?)  FAIL");
+            ok = false;
+        }
+    }
+    if compared == 0 {
+        println!("  no expected.* outputs in this case: nothing compared");
+    }
+    if let Some(rows) = case.metadata.get("zero_rows") {
+        ok &= check_zero_rows(&case, &outputs, rows)?;
+    }
+    Ok(ok)
+}
+
+/// Zero rows (W0_j = 0, B_j = 0, m_j = 0): y must equal the bias there, every output finite.
+fn check_zero_rows(case: &LayerCase, outputs: &Outputs, rows: &str) -> Result<bool> {
+    let s = case.shape()?;
+    let y = outputs.y.to_f64();
+    let bias: Vec<f64> = match &case.layer.bias {
+        Some(b) => b.cast(case.x.dtype()).to_f64(),
+        None => vec![0.0; s.d_out],
+    };
+    let mut ok = true;
+    for j in rows.split(',').filter(|v| !v.trim().is_empty()) {
+        let j: usize = j
+            .trim()
+            .parse()
+            .with_context(|| format!("metadata zero_rows {rows:?} is not a list of rows"))?;
+        ensure!(
+            j < s.d_out,
+            "metadata zero_rows: row {j} >= d_out {}",
+            s.d_out
+        );
+        ok &= (0..s.t).all(|t| y[t * s.d_out + j] == bias[j]);
+    }
+    let finite = named_outputs(outputs)
+        .iter()
+        .all(|(_, t): &(&str, &Tensor)| t.first_non_finite().is_none());
+    println!(
+        "  zero rows {rows}: y = bias there {}, outputs finite {}  {}",
+        ok,
+        finite,
+        if ok && finite { "PASS" } else { "FAIL" }
+    );
+    Ok(ok && finite)
+}
 
 /// Runs `dorafuse replay`.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    bail!("replay is not built yet")
+///
+/// # Errors
+/// Only for argument problems; per-case failures are reported and turn into a non-zero exit.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let n = args.cases.len();
+    let mut all_ok = true;
+    for path in &args.cases {
+        let out = match &args.out {
+            Some(o) => Some(out_path(o, path, n)?),
+            None => None,
+        };
+        match replay_one(&args, path, out) {
+            Ok(ok) => all_ok &= ok,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                all_ok = false;
+            }
+        }
+    }
+    if n > 1 {
+        println!(
+            "{n} cases: {}",
+            if all_ok { "all passed" } else { "FAILURES" }
+        );
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -1,1 +1,598 @@
-//! (being written)
+//! The CPU path of a DoRA layer (DESIGN.md §1, PEFT semantics): the norm, the forward and
+//! the backward, in f32 arithmetic with every product through `matrixmultiply`.
+//!
+//! Precision and dtypes: each tensor keeps its own storage dtype and is widened to f32 once
+//! (an f32 tensor is borrowed, not copied). Every intermediate (U, z, dz, the norm) stays in
+//! f32; only the outputs are rounded: `y` and `grad_x` to x's dtype (the computation dtype),
+//! each parameter gradient to its parameter's dtype. This is at least as accurate as PEFT in
+//! every dtype mix, which rounds some intermediates to the activation dtype.
+//!
+//! The norm is never computed from a materialised `V = W0 + s·B·A`:
+//! `n_j² = ‖W0_j‖² + Σ_k B_jk·(2s·P_jk + s²·(B·G)_jk)` with `P = W0·Aᵀ [d_out, r]` and
+//! `G = A·Aᵀ [r, r]`. W0 is read once by the product that yields P (fused with the forward's
+//! `x·W0ᵀ` in [`run`]) and once by a streaming sum of squares; nothing `d_out × d_in` is
+//! allocated (except by [`merged_weight`], whose output is that size). The expansion can lose
+//! accuracy by cancellation when `s·B_j·A ≈ −W0_j` (then `n_j ≪ ‖W0_j‖`, and the absolute
+//! error of `n_j²` is about `2⁻²⁴·‖W0_j‖²`); `n_j²` is clamped at 0 so a row that cancels
+//! exactly gives `n_j = 0` rather than NaN. The f64 tests bound the error in practice.
+//!
+//! `fan_in_fan_out` weights (`[d_in, d_out]`, GPT-2 `Conv1D`) are read through strides; they
+//! are never copied to transpose them.
+//!
+//! Inference callers that run the same layer repeatedly compute `g` once with
+//! [`magnitude_scale`] and call [`forward_with_scale`], which skips the norm entirely (one
+//! product with W0 instead of a product and a sum of squares over it).
+//!
+//! Inputs are not checked for NaN/Inf here (that is a pass over W0); [`crate::case`] checks
+//! every input it reads, and [`Layer::check_finite`] does it for other callers.
+
+mod gemm;
+pub mod reference;
+
+use crate::dtype::DType;
+use crate::layer::{GradMode, Grads, Layer, Outputs, Shape, NORM_EPS};
+use crate::tensor::{Tensor, TensorData};
+use anyhow::{ensure, Result};
+use gemm::{gemm, View, ViewMut};
+use std::borrow::Cow;
+
+/// ε as f32 (1e-12 is a normal f32).
+const EPS: f32 = NORM_EPS as f32;
+
+/// Below this many elements a streaming pass runs on one thread (spawning costs more).
+const PAR_MIN_ELEMS: usize = 1 << 18;
+
+/// The values of `t` as f32: borrowed when `t` is f32, widened once otherwise.
+fn widen(t: &Tensor) -> Cow<'_, [f32]> {
+    match t.data() {
+        TensorData::F32(v) => Cow::Borrowed(v.as_slice()),
+        _ => Cow::Owned(t.to_f32()),
+    }
+}
+
+/// An f32 result rounded to `dtype` (moved, not copied, when `dtype` is f32).
+fn into_tensor(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Tensor {
+    let r = match dtype {
+        DType::F32 => Tensor::new(shape, TensorData::F32(v)),
+        _ => Tensor::from_f32(dtype, shape, &v),
+    };
+    r.expect("output length matches its shape by construction")
+}
+
+/// Threads for streaming passes: all the cores the process may use.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sum of squares with 16 independent f32 lanes (vectorisable, and a shorter summation
+/// chain than a single accumulator).
+fn sumsq(row: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Splits `out` into one contiguous piece per thread and runs `f(first_index, piece)` on
+/// each, in parallel when `work` (elements read) is large enough to pay for the threads.
+fn par_rows<F>(out: &mut [f32], work: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let nt = threads().min(out.len().max(1));
+    if nt <= 1 || work < PAR_MIN_ELEMS {
+        f(0, out);
+        return;
+    }
+    let per = out.len().div_ceil(nt);
+    std::thread::scope(|sc| {
+        for (i, piece) in out.chunks_mut(per).enumerate() {
+            let f = &f;
+            sc.spawn(move || f(i * per, piece));
+        }
+    });
+}
+
+/// One layer's parameters as f32 slices, with the sizes validated.
+struct Params<'a> {
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    s: f32,
+    fan_in_fan_out: bool,
+    weight: Cow<'a, [f32]>,
+    a: Cow<'a, [f32]>,
+    b: Cow<'a, [f32]>,
+    bias: Option<Cow<'a, [f32]>>,
+    m: Option<Cow<'a, [f32]>>,
+}
+
+/// The pieces of the norm that the backward reuses.
+struct NormParts {
+    /// n `[d_out]`.
+    n: Vec<f32>,
+    /// B·G = B·(A·Aᵀ) `[d_out, r]` (the exact gradient needs it).
+    bg: Vec<f32>,
+}
+
+impl<'a> Params<'a> {
+    fn new(layer: &'a Layer) -> Result<Self> {
+        let (d_in, d_out, r) = layer.dims()?;
+        Ok(Self {
+            d_in,
+            d_out,
+            r,
+            s: layer.scaling as f32,
+            fan_in_fan_out: layer.fan_in_fan_out,
+            weight: widen(&layer.weight),
+            a: widen(&layer.lora_a),
+            b: widen(&layer.lora_b),
+            bias: layer.bias.as_ref().map(widen),
+            m: layer.magnitude.as_ref().map(widen),
+        })
+    }
+
+    /// W0 as `[d_out, d_in]`, through strides when stored `[d_in, d_out]`.
+    fn w0(&self) -> View<'_, f32> {
+        if self.fan_in_fan_out {
+            View::new(&self.weight, self.d_in, self.d_out).t()
+        } else {
+            View::new(&self.weight, self.d_out, self.d_in)
+        }
+    }
+
+    /// A `[r, d_in]`.
+    fn a(&self) -> View<'_, f32> {
+        View::new(&self.a, self.r, self.d_in)
+    }
+
+    /// B `[d_out, r]`.
+    fn b(&self) -> View<'_, f32> {
+        View::new(&self.b, self.d_out, self.r)
+    }
+
+    /// `‖W0_j‖²` for every output row j: one streaming pass over W0, split over the cores.
+    fn row_sumsq(&self) -> Vec<f32> {
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let w: &[f32] = &self.weight;
+        let mut out = vec![0.0f32; d_out];
+        if self.fan_in_fan_out {
+            // Rows of W0 are columns of the storage: walk storage rows (contiguous) and
+            // accumulate each thread's range of columns.
+            par_rows(&mut out, d_in * d_out, |j0, acc| {
+                for i in 0..d_in {
+                    let seg = &w[i * d_out + j0..i * d_out + j0 + acc.len()];
+                    for (a, v) in acc.iter_mut().zip(seg) {
+                        *a += v * v;
+                    }
+                }
+            });
+        } else {
+            par_rows(&mut out, d_in * d_out, |j0, acc| {
+                for (jj, a) in acc.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    *a = sumsq(&w[j * d_in..(j + 1) * d_in]);
+                }
+            });
+        }
+        out
+    }
+
+    /// `n` from its expansion, given `‖W0_j‖²` and `P = W0·Aᵀ` (a `[d_out, r]` view).
+    fn norm_from(&self, w2: &[f32], p: View<'_, f32>) -> NormParts {
+        let (d_out, r, s) = (self.d_out, self.r, self.s);
+        // G = A·Aᵀ [r, r], then B·G [d_out, r]: O(r²·(d_in + d_out)), no pass over W0.
+        let mut gram = vec![0.0f32; r * r];
+        gemm(
+            1.0,
+            self.a(),
+            self.a().t(),
+            0.0,
+            ViewMut::new(&mut gram, r, r),
+        );
+        let mut bg = vec![0.0f32; d_out * r];
+        gemm(
+            1.0,
+            self.b(),
+            View::new(&gram, r, r),
+            0.0,
+            ViewMut::new(&mut bg, d_out, r),
+        );
+        let b = self.b();
+        let n = (0..d_out)
+            .map(|j| {
+                let mut acc = w2[j];
+                for k in 0..r {
+                    acc += b.at(j, k) * (2.0 * s * p.at(j, k) + s * s * bg[j * r + k]);
+                }
+                // Cancellation (s·B_j·A ≈ −W0_j) can push the expansion slightly below 0.
+                acc.max(0.0).sqrt()
+            })
+            .collect();
+        NormParts { n, bg }
+    }
+
+    /// The norm on its own: W0 is streamed in row blocks that stay in cache, each block
+    /// giving its rows' `‖W0_j‖²` and `W0_blk·Aᵀ` while it is resident, so W0 is read from
+    /// memory once.
+    fn norm(&self) -> NormParts {
+        let (d_in, d_out, r) = (self.d_in, self.d_out, self.r);
+        // ~1 MiB of W0 per block: well inside a core's L2 alongside the packed panels.
+        let rows_per_block = ((1usize << 18) / d_in).clamp(8, 1024);
+        let w0 = self.w0();
+        let mut w2 = vec![0.0f32; d_out];
+        let mut p = vec![0.0f32; d_out * r];
+        for j0 in (0..d_out).step_by(rows_per_block) {
+            let j1 = (j0 + rows_per_block).min(d_out);
+            if self.fan_in_fan_out {
+                for i in 0..d_in {
+                    let seg = &self.weight[i * d_out + j0..i * d_out + j1];
+                    for (acc, v) in w2[j0..j1].iter_mut().zip(seg) {
+                        *acc += v * v;
+                    }
+                }
+            } else {
+                for (j, acc) in (j0..j1).zip(&mut w2[j0..j1]) {
+                    *acc = sumsq(&self.weight[j * d_in..(j + 1) * d_in]);
+                }
+            }
+            gemm(
+                1.0,
+                w0.rows(j0, j1),
+                self.a().t(),
+                0.0,
+                ViewMut::new(&mut p[j0 * r..j1 * r], j1 - j0, r),
+            );
+        }
+        self.norm_from(&w2, View::new(&p, d_out, r))
+    }
+}
+
+/// g = m / max(n, ε).
+fn scale_from(m: &[f32], n: &[f32]) -> Vec<f32> {
+    m.iter().zip(n).map(|(m, n)| m / n.max(EPS)).collect()
+}
+
+/// `n_j = ‖W0_j + s·B_j·A‖₂` for every output row j, in f32 arithmetic, without building
+/// `W0 + s·B·A` (W0 is streamed once in cache-sized row blocks; see the module notes on
+/// cancellation).
+///
+/// # Errors
+/// An invalid layer, naming the tensor and its shape.
+pub fn norm(layer: &Layer) -> Result<Vec<f32>> {
+    Ok(Params::new(layer)?.norm().n)
+}
+
+/// `g = m / max(n, ε)` `[d_out]` (ε = [`NORM_EPS`]; a zero row gives g = 0, never NaN), or
+/// `None` for plain LoRA. Compute it once and pass it to [`forward_with_scale`] to run a
+/// frozen layer repeatedly without recomputing the norm.
+///
+/// # Errors
+/// An invalid layer, naming the tensor and its shape.
+pub fn magnitude_scale(layer: &Layer) -> Result<Option<Vec<f32>>> {
+    let p = Params::new(layer)?;
+    Ok(p.m.as_ref().map(|m| scale_from(m, &p.norm().n)))
+}
+
+/// `y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b` in x's dtype.
+///
+/// # Errors
+/// An invalid layer or `x` shape, naming the tensor.
+pub fn forward(layer: &Layer, x: &Tensor) -> Result<Tensor> {
+    Ok(run(layer, x, None, GradMode::Detached)?.y)
+}
+
+/// The forward with a precomputed `g` (from [`magnitude_scale`]): `Some(g)` for DoRA,
+/// `None` for plain LoRA. For inference, where the adapter is frozen and the same layer runs
+/// for every token batch, this costs one product with W0 and no norm.
+///
+/// # Errors
+/// An invalid layer or `x` shape; `scale` of the wrong length; `scale` given for a LoRA
+/// layer or missing for a DoRA one.
+pub fn forward_with_scale(layer: &Layer, x: &Tensor, scale: Option<&[f32]>) -> Result<Tensor> {
+    let shape = layer.shape_for(x)?;
+    let p = Params::new(layer)?;
+    match (scale, &p.m) {
+        (Some(g), Some(_)) => ensure!(
+            g.len() == shape.d_out,
+            "scale g has {} values, expected d_out = {}",
+            g.len(),
+            shape.d_out
+        ),
+        (None, None) => {}
+        (Some(_), None) => anyhow::bail!("scale g given for a plain LoRA layer (no magnitude)"),
+        (None, Some(_)) => {
+            anyhow::bail!("scale g missing for a DoRA layer: compute it with magnitude_scale")
+        }
+    }
+    let xw = widen(x);
+    let xv = View::new(&xw, shape.t, shape.d_in);
+    let mut z = vec![0.0f32; shape.t * shape.d_out];
+    gemm(
+        1.0,
+        xv,
+        p.w0().t(),
+        0.0,
+        ViewMut::new(&mut z, shape.t, shape.d_out),
+    );
+    add_adapter(&p, shape, xv, &mut z);
+    let y = compose(&p, shape, &z, scale);
+    Ok(into_tensor(x.dtype(), vec![shape.t, shape.d_out], y))
+}
+
+/// z += s·(x·Aᵀ)·Bᵀ; returns U = x·Aᵀ `[T, r]`.
+fn add_adapter(p: &Params<'_>, shape: Shape, xv: View<'_, f32>, z: &mut [f32]) -> Vec<f32> {
+    let (t, r, d_out) = (shape.t, shape.r, shape.d_out);
+    let mut u = vec![0.0f32; t * r];
+    gemm(1.0, xv, p.a().t(), 0.0, ViewMut::new(&mut u, t, r));
+    gemm(
+        p.s,
+        View::new(&u, t, r),
+        p.b().t(),
+        1.0,
+        ViewMut::new(&mut z[..t * d_out], t, d_out),
+    );
+    u
+}
+
+/// y = g ⊙ z + b (g = 1 when `None`), as f32.
+fn compose(p: &Params<'_>, shape: Shape, z: &[f32], g: Option<&[f32]>) -> Vec<f32> {
+    let d_out = shape.d_out;
+    let mut y = z[..shape.t * d_out].to_vec();
+    for row in y.chunks_exact_mut(d_out) {
+        if let Some(g) = g {
+            row.iter_mut().zip(g).for_each(|(v, g)| *v *= g);
+        }
+        if let Some(b) = &p.bias {
+            row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b);
+        }
+    }
+    y
+}
+
+/// Forward and, when `grad_y [T, d_out]` is given, backward of the layer.
+///
+/// The forward computes `[x; A]·W0ᵀ` as one product (rows `T..T+r` are `(W0·Aᵀ)ᵀ`, the
+/// norm's cross term), so W0 is streamed once for the forward's GEMM and once for the norm's
+/// sum of squares. The backward computes `dz·W0` (with `GradMode::Exact`, stacked with the
+/// `r` rows `(diag(k)·B)ᵀ` so the exact term's product with W0 shares the same pass).
+///
+/// Gradients (DESIGN.md §1): `Detached` treats the norm as a constant, as PEFT does;
+/// `Exact` adds the norm's dependence on A and B through `k = m ⊙ c / n³`. Where
+/// `n_j < ε`, `g_j = m_j/ε` does not depend on A or B, so `k_j` is defined as 0 there: a
+/// zero row gets finite gradients (PEFT's 0/0 would give NaN).
+///
+/// Outputs: `y` and `grad_x` in x's dtype, `grad_lora_a`/`grad_lora_b`/`grad_magnitude` in
+/// the dtype of `lora_A`/`lora_B`/`magnitude`.
+///
+/// # Errors
+/// An invalid layer, `x` or `grad_y` shape, naming the tensor.
+pub fn run(layer: &Layer, x: &Tensor, grad_y: Option<&Tensor>, mode: GradMode) -> Result<Outputs> {
+    let shape = layer.shape_for(x)?;
+    if let Some(gy) = grad_y {
+        ensure!(
+            gy.shape() == [shape.t, shape.d_out],
+            "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
+            gy.shape(),
+            shape.t,
+            shape.d_out
+        );
+    }
+    let p = Params::new(layer)?;
+    let Shape { t, d_in, d_out, r } = shape;
+    let dora = p.m.is_some();
+
+    // --- forward ---------------------------------------------------------------------
+    // xa = [x; A] for DoRA (so one product yields both x·W0ᵀ and (W0·Aᵀ)ᵀ), x for LoRA.
+    let xa: Cow<'_, [f32]> = if dora {
+        let mut v = Vec::with_capacity((t + r) * d_in);
+        match x.data() {
+            TensorData::F32(xs) => v.extend_from_slice(xs),
+            _ => v.extend(x.to_f32()),
+        }
+        v.extend_from_slice(&p.a);
+        Cow::Owned(v)
+    } else {
+        widen(x)
+    };
+    let rows = if dora { t + r } else { t };
+    let mut zp = vec![0.0f32; rows * d_out];
+    gemm(
+        1.0,
+        View::new(&xa, rows, d_in),
+        p.w0().t(),
+        0.0,
+        ViewMut::new(&mut zp, rows, d_out),
+    );
+    let xv = View::new(&xa, t, d_in);
+    let parts = dora.then(|| {
+        let w2 = p.row_sumsq();
+        p.norm_from(&w2, View::new(&zp[t * d_out..], r, d_out).t())
+    });
+    let g: Option<Vec<f32>> = match (&p.m, &parts) {
+        (Some(m), Some(np)) => Some(scale_from(m, &np.n)),
+        _ => None,
+    };
+    let u = add_adapter(&p, shape, xv, &mut zp);
+    let z = &zp[..t * d_out];
+    let y = into_tensor(
+        x.dtype(),
+        vec![t, d_out],
+        compose(&p, shape, z, g.as_deref()),
+    );
+    let Some(gy) = grad_y else {
+        return Ok(Outputs { y, grads: None });
+    };
+
+    // --- backward --------------------------------------------------------------------
+    let dy = widen(gy);
+    let exact = dora && mode == GradMode::Exact;
+    // c_j = Σ_t dy ⊙ z = dL/dg_j.
+    let c: Vec<f32> = if dora {
+        let mut c = vec![0.0f32; d_out];
+        for (dyr, zr) in dy.chunks_exact(d_out).zip(z.chunks_exact(d_out)) {
+            for ((c, a), b) in c.iter_mut().zip(dyr).zip(zr) {
+                *c += a * b;
+            }
+        }
+        c
+    } else {
+        Vec::new()
+    };
+    // k_j = m_j·c_j / n_j³ (0 where n_j < ε); only for the exact gradient.
+    let k: Vec<f32> = match (&p.m, &parts) {
+        (Some(m), Some(np)) if exact => (0..d_out)
+            .map(|j| {
+                let n = np.n[j];
+                if n < EPS {
+                    0.0
+                } else {
+                    m[j] * c[j] / (n * n * n)
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    // dzk = [dy ⊙ g; (diag(k)·B)ᵀ]  ([T (+ r), d_out]); for LoRA dz = dy itself.
+    let extra = if exact { r } else { 0 };
+    let dzk: Cow<'_, [f32]> = match &g {
+        Some(g) => {
+            let mut v = Vec::with_capacity((t + extra) * d_out);
+            for row in dy.chunks_exact(d_out) {
+                v.extend(row.iter().zip(g).map(|(a, b)| a * b));
+            }
+            if exact {
+                let b = p.b();
+                for kk in 0..r {
+                    v.extend((0..d_out).map(|j| k[j] * b.at(j, kk)));
+                }
+            }
+            Cow::Owned(v)
+        }
+        None => Cow::Borrowed(&dy[..]),
+    };
+    let dz = View::new(&dzk, t, d_out);
+    // dzB = dz·B [T, r]
+    let mut dzb = vec![0.0f32; t * r];
+    gemm(1.0, dz, p.b(), 0.0, ViewMut::new(&mut dzb, t, r));
+    let dzbv = View::new(&dzb, t, r);
+    // [dx; Q] = dzk·W0 — the big product; Q = (diag(k)·B)ᵀ·W0 [r, d_in] for Exact.
+    let mut dxq = vec![0.0f32; (t + extra) * d_in];
+    gemm(
+        1.0,
+        View::new(&dzk, t + extra, d_out),
+        p.w0(),
+        0.0,
+        ViewMut::new(&mut dxq, t + extra, d_in),
+    );
+    gemm(
+        p.s,
+        dzbv,
+        p.a(),
+        1.0,
+        ViewMut::new(&mut dxq[..t * d_in], t, d_in),
+    );
+    // dB = s·dzᵀ·U [d_out, r]
+    let mut db = vec![0.0f32; d_out * r];
+    gemm(
+        p.s,
+        dz.t(),
+        View::new(&u, t, r),
+        0.0,
+        ViewMut::new(&mut db, d_out, r),
+    );
+    // dA = s·(dz·B)ᵀ·x [r, d_in]
+    let mut da = vec![0.0f32; r * d_in];
+    gemm(p.s, dzbv.t(), xv, 0.0, ViewMut::new(&mut da, r, d_in));
+
+    if let (true, Some(np)) = (exact, &parts) {
+        let s = p.s;
+        // dB −= s·diag(k)·(W0·Aᵀ + s·B·G)
+        let pt = View::new(&zp[t * d_out..], r, d_out).t();
+        for j in 0..d_out {
+            for kk in 0..r {
+                db[j * r + kk] -= s * k[j] * (pt.at(j, kk) + s * np.bg[j * r + kk]);
+            }
+        }
+        // dA −= s·Q + s²·(Bᵀ·diag(k)·B)·A
+        for (d, q) in da.iter_mut().zip(&dxq[t * d_in..]) {
+            *d -= s * q;
+        }
+        let kb = View::new(&dzk[t * d_out..], r, d_out);
+        let mut h = vec![0.0f32; r * r];
+        gemm(1.0, kb, p.b(), 0.0, ViewMut::new(&mut h, r, r));
+        gemm(
+            -s * s,
+            View::new(&h, r, r),
+            p.a(),
+            1.0,
+            ViewMut::new(&mut da, r, d_in),
+        );
+    }
+    dxq.truncate(t * d_in);
+
+    let grad_magnitude = match (&layer.magnitude, &parts) {
+        (Some(mt), Some(np)) => {
+            let dm: Vec<f32> = c.iter().zip(&np.n).map(|(c, n)| c / n.max(EPS)).collect();
+            Some(into_tensor(mt.dtype(), vec![d_out], dm))
+        }
+        _ => None,
+    };
+    Ok(Outputs {
+        y,
+        grads: Some(Grads {
+            grad_x: into_tensor(x.dtype(), vec![t, d_in], dxq),
+            grad_lora_a: into_tensor(layer.lora_a.dtype(), vec![r, d_in], da),
+            grad_lora_b: into_tensor(layer.lora_b.dtype(), vec![d_out, r], db),
+            grad_magnitude,
+        }),
+    })
+}
+
+/// `W' = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]` row-major f32 (g = 1 for plain LoRA), for
+/// merging an adapter into its base. Here V is materialised anyway (it is the output), so
+/// the norm is taken from V's rows directly rather than from the expansion.
+///
+/// # Errors
+/// An invalid layer, naming the tensor and its shape.
+pub fn merged_weight(layer: &Layer) -> Result<Vec<f32>> {
+    let p = Params::new(layer)?;
+    let (d_in, d_out, r) = (p.d_in, p.d_out, p.r);
+    let mut v = if p.fan_in_fan_out {
+        // Transpose [d_in, d_out] -> [d_out, d_in] in tiles, so both sides stay in cache.
+        let mut v = vec![0.0f32; d_out * d_in];
+        const TILE: usize = 64;
+        for j0 in (0..d_out).step_by(TILE) {
+            for i0 in (0..d_in).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(d_in) {
+                    for j in j0..(j0 + TILE).min(d_out) {
+                        v[j * d_in + i] = p.weight[i * d_out + j];
+                    }
+                }
+            }
+        }
+        v
+    } else {
+        p.weight.to_vec()
+    };
+    gemm(
+        p.s,
+        p.b(),
+        View::new(&p.a, r, d_in),
+        1.0,
+        ViewMut::new(&mut v, d_out, d_in),
+    );
+    if let Some(m) = &p.m {
+        let n: Vec<f32> = v.chunks_exact(d_in).map(|row| sumsq(row).sqrt()).collect();
+        let g = scale_from(m, &n);
+        for (row, g) in v.chunks_exact_mut(d_in).zip(g) {
+            row.iter_mut().for_each(|e| *e *= g);
+        }
+    }
+    Ok(v)
+}

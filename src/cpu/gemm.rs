@@ -1,0 +1,282 @@
+//! Safe strided matrix views over slices, and the one place that calls `matrixmultiply`.
+//!
+//! Every product of the CPU path goes through [`gemm`]: transposes and the `fan_in_fan_out`
+//! weight layout are expressed as strides, so nothing is copied to transpose it.
+
+/// A read-only `rows × cols` matrix inside `data`: element `(i, j)` is
+/// `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct View<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// A contiguous row-major matrix.
+    pub(crate) fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols, 1)
+    }
+
+    /// A matrix with arbitrary non-negative strides.
+    ///
+    /// # Panics
+    /// When an element of the view would lie outside `data`.
+    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * rs + (cols - 1) * cs;
+            assert!(
+                last < data.len(),
+                "matrix view {rows}x{cols} (strides {rs},{cs}) overruns a slice of {}",
+                data.len()
+            );
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Rows `r0..r1` of the view.
+    pub(crate) fn rows(self, r0: usize, r1: usize) -> Self {
+        assert!(
+            r0 <= r1 && r1 <= self.rows,
+            "row range {r0}..{r1} of {}",
+            self.rows
+        );
+        if r0 == r1 {
+            return Self {
+                data: &self.data[..0],
+                rows: 0,
+                ..self
+            };
+        }
+        Self::strided(
+            &self.data[r0 * self.rs..],
+            r1 - r0,
+            self.cols,
+            self.rs,
+            self.cs,
+        )
+    }
+}
+
+impl<T: Copy> View<'_, T> {
+    /// Element `(i, j)`.
+    #[inline]
+    pub(crate) fn at(&self, i: usize, j: usize) -> T {
+        debug_assert!(i < self.rows && j < self.cols);
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// A writable `rows × cols` matrix with unit column stride and row stride `rs ≥ cols`, so no
+/// two elements alias (what `matrixmultiply` requires of C).
+#[derive(Debug)]
+pub(crate) struct ViewMut<'a, T> {
+    data: &'a mut [T],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+impl<'a, T> ViewMut<'a, T> {
+    /// A contiguous row-major matrix.
+    pub(crate) fn new(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// Columns `0..cols` of rows `0..rows` of a matrix whose rows are `rs` apart.
+    ///
+    /// # Panics
+    /// When `rs < cols` (elements would alias) or the view overruns `data`.
+    pub(crate) fn strided(data: &'a mut [T], rows: usize, cols: usize, rs: usize) -> Self {
+        assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * rs + cols <= data.len(),
+                "matrix view {rows}x{cols} (row stride {rs}) overruns a slice of {}",
+                data.len()
+            );
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+        }
+    }
+}
+
+/// The element types `matrixmultiply` multiplies.
+pub(crate) trait Scalar: Copy {
+    /// C ← α·A·B + β·C, straight to `matrixmultiply`.
+    ///
+    /// # Safety
+    /// The pointers with their strides must address valid elements for the given sizes, and
+    /// C's elements must not alias each other or A/B.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+impl Scalar for f32 {
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded verbatim; the caller upholds matrixmultiply's contract.
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
+    }
+}
+
+impl Scalar for f64 {
+    unsafe fn raw_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
+    ) {
+        // SAFETY: forwarded verbatim; the caller upholds matrixmultiply's contract.
+        unsafe {
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
+    }
+}
+
+/// C ← α·A·B + β·C with `A [m, k]`, `B [k, n]`, `C [m, n]` (β = 0 ignores C's old contents).
+/// `matrixmultiply` splits large products over the cores itself.
+///
+/// # Panics
+/// When the shapes disagree.
+pub(crate) fn gemm<T: Scalar>(
+    alpha: T,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    beta: T,
+    c: ViewMut<'_, T>,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && c.rows == m && c.cols == n,
+        "gemm shapes: A {}x{} · B {}x{} -> C {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let ok = |s: usize| isize::try_from(s).expect("stride fits isize");
+    // SAFETY: every view was bounds-checked at construction (the last element it addresses
+    // lies inside its slice, strides are non-negative), so all m·k, k·n and m·n elements are
+    // valid; C is borrowed mutably, hence disjoint from A and B, and its unit column stride
+    // with row stride ≥ n means no two C elements alias.
+    unsafe {
+        T::raw_gemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.data.as_ptr(),
+            ok(a.rs),
+            ok(a.cs),
+            b.data.as_ptr(),
+            ok(b.rs),
+            ok(b.cs),
+            beta,
+            c.data.as_mut_ptr(),
+            ok(c.rs),
+            1,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_products_match_loops() {
+        // A [3, 5] stored transposed ([5, 3]), B [5, 4] row-major, C written into a wider buffer.
+        let at: Vec<f64> = (0..15).map(|v| v as f64 * 0.5 - 3.0).collect();
+        let b: Vec<f64> = (0..20).map(|v| (v * v) as f64 * 0.1).collect();
+        let a = View::strided(&at, 3, 5, 1, 3);
+        let bv = View::new(&b, 5, 4);
+        let mut c = vec![7.0f64; 3 * 6];
+        gemm(2.0, a, bv, 0.0, ViewMut::strided(&mut c, 3, 4, 6));
+        for i in 0..3 {
+            for j in 0..4 {
+                let want: f64 = (0..5).map(|k| 2.0 * at[k * 3 + i] * b[k * 4 + j]).sum();
+                assert!((c[i * 6 + j] - want).abs() < 1e-12, "({i},{j})");
+            }
+            assert_eq!(&c[i * 6 + 4..i * 6 + 6], &[7.0, 7.0], "padding untouched");
+        }
+        assert_eq!(a.t().at(4, 2), at[4 * 3 + 2]);
+        assert_eq!(a.rows(1, 3).at(0, 2), at[2 * 3 + 1]);
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn overrun_is_caught() {
+        let v = vec![0.0f32; 5];
+        let _ = View::new(&v, 2, 3);
+    }
+}
