@@ -14,6 +14,14 @@ pub enum MergeDevice {
     Cuda,
 }
 
+impl MergeDevice {
+    /// True when `Cuda` would work here: a driver, a device and compiled kernels.
+    pub fn cuda_usable() -> bool {
+        // The GPU merge is not wired in this build (see `merged_weight`).
+        false
+    }
+}
+
 /// V = W0 + s·B·A as `[d_out, d_in]` f32 (W0 transposed first when stored `[d_in, d_out]`).
 fn v_matrix(layer: &Layer) -> Result<(Vec<f32>, usize, usize)> {
     let (d_in, d_out, r) = layer.dims()?;
