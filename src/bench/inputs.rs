@@ -1,0 +1,153 @@
+//! Benchmark inputs: random layers with realistic magnitudes, never zeros (a GEMM on zeros
+//! runs faster than on real data, and zeros hide unwritten outputs).
+
+use crate::dtype::DType;
+use crate::layer::{Layer, Shape};
+use crate::tensor::Tensor;
+use anyhow::{Context, Result};
+
+/// SplitMix64: a small, fast, well-mixed generator; the benchmark needs reproducible
+/// non-zero data, not statistical quality, and the library should not pull in `rand`.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn uniform(&mut self, scale: f32) -> f32 {
+        // 24 random bits → [0, 1) exactly representable in f32.
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (2.0 * u - 1.0) * scale
+    }
+
+    /// `n` uniform values in `[-scale, scale)`.
+    pub fn fill(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(scale)).collect()
+    }
+}
+
+/// One input set of the benchmark: a DoRA layer (take `magnitude` out for LoRA), an input
+/// and an output gradient.
+#[derive(Debug, Clone)]
+pub struct InputSet {
+    /// The layer, with a magnitude; every tensor in the set's dtype except `magnitude` (f32,
+    /// as PEFT keeps it).
+    pub layer: Layer,
+    /// `x [T, d_in]`.
+    pub x: Tensor,
+    /// `dy [T, d_out]`.
+    pub dy: Tensor,
+}
+
+impl InputSet {
+    /// Bytes of this set's tensors.
+    pub fn bytes(&self) -> usize {
+        let l = &self.layer;
+        [
+            Some(&l.weight),
+            Some(&l.lora_a),
+            Some(&l.lora_b),
+            l.magnitude.as_ref(),
+            Some(&self.x),
+            Some(&self.dy),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t.as_bytes().len())
+        .sum()
+    }
+}
+
+/// Builds a random DoRA layer and inputs of `shape` in `dtype` from `seed`.
+///
+/// Scales follow a trained layer: W0 and A like Kaiming-uniform (`1/√d_in`), B non-zero
+/// (a trained adapter, not PEFT's zero init), `s = 2` (alpha = 2r), and m within 10% of the
+/// row norms of `W0 + s·B·A`, so g is near 1 as after fine-tuning.
+///
+/// # Errors
+/// Only if the shapes are inconsistent (a bug).
+pub fn random_set(shape: Shape, dtype: DType, seed: u64) -> Result<InputSet> {
+    let Shape { t, d_in, d_out, r } = shape;
+    let mut rng = SplitMix::new(seed);
+    let w_scale = 1.0 / (d_in as f32).sqrt();
+    let w = rng.fill(d_out * d_in, w_scale);
+    let a = rng.fill(r * d_in, w_scale);
+    let b = rng.fill(d_out * r, 0.5 / (r as f32).sqrt());
+    // Row norms of a Kaiming-uniform row are ≈ 1/√3; m near them keeps g ≈ 1 without
+    // computing the norm here (that is what is being benchmarked).
+    let m: Vec<f32> = (0..d_out)
+        .map(|_| (1.0 / 3f32.sqrt()) * (1.0 + rng.uniform(0.1)))
+        .collect();
+    let x = rng.fill(t * d_in, 1.0);
+    let dy = rng.fill(t * d_out, 1.0);
+    let ctx = || format!("benchmark inputs for {shape}");
+    let layer = Layer {
+        weight: Tensor::from_f32(dtype, vec![d_out, d_in], &w).with_context(ctx)?,
+        bias: None,
+        lora_a: Tensor::from_f32(dtype, vec![r, d_in], &a).with_context(ctx)?,
+        lora_b: Tensor::from_f32(dtype, vec![d_out, r], &b).with_context(ctx)?,
+        magnitude: Some(Tensor::from_f32(DType::F32, vec![d_out], &m).with_context(ctx)?),
+        scaling: 2.0,
+        fan_in_fan_out: false,
+    };
+    layer.dims().with_context(ctx)?;
+    Ok(InputSet {
+        layer,
+        x: Tensor::from_f32(dtype, vec![t, d_in], &x).with_context(ctx)?,
+        dy: Tensor::from_f32(dtype, vec![t, d_out], &dy).with_context(ctx)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_distinct_and_in_range() {
+        let mut r = SplitMix::new(7);
+        let v = r.fill(10_000, 0.5);
+        assert!(v.iter().all(|x| (-0.5..0.5).contains(x)));
+        let mut s = v.clone();
+        s.sort_by(f32::total_cmp);
+        s.dedup();
+        assert!(s.len() > 9_900, "{} distinct", s.len());
+        // Mean near zero, spread near uniform's: the generator is not stuck.
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.02, "{mean}");
+    }
+
+    #[test]
+    fn set_has_the_shapes_and_no_zeros() {
+        let shape = Shape {
+            t: 3,
+            d_in: 17,
+            d_out: 9,
+            r: 2,
+        };
+        let s = random_set(shape, DType::BF16, 1).unwrap();
+        assert_eq!(s.layer.shape_for(&s.x).unwrap(), shape);
+        assert_eq!(s.dy.shape(), &[3, 9]);
+        assert_eq!(s.layer.magnitude.as_ref().unwrap().dtype(), DType::F32);
+        assert!(s.layer.lora_b.to_f32().iter().all(|&v| v != 0.0));
+        assert_eq!(
+            s.bytes(),
+            2 * (9 * 17 + 2 * 17 + 9 * 2 + 3 * 17 + 3 * 9) + 4 * 9
+        );
+        // Seeds give different data.
+        let t = random_set(shape, DType::BF16, 2).unwrap();
+        assert_ne!(s.x, t.x);
+    }
+}
