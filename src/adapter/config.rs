@@ -201,18 +201,35 @@ fn is_unset(v: &serde_json::Value) -> bool {
     }
 }
 
+/// Compiles a regex, turning the regex crate's multi-line syntax report into one line that
+/// names the pattern and the config field.
+fn compile(full: &str, pattern: &str, what: &str) -> Result<Regex> {
+    Regex::new(full).map_err(|e| {
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .next_back()
+            .unwrap_or("invalid")
+            .trim_start_matches("error: ")
+            .to_string();
+        anyhow::anyhow!("{what} {pattern:?} is not a regular expression dorafuse can match ({why}; Rust regex syntax has no look-around or back-references)")
+    })
+}
+
 /// Compiles a Python regular expression for `re.fullmatch` (anchored at both ends).
 fn compile_full(pattern: &str, what: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$")).with_context(|| {
-        format!("{what} {pattern:?} is not a regular expression dorafuse can match (Rust regex syntax: no look-around or back-references)")
-    })
+    compile(&format!("^(?:{pattern})$"), pattern, what)
 }
 
 /// Compiles PEFT's `get_pattern_key` test, `re.match(rf"(.*\.)?({key})$", name)`.
 fn compile_pattern_key(key: &str, what: &str) -> Result<Regex> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).with_context(|| {
-        format!("{what} key {key:?} is not a regular expression dorafuse can match (Rust regex syntax: no look-around or back-references)")
-    })
+    compile(
+        &format!(r"^(?:.*\.)?(?:{key})$"),
+        key,
+        &format!("{what} key"),
+    )
 }
 
 /// Compiled matchers for one config.
@@ -422,8 +439,11 @@ impl AdapterConfig {
             .iter()
             .flatten()
             .map(|m| {
-                Regex::new(&format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)"))
-                    .with_context(|| format!("modules_to_save entry {m:?} is not a usable pattern"))
+                compile(
+                    &format!(r"^(?:|.*\.)(?:{m})(?:$|\..*)"),
+                    m,
+                    "modules_to_save entry",
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let layers = match &l.layers_to_transform {
@@ -442,8 +462,11 @@ impl AdapterConfig {
             .iter()
             .map(|p| {
                 // PEFT: re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                Regex::new(&format!(r"^(?:.*?\.)?(?:{p})\.(?P<idx>\d+)\."))
-                    .with_context(|| format!("layers_pattern {p:?} is not a usable pattern"))
+                compile(
+                    &format!(r"^(?:.*?\.)?(?:{p})\.(?P<idx>\d+)\."),
+                    p,
+                    "layers_pattern",
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let rank_keys = l

@@ -244,6 +244,7 @@ impl Rewrite for Merger<'_, '_> {
             return Ok(None);
         };
         let layer = self.model.layer(module)?;
+        layer.check_finite().with_context(|| module.clone())?;
         let (d_in, d_out, _) = layer.dims()?;
         let (w, g) = compute::merged_weight(&layer, self.device)
             .with_context(|| format!("{module}: computing the merged weight"))?;

@@ -153,7 +153,8 @@ impl Adapter {
             .into_iter()
             .collect();
         type Parts = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-        let mut parts: HashMap<String, Parts> = HashMap::new();
+        // Sorted, so the first error reported is the same on every run.
+        let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let (module, part) = split_key(&key)?;
             let t = Tensor::from_view(&key, &view).with_context(|| module.clone())?;
