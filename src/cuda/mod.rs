@@ -55,6 +55,12 @@ pub fn fatbin() -> Option<&'static [u8]> {
     return None;
 }
 
+/// Every kernel entry point as (file stem, name), from `kernels/kernels.list` (the table
+/// build.rs generated; [`CudaBackend::load_all_kernels`] looks each one up in the module).
+pub fn entry_points() -> &'static [(&'static str, &'static str)] {
+    table::KERNELS
+}
+
 /// Whether a CUDA driver is installed and reports at least one device. Never panics: without
 /// `libcuda.so` it answers `false` (the driver library is probed before any driver call).
 pub fn device_available() -> bool {
