@@ -1,0 +1,837 @@
+//! The device-level API: a DoRA/LoRA layer over device buffers, for inference engines and
+//! training loops. Everything is ordered on the backend's stream; nothing here synchronises
+//! with the host or allocates once the workspaces have grown to the largest call seen.
+//!
+//! Dtypes: W0, A, B, x, base, y, dy and grad_x share the layer dtype (f32, f16 or bf16);
+//! m, bias, n, g and the parameter gradients (grad_A, grad_B, grad_m) are f32, accumulated in
+//! f32 (cast them where the optimiser wants another dtype).
+
+use super::launch::{self, weight_strides};
+use crate::backend::{Backend, DevPtr, DeviceBuffer};
+use crate::dtype::DType;
+use crate::layer::GradMode;
+use anyhow::{ensure, Context, Result};
+use std::marker::PhantomData;
+
+/// A typed view of device memory: an address, a length in bytes and a dtype, borrowed for
+/// `'a`. Device memory is written through shared views (as with any device pointer); the
+/// borrow only keeps the memory alive.
+#[derive(Debug, Clone, Copy)]
+pub struct DevTensor<'a> {
+    ptr: DevPtr,
+    bytes: usize,
+    dtype: DType,
+    _mem: PhantomData<&'a ()>,
+}
+
+impl<'a> DevTensor<'a> {
+    /// Views a whole backend buffer as elements of `dtype`.
+    pub fn of<D: DeviceBuffer>(buf: &'a D, dtype: DType) -> Self {
+        Self {
+            ptr: buf.ptr(),
+            bytes: buf.bytes(),
+            dtype,
+            _mem: PhantomData,
+        }
+    }
+
+    /// Views memory the caller owns elsewhere (an engine's arena, a slice of a fused QKV
+    /// output).
+    ///
+    /// # Safety
+    /// `ptr..ptr+bytes` must be device memory of the backend it is used with, valid for reads
+    /// and writes for all of `'a`.
+    pub unsafe fn from_raw(ptr: DevPtr, bytes: usize, dtype: DType) -> Self {
+        Self {
+            ptr,
+            bytes,
+            dtype,
+            _mem: PhantomData,
+        }
+    }
+
+    /// Elements `start..start+len` of this view.
+    ///
+    /// # Errors
+    /// The range does not fit the view.
+    pub fn slice(&self, start: usize, len: usize) -> Result<Self> {
+        let sz = self.dtype.size();
+        ensure!(
+            (start + len) * sz <= self.bytes,
+            "slice {start}..{} of a {}-element {} view",
+            start + len,
+            self.bytes / sz,
+            self.dtype
+        );
+        Ok(Self {
+            ptr: self.ptr.offset(start * sz),
+            bytes: len * sz,
+            dtype: self.dtype,
+            _mem: PhantomData,
+        })
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+
+    /// The length in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The element dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Checks dtype, length (`shape` elements at least) and alignment, naming `name`.
+    fn check(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<DevPtr> {
+        let n: usize = shape.iter().product();
+        ensure!(
+            self.dtype == dtype,
+            "{name}: dtype {}, expected {dtype}",
+            self.dtype
+        );
+        ensure!(
+            self.bytes >= n * dtype.size(),
+            "{name}: {} bytes, too small for {shape:?} {dtype} ({} bytes)",
+            self.bytes,
+            n * dtype.size()
+        );
+        ensure!(
+            self.ptr.0 % dtype.size() as u64 == 0,
+            "{name}: address {:#x} not aligned to its {dtype} elements",
+            self.ptr.0
+        );
+        ensure!(self.ptr.0 != 0, "{name}: null device address");
+        Ok(self.ptr)
+    }
+}
+
+/// A layer's parameters on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DoraWeights<'w> {
+    /// W0 `[d_out, d_in]`, or `[d_in, d_out]` when `fan_in_fan_out`, in the layer dtype.
+    pub weight: DevTensor<'w>,
+    /// W0 is stored `[d_in, d_out]` (GPT-2 `Conv1D`).
+    pub fan_in_fan_out: bool,
+    /// Optional bias `[d_out]` f32 (never scaled by g).
+    pub bias: Option<DevTensor<'w>>,
+    /// A `[r, d_in]` in the layer dtype.
+    pub lora_a: DevTensor<'w>,
+    /// B `[d_out, r]` in the layer dtype.
+    pub lora_b: DevTensor<'w>,
+    /// m `[d_out]` f32; `None` for plain LoRA.
+    pub magnitude: Option<DevTensor<'w>>,
+    /// s.
+    pub scaling: f32,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Rank.
+    pub r: usize,
+}
+
+impl DoraWeights<'_> {
+    /// The layer dtype (W0's).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// Checks every tensor's dtype, length and alignment against the dims.
+    ///
+    /// # Errors
+    /// The first mismatch, naming the tensor.
+    pub fn validate(&self) -> Result<()> {
+        let (d_in, d_out, r, dt) = (self.d_in, self.d_out, self.r, self.dtype());
+        ensure!(
+            d_in >= 1 && d_out >= 1,
+            "layer dims d_in={d_in}, d_out={d_out} must be ≥ 1"
+        );
+        ensure!(
+            (1..=super::spec::MAX_RANK).contains(&r),
+            "rank {r} outside 1..={}",
+            super::spec::MAX_RANK
+        );
+        ensure!(
+            self.scaling.is_finite(),
+            "scaling {} is not finite",
+            self.scaling
+        );
+        let wshape = if self.fan_in_fan_out {
+            [d_in, d_out]
+        } else {
+            [d_out, d_in]
+        };
+        self.weight.check("weight", dt, &wshape)?;
+        self.lora_a.check("lora_A", dt, &[r, d_in])?;
+        self.lora_b.check("lora_B", dt, &[d_out, r])?;
+        if let Some(m) = &self.magnitude {
+            m.check("magnitude", DType::F32, &[d_out])?;
+        }
+        if let Some(bias) = &self.bias {
+            bias.check("bias", DType::F32, &[d_out])?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the base product `x·W0ᵀ` comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    /// Computed here with the backend's GEMM (cuBLAS on CUDA).
+    Compute,
+    /// Supplied by the caller `[T, d_out]` in the layer dtype (e.g. one slice of a fused
+    /// QKV GEMM's output, made contiguous).
+    Supplied(DevTensor<'a>),
+    /// `y` already holds the base product and is overwritten (inference only).
+    InPlace,
+}
+
+/// Where the backward writes its results.
+#[derive(Debug, Clone, Copy)]
+pub struct GradTargets<'a> {
+    /// dL/dx `[T, d_in]` in the layer dtype.
+    pub grad_x: DevTensor<'a>,
+    /// dL/dA `[r, d_in]` f32.
+    pub grad_lora_a: DevTensor<'a>,
+    /// dL/dB `[d_out, r]` f32.
+    pub grad_lora_b: DevTensor<'a>,
+    /// dL/dm `[d_out]` f32 (DoRA only; must be `None` for plain LoRA).
+    pub grad_magnitude: Option<DevTensor<'a>>,
+}
+
+/// A growable device scratch buffer: reallocated only when a call needs more than any call
+/// before it, so the steady state allocates nothing.
+struct Scratch<B: Backend> {
+    buf: Option<B::Buffer>,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new() -> Self {
+        Self { buf: None }
+    }
+
+    /// Ensures `bytes` and returns the base address.
+    fn ensure(&mut self, b: &B, bytes: usize, what: &str) -> Result<DevPtr> {
+        let bytes = bytes.max(256);
+        if self.buf.as_ref().map_or(true, |x| x.bytes() < bytes) {
+            self.buf = None; // free first: the old contents are never needed across a grow
+            self.buf = Some(
+                b.alloc_zeroed(bytes)
+                    .with_context(|| format!("allocating {bytes} bytes of {what} workspace"))?,
+            );
+        }
+        Ok(self.buf.as_ref().map(|x| x.ptr()).expect("allocated above"))
+    }
+
+    fn bytes(&self) -> usize {
+        self.buf.as_ref().map_or(0, |x| x.bytes())
+    }
+}
+
+/// Carves 256-byte-aligned regions out of one scratch buffer.
+struct Carve {
+    next: usize,
+}
+
+impl Carve {
+    fn new() -> Self {
+        Self { next: 0 }
+    }
+    fn take(&mut self, bytes: usize) -> usize {
+        let at = self.next;
+        self.next += bytes.div_ceil(256) * 256;
+        at
+    }
+}
+
+/// Device addresses of one forward (all checked by the caller).
+struct FwdIo {
+    x: DevPtr,
+    t: usize,
+    u: DevPtr,
+    base: DevPtr,
+    y: DevPtr,
+    g: Option<DevPtr>,
+}
+
+/// What `forward_train` left for `backward`.
+#[derive(Debug, Clone, Copy)]
+struct Saved {
+    t: usize,
+    base: DevPtr,
+    u: DevPtr,
+    version: u64,
+}
+
+/// One adapted linear layer on the device, with its workspaces and the cached magnitude
+/// scale `g` (valid until the adapter changes: [`DoraLayer::set_adapter`] or
+/// [`DoraLayer::invalidate`]).
+pub struct DoraLayer<'w, B: Backend> {
+    w: DoraWeights<'w>,
+    version: u64,
+    /// n `[d_out]` then g `[d_out]`, f32.
+    scale: B::Buffer,
+    scale_version: Option<u64>,
+    act: Scratch<B>,
+    scratch: Scratch<B>,
+    exact: Scratch<B>,
+    saved: Option<Saved>,
+}
+
+impl<'w, B: Backend> DoraLayer<'w, B> {
+    /// Wraps device weights (validated) and allocates the g cache.
+    ///
+    /// # Errors
+    /// Invalid weights (naming the tensor), or an allocation failure.
+    pub fn new(b: &B, weights: DoraWeights<'w>) -> Result<Self> {
+        weights.validate()?;
+        let scale = b
+            .alloc_zeroed(8 * weights.d_out)
+            .context("allocating the n/g cache")?;
+        Ok(Self {
+            w: weights,
+            version: 0,
+            scale,
+            scale_version: None,
+            act: Scratch::new(),
+            scratch: Scratch::new(),
+            exact: Scratch::new(),
+            saved: None,
+        })
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &DoraWeights<'w> {
+        &self.w
+    }
+
+    /// The adapter version: bumped by every change, compared with the cached g's.
+    pub fn adapter_version(&self) -> u64 {
+        self.version
+    }
+
+    /// Bytes of device workspace held now (g cache excluded).
+    pub fn workspace_bytes(&self) -> usize {
+        self.act.bytes() + self.scratch.bytes() + self.exact.bytes()
+    }
+
+    /// Swaps in another adapter for the same base weight (multi-adapter serving); the cached g
+    /// is dropped.
+    ///
+    /// # Errors
+    /// Shapes or dtypes that do not fit the layer, naming the tensor.
+    pub fn set_adapter(
+        &mut self,
+        lora_a: DevTensor<'w>,
+        lora_b: DevTensor<'w>,
+        magnitude: Option<DevTensor<'w>>,
+        scaling: f32,
+    ) -> Result<()> {
+        let mut w = self.w;
+        w.lora_a = lora_a;
+        w.lora_b = lora_b;
+        w.magnitude = magnitude;
+        w.scaling = scaling;
+        w.validate()?;
+        self.w = w;
+        self.invalidate();
+        Ok(())
+    }
+
+    /// Declares that the adapter's device memory changed in place (an optimiser step): the
+    /// cached g is recomputed at the next inference forward.
+    pub fn invalidate(&mut self) {
+        self.version += 1;
+        self.saved = None;
+    }
+
+    fn n_ptr(&self) -> DevPtr {
+        self.scale.ptr()
+    }
+
+    fn g_ptr(&self) -> DevPtr {
+        self.scale.ptr().offset(4 * self.w.d_out)
+    }
+
+    /// Recomputes n (and g for DoRA) into the cache.
+    fn compute_scale(&mut self, b: &B) -> Result<()> {
+        let w = &self.w;
+        let args = launch::NormArgs {
+            dtype: w.dtype(),
+            w0: w.weight.ptr(),
+            fan_in_fan_out: w.fan_in_fan_out,
+            a: w.lora_a.ptr(),
+            b: w.lora_b.ptr(),
+            m: w.magnitude.map(|m| m.ptr()),
+            s: w.scaling,
+            d_out: w.d_out,
+            d_in: w.d_in,
+            r: w.r,
+            n_out: self.n_ptr(),
+            g_out: w.magnitude.map(|_| self.g_ptr()),
+        };
+        // SAFETY: the weights were validated against (d_in, d_out, r) and the dtype; the
+        // cache holds 2·d_out f32 (n, then g).
+        unsafe { launch::norm(b, &args, None) }?;
+        self.scale_version = Some(self.version);
+        Ok(())
+    }
+
+    /// g `[d_out]` f32 on the device, recomputed only when the adapter changed since the last
+    /// computation; `None` for plain LoRA (g = 1). Stream-ordered: the address may be used by
+    /// later work on the same stream at once.
+    ///
+    /// # Errors
+    /// A launch failure.
+    pub fn magnitude_scale(&mut self, b: &B) -> Result<Option<DevPtr>> {
+        if self.w.magnitude.is_none() {
+            return Ok(None);
+        }
+        if self.scale_version != Some(self.version) {
+            self.compute_scale(b)?;
+        }
+        Ok(Some(self.g_ptr()))
+    }
+
+    fn check_x(&self, x: &DevTensor, t: usize) -> Result<DevPtr> {
+        ensure!(t >= 1, "x: at least one token is needed");
+        x.check("x", self.w.dtype(), &[t, self.w.d_in])
+    }
+
+    /// base = x·W0ᵀ into `c` (`[t, d_out]`).
+    fn base_gemm(&self, b: &B, x: DevPtr, t: usize, c: DevPtr) -> Result<()> {
+        let w = &self.w;
+        let g = launch::Gemm {
+            dtype: w.dtype(),
+            m: t,
+            n: w.d_out,
+            k: w.d_in,
+            x,
+            w: w.weight.ptr(),
+            trans_w: !w.fan_in_fan_out,
+            c,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        // SAFETY: x is [t, d_in], W0 [d_out, d_in] (or [d_in, d_out] with fan_in_fan_out,
+        // hence no transpose), c [t, d_out]; all checked by the callers.
+        unsafe { launch::gemm(b, &g) }.context("base product x·W0ᵀ")
+    }
+
+    /// Inference forward `y = g ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b` with the cached g (recomputed
+    /// only after the adapter changed). `t` tokens; x `[t, d_in]`, y `[t, d_out]`.
+    ///
+    /// # Errors
+    /// Shape, dtype or alignment mismatches (naming the tensor), or a launch failure.
+    pub fn forward(
+        &mut self,
+        b: &B,
+        x: &DevTensor,
+        t: usize,
+        base: Base,
+        y: &DevTensor,
+    ) -> Result<()> {
+        let xp = self.check_x(x, t)?;
+        let (d_out, r, dt) = (self.w.d_out, self.w.r, self.w.dtype());
+        let yp = y.check("y", dt, &[t, d_out])?;
+        let g = self.magnitude_scale(b)?;
+        let base_p = match base {
+            Base::Compute => {
+                self.base_gemm(b, xp, t, yp)?;
+                yp
+            }
+            Base::InPlace => yp,
+            Base::Supplied(bt) => bt.check("base", dt, &[t, d_out])?,
+        };
+        let u = self.scratch.ensure(b, 4 * t * r, "shrink")?;
+        self.shrink_and_compose(
+            b,
+            FwdIo {
+                x: xp,
+                t,
+                u,
+                base: base_p,
+                y: yp,
+                g,
+            },
+        )
+    }
+
+    /// U = shrink(x, A) into `u`, then y = compose(base, U) with g (None: LoRA).
+    fn shrink_and_compose(&self, b: &B, io: FwdIo) -> Result<()> {
+        let FwdIo {
+            x: xp,
+            t,
+            u,
+            base,
+            y,
+            g,
+        } = io;
+        let w = &self.w;
+        let sh = launch::ShrinkArgs {
+            dtype: w.dtype(),
+            x: xp,
+            ldx: w.d_in,
+            a: w.lora_a.ptr(),
+            rows: t,
+            d_in: w.d_in,
+            r: w.r,
+            coef: None,
+            out: u,
+        };
+        // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds t·r f32.
+        unsafe { launch::shrink(b, &sh) }?;
+        let co = launch::ComposeArgs {
+            dtype: w.dtype(),
+            base,
+            y,
+            u,
+            bm: w.lora_b.ptr(),
+            bm_strides: (w.r as i64, 1),
+            g,
+            bias: w.bias.map(|x| x.ptr()),
+            s: w.scaling,
+            t,
+            d_out: w.d_out,
+            r: w.r,
+        };
+        // SAFETY: base, y [t, d_out] checked (possibly the same buffer, which compose
+        // allows); u [t, r] written above; B [d_out, r], g and bias [d_out] checked.
+        unsafe { launch::compose(b, &co) }
+    }
+
+    /// Training forward: like [`DoraLayer::forward`] but g is recomputed (the adapter moves
+    /// every step), and base and U are kept for [`DoraLayer::backward`]. A supplied base must
+    /// stay unchanged until then. [`Base::InPlace`] is refused (the backward needs base).
+    ///
+    /// # Errors
+    /// As [`DoraLayer::forward`], or an in-place base.
+    pub fn forward_train(
+        &mut self,
+        b: &B,
+        x: &DevTensor,
+        t: usize,
+        base: Base<'w>,
+        y: &DevTensor,
+    ) -> Result<()> {
+        let xp = self.check_x(x, t)?;
+        let (d_out, r, dt) = (self.w.d_out, self.w.r, self.w.dtype());
+        let yp = y.check("y", dt, &[t, d_out])?;
+        if self.w.magnitude.is_some() {
+            self.compute_scale(b)?;
+        }
+        let g = self.w.magnitude.map(|_| self.g_ptr());
+        let mut c = Carve::new();
+        let u_off = c.take(4 * t * r);
+        let base_off = c.take(t * d_out * dt.size());
+        let need_base = matches!(base, Base::Compute);
+        let total = if need_base { c.next } else { base_off };
+        let act = self.act.ensure(b, total, "training activation")?;
+        let u = act.offset(u_off);
+        let base_p = match base {
+            Base::Compute => {
+                let p = act.offset(base_off);
+                self.base_gemm(b, xp, t, p)?;
+                p
+            }
+            Base::Supplied(bt) => bt.check("base", dt, &[t, d_out])?,
+            Base::InPlace => anyhow::bail!("forward_train: an in-place base cannot be kept for the backward; use Base::Compute or Base::Supplied"),
+        };
+        self.shrink_and_compose(
+            b,
+            FwdIo {
+                x: xp,
+                t,
+                u,
+                base: base_p,
+                y: yp,
+                g,
+            },
+        )?;
+        self.saved = Some(Saved {
+            t,
+            base: base_p,
+            u,
+            version: self.version,
+        });
+        Ok(())
+    }
+
+    /// Backward of the last [`DoraLayer::forward_train`] (same x, same t, adapter unchanged):
+    /// grad_x, grad_A, grad_B (and grad_m for DoRA), detached or exact (DESIGN.md §1).
+    /// Deterministic: the same inputs give the same bits.
+    ///
+    /// # Errors
+    /// No matching forward_train, shape/dtype mismatches naming the tensor, or a launch
+    /// failure.
+    pub fn backward(
+        &mut self,
+        b: &B,
+        x: &DevTensor,
+        dy: &DevTensor,
+        grads: &GradTargets,
+        mode: GradMode,
+    ) -> Result<()> {
+        let saved = self
+            .saved
+            .filter(|s| s.version == self.version)
+            .context("backward: no forward_train since the adapter last changed")?;
+        let t = saved.t;
+        let w = self.w;
+        let (d_in, d_out, r, dt, s) = (w.d_in, w.d_out, w.r, w.dtype(), w.scaling);
+        let xp = self.check_x(x, t)?;
+        let dyp = dy.check("grad_y", dt, &[t, d_out])?;
+        let gx = grads.grad_x.check("grad_x", dt, &[t, d_in])?;
+        let ga = grads
+            .grad_lora_a
+            .check("grad_lora_A", DType::F32, &[r, d_in])?;
+        let gb = grads
+            .grad_lora_b
+            .check("grad_lora_B", DType::F32, &[d_out, r])?;
+        let dora = w.magnitude.is_some();
+        let gm = match (dora, grads.grad_magnitude) {
+            (true, Some(g)) => Some(g.check("grad_magnitude", DType::F32, &[d_out])?),
+            (true, None) => anyhow::bail!("grad_magnitude is required for a DoRA layer"),
+            (false, Some(_)) => anyhow::bail!("grad_magnitude given for a plain LoRA layer"),
+            (false, None) => None,
+        };
+        let exact = dora && mode == GradMode::Exact;
+
+        let parts = launch::bwd_dz_parts(t, r);
+        let part_len = launch::tn_partials_len(t, r, d_out)
+            .max(launch::tn_partials_len(t, r, d_in))
+            .max(if exact {
+                launch::tn_partials_len(d_out, r, d_in)
+            } else {
+                0
+            });
+        let mut c = Carve::new();
+        let dz_off = c.take(if dora { t * d_out * dt.size() } else { 0 });
+        let cpart_off = c.take(if dora { 4 * parts * d_out } else { 0 });
+        let dzb_off = c.take(4 * t * r);
+        let part_off = c.take(4 * part_len);
+        let kcoef_off = c.take(if exact { 4 * d_out } else { 0 });
+        let ws = self.scratch.ensure(b, c.next, "backward")?;
+        let dz = if dora { ws.offset(dz_off) } else { dyp };
+        let dzb = ws.offset(dzb_off);
+        let part = ws.offset(part_off);
+        let kcoef = exact.then(|| ws.offset(kcoef_off));
+
+        let g = dora.then(|| self.g_ptr());
+        let a1 = launch::BwdDzArgs {
+            dtype: dt,
+            dy: dyp,
+            base: dora.then_some(saved.base),
+            u: saved.u,
+            b: w.lora_b.ptr(),
+            g,
+            s,
+            t,
+            d_out,
+            r,
+            dz: dora.then_some(dz),
+            cpart: dora.then(|| ws.offset(cpart_off)),
+            dzb,
+        };
+        // SAFETY: dy [t, d_out] checked; base and U are the forward_train's (same t, same
+        // adapter version); dz, cpart, dzb carved above with these extents.
+        unsafe { launch::bwd_dz(b, &a1) }?;
+        if let Some(gm) = gm {
+            let a = launch::MagReduceArgs {
+                cpart: ws.offset(cpart_off),
+                parts,
+                n: self.n_ptr(),
+                m: w.magnitude.expect("dora").ptr(),
+                s,
+                d_out,
+                dm: gm,
+                kcoef,
+            };
+            // SAFETY: cpart [parts, d_out] written by bwd_dz; n and m [d_out]; gm checked.
+            unsafe { launch::mag_reduce(b, &a) }?;
+        }
+        // grad_B = s·dzᵀ·U  -> [d_out, r] (transposed sum of [r, d_out] partials)
+        let tb = launch::TnArgs {
+            dtype: dt,
+            l: saved.u,
+            rm: dz,
+            rows: t,
+            r,
+            ncols: d_out,
+            part,
+            alpha: s,
+            transpose: true,
+            accumulate: false,
+            out: gb,
+        };
+        // SAFETY: U [t, r] f32, dz [t, d_out]; part holds the partials (sized above); gb
+        // [d_out, r] f32 checked.
+        unsafe { launch::tn(b, &tb, None) }?;
+        // grad_A = s·(dz·B)ᵀ·x -> [r, d_in]
+        let ta = launch::TnArgs {
+            dtype: dt,
+            l: dzb,
+            rm: xp,
+            rows: t,
+            r,
+            ncols: d_in,
+            part,
+            alpha: s,
+            transpose: false,
+            accumulate: false,
+            out: ga,
+        };
+        // SAFETY: dzb [t, r] f32 written by bwd_dz, x [t, d_in]; ga [r, d_in] checked; the
+        // previous product's partials were consumed by its sum, ordered before on the stream.
+        unsafe { launch::tn(b, &ta, None) }?;
+        // grad_x = dz·W0 + s·(dz·B)·A
+        let gg = launch::Gemm {
+            dtype: dt,
+            m: t,
+            n: d_in,
+            k: d_out,
+            x: dz,
+            w: w.weight.ptr(),
+            trans_w: w.fan_in_fan_out,
+            c: gx,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        // SAFETY: dz [t, d_out], W0 [d_out, d_in] (or [d_in, d_out], transposed), gx
+        // [t, d_in] checked.
+        unsafe { launch::gemm(b, &gg) }.context("grad_x = dz·W0")?;
+        let co = launch::ComposeArgs {
+            dtype: dt,
+            base: gx,
+            y: gx,
+            u: dzb,
+            bm: w.lora_a.ptr(),
+            bm_strides: (1, d_in as i64),
+            g: None,
+            bias: None,
+            s,
+            t,
+            d_out: d_in,
+            r,
+        };
+        // SAFETY: in place on gx [t, d_in]; Bm(k, i) = A[i, k] with A [r, d_in]; dzb [t, r].
+        unsafe { launch::compose(b, &co) }?;
+        if exact {
+            self.exact_terms(b, kcoef.expect("exact"), part, ga, gb)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the exact-gradient terms (DESIGN.md §1), written through V = W0 + s·B·A:
+    /// grad_B −= s·diag(k)·V·Aᵀ and grad_A −= s·Bᵀ·diag(k)·V, with kcoef = −s·k. V is
+    /// materialised in the exact workspace (d_out·d_in elements); the detached path never
+    /// does.
+    fn exact_terms(
+        &mut self,
+        b: &B,
+        kcoef: DevPtr,
+        part: DevPtr,
+        ga: DevPtr,
+        gb: DevPtr,
+    ) -> Result<()> {
+        let w = self.w;
+        let (d_in, d_out, r, dt) = (w.d_in, w.d_out, w.r, w.dtype());
+        let mut c = Carve::new();
+        let v_off = c.take(d_out * d_in * dt.size());
+        let bk_off = c.take(4 * d_out * r);
+        let ws = self.exact.ensure(b, c.next, "exact-gradient")?;
+        let v = ws.offset(v_off);
+        let bk = ws.offset(bk_off);
+        let m = launch::MergeArgs {
+            dtype: dt,
+            w0: w.weight.ptr(),
+            fan_in_fan_out: w.fan_in_fan_out,
+            a: w.lora_a.ptr(),
+            b: w.lora_b.ptr(),
+            g: None,
+            s: w.scaling,
+            d_out,
+            d_in,
+            r,
+            out: v,
+            f32_out: false,
+        };
+        // SAFETY: weights validated; v holds d_out·d_in elements of dt.
+        unsafe { launch::merge(b, &m) }?;
+        let sh = launch::ShrinkArgs {
+            dtype: dt,
+            x: v,
+            ldx: d_in,
+            a: w.lora_a.ptr(),
+            rows: d_out,
+            d_in,
+            r,
+            coef: Some(kcoef),
+            out: gb,
+        };
+        // SAFETY: V [d_out, d_in] written above, A [r, d_in]; kcoef [d_out]; gb [d_out, r]
+        // f32 already holds the detached grad_B (accumulated into).
+        unsafe { launch::shrink(b, &sh) }?;
+        // SAFETY: B [d_out, r] in dt, kcoef [d_out], bk [d_out, r] f32 carved above.
+        unsafe { launch::scale_rows(b, dt, w.lora_b.ptr(), kcoef, (d_out, r), bk) }?;
+        let t = launch::TnArgs {
+            dtype: dt,
+            l: bk,
+            rm: v,
+            rows: d_out,
+            r,
+            ncols: d_in,
+            part,
+            alpha: 1.0,
+            transpose: false,
+            accumulate: true,
+            out: ga,
+        };
+        // SAFETY: bk [d_out, r] f32, V [d_out, d_in]; part was sized for this product in
+        // backward; ga [r, d_in] holds the detached grad_A (accumulated into).
+        unsafe { launch::tn(b, &t, None) }
+    }
+
+    /// Writes `W' = diag(g)·(W0 + s·B·A)` `[d_out, d_in]` (g = 1 for plain LoRA) into `out`,
+    /// in f32 or in the layer dtype (`out`'s dtype says which).
+    ///
+    /// # Errors
+    /// `out` of the wrong dtype or too small, or a launch failure.
+    pub fn merged_weight(&mut self, b: &B, out: &DevTensor) -> Result<()> {
+        let w = self.w;
+        let dt = w.dtype();
+        ensure!(
+            out.dtype() == DType::F32 || out.dtype() == dt,
+            "merged weight: output dtype {} must be f32 or the layer's {dt}",
+            out.dtype()
+        );
+        let op = out.check("merged weight", out.dtype(), &[w.d_out, w.d_in])?;
+        let g = self.magnitude_scale(b)?;
+        let m = launch::MergeArgs {
+            dtype: dt,
+            w0: w.weight.ptr(),
+            fan_in_fan_out: w.fan_in_fan_out,
+            a: w.lora_a.ptr(),
+            b: w.lora_b.ptr(),
+            g,
+            s: w.scaling,
+            d_out: w.d_out,
+            d_in: w.d_in,
+            r: w.r,
+            out: op,
+            f32_out: out.dtype() == DType::F32 && dt != DType::F32,
+        };
+        // SAFETY: weights validated; out checked for [d_out, d_in] of its dtype; g [d_out].
+        unsafe { launch::merge(b, &m) }
+    }
+
+    /// Strides `(ld_j, ld_k)` of W0 (for callers that address it themselves).
+    pub fn weight_strides(&self) -> (i64, i64) {
+        weight_strides(self.w.fan_in_fan_out, self.w.d_in, self.w.d_out)
+    }
+}

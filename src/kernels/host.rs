@@ -1,0 +1,180 @@
+//! Host tensors in, host tensors out, through the fused kernels: what `replay --device` and
+//! the tests call. Each call uploads the layer, runs [`DoraLayer`] and downloads the results;
+//! it is the convenience path, not the steady-state one.
+
+use super::device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
+use crate::backend::{Backend, DeviceBuffer};
+use crate::dtype::DType;
+use crate::layer::{GradMode, Grads, Layer, Outputs};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Context, Result};
+
+/// Uploads `t` cast to `dtype`.
+fn upload<B: Backend>(b: &B, t: &Tensor, dtype: DType, name: &str) -> Result<B::Buffer> {
+    let c = t.cast(dtype);
+    let mut buf = b
+        .alloc_zeroed(c.as_bytes().len())
+        .with_context(|| format!("allocating {name} {:?} {dtype}", t.shape()))?;
+    b.upload(&mut buf, c.as_bytes())
+        .with_context(|| format!("uploading {name}"))?;
+    Ok(buf)
+}
+
+fn download<B: Backend>(
+    b: &B,
+    buf: &B::Buffer,
+    dtype: DType,
+    shape: Vec<usize>,
+    name: &str,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut bytes = vec![0u8; n * dtype.size()];
+    b.download(buf, &mut bytes)
+        .with_context(|| format!("downloading {name}"))?;
+    Tensor::from_bytes(dtype, shape, &bytes).with_context(|| format!("reading back {name}"))
+}
+
+/// The layer's parameters uploaded in the computation dtype (m and bias in f32).
+struct Uploaded<B: Backend> {
+    weight: B::Buffer,
+    bias: Option<B::Buffer>,
+    a: B::Buffer,
+    b: B::Buffer,
+    m: Option<B::Buffer>,
+}
+
+impl<B: Backend> Uploaded<B> {
+    fn new(b: &B, layer: &Layer, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: upload(b, &layer.weight, dtype, "weight")?,
+            bias: layer
+                .bias
+                .as_ref()
+                .map(|t| upload(b, t, DType::F32, "bias"))
+                .transpose()?,
+            a: upload(b, &layer.lora_a, dtype, "lora_A")?,
+            b: upload(b, &layer.lora_b, dtype, "lora_B")?,
+            m: layer
+                .magnitude
+                .as_ref()
+                .map(|t| upload(b, t, DType::F32, "magnitude"))
+                .transpose()?,
+        })
+    }
+
+    fn weights(&self, layer: &Layer, dtype: DType) -> Result<DoraWeights<'_>> {
+        let (d_in, d_out, r) = layer.dims()?;
+        Ok(DoraWeights {
+            weight: DevTensor::of(&self.weight, dtype),
+            fan_in_fan_out: layer.fan_in_fan_out,
+            bias: self.bias.as_ref().map(|x| DevTensor::of(x, DType::F32)),
+            lora_a: DevTensor::of(&self.a, dtype),
+            lora_b: DevTensor::of(&self.b, dtype),
+            magnitude: self.m.as_ref().map(|x| DevTensor::of(x, DType::F32)),
+            scaling: layer.scaling as f32,
+            d_in,
+            d_out,
+            r,
+        })
+    }
+}
+
+/// Runs `layer` on `x` (forward, and backward when `grad_y` is given) through the fused
+/// kernels on `b`. The computation dtype is x's (weights are cast to it, m and bias to f32);
+/// y and grad_x come back in x's dtype, each parameter gradient in its parameter's dtype
+/// (DESIGN.md §2).
+///
+/// # Errors
+/// An invalid layer or input (naming the tensor and shape), or a device failure naming the
+/// kernel.
+pub fn run_layer<B: Backend>(
+    b: &B,
+    layer: &Layer,
+    x: &Tensor,
+    grad_y: Option<&Tensor>,
+    mode: GradMode,
+) -> Result<Outputs> {
+    let shape = layer.shape_for(x)?;
+    let dt = x.dtype();
+    if let Some(gy) = grad_y {
+        ensure!(
+            gy.shape() == [shape.t, shape.d_out],
+            "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
+            gy.shape(),
+            shape.t,
+            shape.d_out
+        );
+    }
+    let up = Uploaded::new(b, layer, dt)?;
+    let mut dl = DoraLayer::new(b, up.weights(layer, dt)?)?;
+    let xb = upload(b, x, dt, "x")?;
+    let yb = b
+        .alloc_zeroed(shape.t * shape.d_out * dt.size())
+        .context("allocating y")?;
+    let xt = DevTensor::of(&xb, dt);
+    dl.forward_train(b, &xt, shape.t, Base::Compute, &DevTensor::of(&yb, dt))
+        .with_context(|| format!("forward at {shape}"))?;
+    let y = download(b, &yb, dt, vec![shape.t, shape.d_out], "y")?;
+    let Some(gy) = grad_y else {
+        return Ok(Outputs { y, grads: None });
+    };
+    let dyb = upload(b, gy, dt, "grad_y")?;
+    let gx = b.alloc_zeroed(shape.t * shape.d_in * dt.size())?;
+    let ga = b.alloc_zeroed(4 * shape.r * shape.d_in)?;
+    let gb = b.alloc_zeroed(4 * shape.d_out * shape.r)?;
+    let gm = if layer.is_dora() {
+        Some(b.alloc_zeroed(4 * shape.d_out)?)
+    } else {
+        None
+    };
+    let targets = GradTargets {
+        grad_x: DevTensor::of(&gx, dt),
+        grad_lora_a: DevTensor::of(&ga, DType::F32),
+        grad_lora_b: DevTensor::of(&gb, DType::F32),
+        grad_magnitude: gm.as_ref().map(|x| DevTensor::of(x, DType::F32)),
+    };
+    dl.backward(b, &xt, &DevTensor::of(&dyb, dt), &targets, mode)
+        .with_context(|| format!("backward ({mode:?}) at {shape}"))?;
+    let grads = Grads {
+        grad_x: download(b, &gx, dt, vec![shape.t, shape.d_in], "grad_x")?,
+        grad_lora_a: download(b, &ga, DType::F32, vec![shape.r, shape.d_in], "grad_lora_A")?
+            .cast(layer.lora_a.dtype()),
+        grad_lora_b: download(
+            b,
+            &gb,
+            DType::F32,
+            vec![shape.d_out, shape.r],
+            "grad_lora_B",
+        )?
+        .cast(layer.lora_b.dtype()),
+        grad_magnitude: match (&gm, &layer.magnitude) {
+            (Some(buf), Some(m)) => Some(
+                download(b, buf, DType::F32, vec![shape.d_out], "grad_magnitude")?.cast(m.dtype()),
+            ),
+            _ => None,
+        },
+    };
+    Ok(Outputs {
+        y,
+        grads: Some(grads),
+    })
+}
+
+/// `W' = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]` row-major f32 (g = 1 for plain LoRA),
+/// computed on `b` in the weight's dtype with f32 accumulation (for `merge` on a GPU).
+///
+/// # Errors
+/// An invalid layer (naming the tensor), or a device failure naming the kernel.
+pub fn merged_weight<B: Backend>(b: &B, layer: &Layer) -> Result<Vec<f32>> {
+    let (d_in, d_out, _) = layer.dims()?;
+    let dt = layer.weight.dtype();
+    let up = Uploaded::new(b, layer, dt)?;
+    let mut dl = DoraLayer::new(b, up.weights(layer, dt)?)?;
+    let out = b
+        .alloc_zeroed(4 * d_out * d_in)
+        .context("allocating the merged weight")?;
+    dl.merged_weight(b, &DevTensor::of(&out, DType::F32))?;
+    let t = download(b, &out, DType::F32, vec![d_out, d_in], "merged weight")?;
+    debug_assert_eq!(out.bytes(), 4 * d_out * d_in);
+    Ok(t.to_f32())
+}

@@ -1,0 +1,729 @@
+//! Launch math and the thin unsafe layer: one function per kernel that computes grid, block
+//! and shared memory (asserting its assumptions and falling back to a simpler variant rather
+//! than failing), and passes the arguments in the order and types of the `.cu` signature.
+//!
+//! Everything here takes raw device addresses; the safe layer ([`super::device`]) checks
+//! lengths, dtypes and alignment before calling in. Every function is `unsafe` with the same
+//! contract: each pointer addresses device memory of the backend `b`, valid (and, for
+//! outputs, writable) for the extents written beside it, in the stated dtype.
+
+use super::spec::{self, Op, Variant};
+use crate::backend::{Backend, DevPtr, GemmDesc, KernelArg, LaunchDims};
+use crate::dtype::DType;
+use anyhow::{ensure, Context, Result};
+
+const NULL: DevPtr = DevPtr(0);
+
+fn ptr(p: DevPtr) -> KernelArg {
+    KernelArg::Ptr(p)
+}
+
+fn opt(p: Option<DevPtr>) -> KernelArg {
+    KernelArg::Ptr(p.unwrap_or(NULL))
+}
+
+/// A size as the kernels' `int`, refusing anything that does not fit.
+fn int(what: &str, v: usize) -> Result<KernelArg> {
+    let i = i32::try_from(v).with_context(|| format!("{what} = {v} does not fit a kernel int"))?;
+    Ok(KernelArg::I32(i))
+}
+
+/// `⌈n / per⌉` blocks, at least 1, within `limit` (the grid dimension's maximum).
+fn blocks(what: &str, n: usize, per: usize, limit: u32) -> Result<u32> {
+    let b = n.div_ceil(per).max(1);
+    ensure!(
+        b <= limit as usize,
+        "{what}: {n} needs {b} blocks of {per}, over the grid limit {limit}"
+    );
+    Ok(b as u32)
+}
+
+const GRID_X: u32 = i32::MAX as u32;
+const GRID_YZ: u32 = 65_535;
+
+fn dims(grid: [u32; 3], threads: u32, shared_bytes: usize) -> LaunchDims {
+    LaunchDims {
+        grid,
+        block: [threads, 1, 1],
+        shared_bytes: shared_bytes as u32,
+    }
+}
+
+/// How a `[d_out, d_in]` weight is laid out: row-major, or transposed (`fan_in_fan_out`,
+/// stored `[d_in, d_out]`). Returns the element strides `(ld_j, ld_k)` of `W0[j, k]`.
+pub(crate) fn weight_strides(fan_in_fan_out: bool, d_in: usize, d_out: usize) -> (i64, i64) {
+    if fan_in_fan_out {
+        (1, d_out as i64)
+    } else {
+        (d_in as i64, 1)
+    }
+}
+
+/// Arguments of the norm kernels.
+pub(crate) struct NormArgs {
+    /// Storage dtype of W0, A and B.
+    pub dtype: DType,
+    /// W0 `[d_out, d_in]` (or `[d_in, d_out]` with `fan_in_fan_out`).
+    pub w0: DevPtr,
+    /// W0 is stored `[d_in, d_out]`.
+    pub fan_in_fan_out: bool,
+    /// A `[r, d_in]`.
+    pub a: DevPtr,
+    /// B `[d_out, r]`.
+    pub b: DevPtr,
+    /// m `[d_out]` f32, or `None` (then g is not written).
+    pub m: Option<DevPtr>,
+    /// s.
+    pub s: f32,
+    /// Output features.
+    pub d_out: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Rank.
+    pub r: usize,
+    /// n `[d_out]` f32, written.
+    pub n_out: DevPtr,
+    /// g `[d_out]` f32, written when `m` is given.
+    pub g_out: Option<DevPtr>,
+}
+
+/// The norm variant to use: `forced` if given (tests), else the table's choice.
+fn norm_variant(
+    dtype: DType,
+    r: usize,
+    forced: Option<&'static Variant>,
+) -> Result<&'static Variant> {
+    if let Some(v) = forced {
+        ensure!(
+            v.op == Op::Norm && v.supports(dtype, r),
+            "{} cannot run dtype {dtype} at rank {r}",
+            v.prefix
+        );
+        return Ok(v);
+    }
+    let v = spec::select(Op::Norm, dtype, r)
+        .with_context(|| format!("no norm kernel for dtype {dtype} at rank {r}"))?;
+    // Fall back to v1 where v2's shared memory would not fit (it never should for r ≤ 256;
+    // the assertion keeps a future table edit honest).
+    if v.version == 2 && spec::norm_v2_shared_bytes(r) > spec::MAX_DYNAMIC_SHARED {
+        return spec::select(Op::Norm, DType::F32, r)
+            .filter(|v| v.version == 1)
+            .context("norm v1 missing from the table");
+    }
+    Ok(v)
+}
+
+/// Launches the norm (`n`, and `g = m / max(n, ε)` when `m` is given).
+///
+/// # Safety
+/// See the module doc; extents are those of [`NormArgs`].
+pub(crate) unsafe fn norm<B: Backend>(
+    b: &B,
+    x: &NormArgs,
+    forced: Option<&'static Variant>,
+) -> Result<()> {
+    ensure!(
+        (1..=spec::MAX_RANK).contains(&x.r),
+        "norm: rank {} outside 1..={}",
+        x.r,
+        spec::MAX_RANK
+    );
+    let v = norm_variant(x.dtype, x.r, forced)?;
+    let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
+    let (grid, threads, shared) = if v.version == 2 {
+        let sh = spec::norm_v2_shared_bytes(x.r);
+        ensure!(
+            sh <= spec::MAX_DYNAMIC_SHARED,
+            "norm v2: {sh} bytes of shared memory"
+        );
+        (
+            [
+                blocks("norm v2 rows", x.d_out, spec::NT_ROWS, GRID_X)?,
+                1,
+                1,
+            ],
+            32 * spec::NT_WARPS,
+            sh,
+        )
+    } else {
+        (
+            [
+                blocks("norm v1 rows", x.d_out, spec::VT_ROWS, GRID_X)?,
+                1,
+                1,
+            ],
+            spec::THREADS,
+            spec::vtile_shared_bytes(x.r),
+        )
+    };
+    let args = [
+        ptr(x.w0),
+        KernelArg::I64(ldj),
+        KernelArg::I64(ldk),
+        ptr(x.a),
+        ptr(x.b),
+        opt(x.m),
+        KernelArg::F32(x.s),
+        KernelArg::F32(crate::layer::NORM_EPS as f32),
+        int("d_out", x.d_out)?,
+        int("d_in", x.d_in)?,
+        int("r", x.r)?,
+        ptr(x.n_out),
+        opt(x.g_out),
+    ];
+    let name = v.entry(x.dtype);
+    // SAFETY: the argument list matches `dora_norm_v{1,2}_<dt>(w0, ldw_j, ldw_k, a, b, m, s,
+    // eps, d_out, d_in, r, n_out, g_out)` in kernels/norm.cu in order and type; the caller
+    // guarantees the extents; the grid covers every row (⌈d_out/rows per block⌉ blocks) and
+    // each block writes n (and g) for all of its rows.
+    unsafe { b.launch(&name, dims(grid, threads, shared), &args) }
+        .with_context(|| format!("launching {name}"))
+}
+
+/// Arguments of the merge kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
+pub(crate) struct MergeArgs {
+    /// Storage dtype of W0, A, B.
+    pub dtype: DType,
+    /// W0 as in [`NormArgs`].
+    pub w0: DevPtr,
+    /// W0 is stored `[d_in, d_out]`.
+    pub fan_in_fan_out: bool,
+    /// A `[r, d_in]`.
+    pub a: DevPtr,
+    /// B `[d_out, r]`.
+    pub b: DevPtr,
+    /// g `[d_out]` f32, or `None` for g = 1 (V itself, or plain LoRA).
+    pub g: Option<DevPtr>,
+    /// s.
+    pub s: f32,
+    /// Output features.
+    pub d_out: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Rank.
+    pub r: usize,
+    /// Output `[d_out, d_in]`, in f32 when `f32_out`, else in `dtype`.
+    pub out: DevPtr,
+    /// Write f32 instead of the storage dtype.
+    pub f32_out: bool,
+}
+
+/// Launches merge.
+///
+/// # Safety
+/// See the module doc; extents are those of [`MergeArgs`].
+pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
+    ensure!(
+        (1..=spec::MAX_RANK).contains(&x.r),
+        "merge: rank {} outside 1..={}",
+        x.r,
+        spec::MAX_RANK
+    );
+    let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
+    let name = if x.f32_out {
+        format!("dora_merge_f32out_{}", x.dtype.name())
+    } else {
+        format!("dora_merge_{}", x.dtype.name())
+    };
+    let d = dims(
+        [blocks("merge rows", x.d_out, spec::VT_ROWS, GRID_X)?, 1, 1],
+        spec::THREADS,
+        spec::vtile_shared_bytes(x.r),
+    );
+    let args = [
+        ptr(x.w0),
+        KernelArg::I64(ldj),
+        KernelArg::I64(ldk),
+        ptr(x.a),
+        ptr(x.b),
+        opt(x.g),
+        KernelArg::F32(x.s),
+        int("d_out", x.d_out)?,
+        int("d_in", x.d_in)?,
+        int("r", x.r)?,
+        ptr(x.out),
+    ];
+    // SAFETY: matches `dora_merge[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out, d_in, r,
+    // out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
+    // column of its rows.
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+}
+
+/// Arguments of shrink: `out[t, i] (+)= coef[t]·Σ_k X[t, k]·A[i, k]`.
+pub(crate) struct ShrinkArgs {
+    /// Storage dtype of X and A.
+    pub dtype: DType,
+    /// X `[rows, d_in]` row-major (row stride `ldx`).
+    pub x: DevPtr,
+    /// Row stride of X in elements (≥ d_in).
+    pub ldx: usize,
+    /// A `[r, d_in]`.
+    pub a: DevPtr,
+    /// Rows of X (tokens, or d_out when X = V).
+    pub rows: usize,
+    /// Reduction length.
+    pub d_in: usize,
+    /// Rank.
+    pub r: usize,
+    /// `None`: out = acc. `Some(coef [rows] f32)`: out += coef[t]·acc.
+    pub coef: Option<DevPtr>,
+    /// Output `[rows, r]` f32.
+    pub out: DevPtr,
+}
+
+/// Launches shrink.
+///
+/// # Safety
+/// See the module doc; extents are those of [`ShrinkArgs`].
+pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<()> {
+    ensure!(
+        x.ldx >= x.d_in,
+        "shrink: row stride {} < d_in {}",
+        x.ldx,
+        x.d_in
+    );
+    let name = format!("dora_shrink_{}", x.dtype.name());
+    let d = dims(
+        [
+            blocks("shrink rows", x.rows, spec::SH_ROWS, GRID_X)?,
+            blocks("shrink ranks", x.r, spec::SH_RANKS, GRID_YZ)?,
+            1,
+        ],
+        spec::THREADS,
+        0,
+    );
+    let args = [
+        ptr(x.x),
+        KernelArg::I64(x.ldx as i64),
+        KernelArg::I64(1),
+        ptr(x.a),
+        int("rows", x.rows)?,
+        int("d_in", x.d_in)?,
+        int("r", x.r)?,
+        opt(x.coef),
+        ptr(x.out),
+    ];
+    // SAFETY: matches `dora_shrink_<dt>(x, ldx_t, ldx_k, a, rows, d_in, r, coef, out)` in
+    // kernels/forward.cu; the grid covers ⌈rows/16⌉ × ⌈r/64⌉ tiles, each writing all of its
+    // in-range outputs.
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+}
+
+/// Arguments of compose: `y = g ⊙ (base + s·U·Bmᵀ) + bias`.
+pub(crate) struct ComposeArgs {
+    /// Storage dtype of base, y and Bm.
+    pub dtype: DType,
+    /// base `[t, d_out]` (may equal `y`).
+    pub base: DevPtr,
+    /// y `[t, d_out]`.
+    pub y: DevPtr,
+    /// U `[t, r]` f32.
+    pub u: DevPtr,
+    /// Bm: element (j, i) at `bm[j*ld_j + i*ld_i]`.
+    pub bm: DevPtr,
+    /// Strides of Bm: `(r, 1)` for B `[d_out, r]`, `(1, d_out)` for Aᵀ with A `[r, d_out]`.
+    pub bm_strides: (i64, i64),
+    /// g `[d_out]` f32, or `None` for g = 1.
+    pub g: Option<DevPtr>,
+    /// bias `[d_out]` f32, or `None`.
+    pub bias: Option<DevPtr>,
+    /// s.
+    pub s: f32,
+    /// Rows (tokens).
+    pub t: usize,
+    /// Columns.
+    pub d_out: usize,
+    /// Rank.
+    pub r: usize,
+}
+
+/// Launches compose.
+///
+/// # Safety
+/// See the module doc; extents are those of [`ComposeArgs`].
+pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
+    let name = format!("dora_compose_{}", x.dtype.name());
+    let d = dims(
+        [
+            blocks("compose tokens", x.t, spec::CO_ROWS, GRID_X)?,
+            blocks("compose columns", x.d_out, spec::CO_COLS, GRID_YZ)?,
+            1,
+        ],
+        spec::THREADS,
+        0,
+    );
+    let args = [
+        ptr(x.base),
+        ptr(x.y),
+        ptr(x.u),
+        ptr(x.bm),
+        KernelArg::I64(x.bm_strides.0),
+        KernelArg::I64(x.bm_strides.1),
+        opt(x.g),
+        opt(x.bias),
+        KernelArg::F32(x.s),
+        int("T", x.t)?,
+        int("d_out", x.d_out)?,
+        int("r", x.r)?,
+    ];
+    // SAFETY: matches `dora_compose_<dt>(base, y, u, bm, ldb_j, ldb_i, g, bias, s, t_rows,
+    // d_out, r)` in kernels/forward.cu; base and y may alias (each element is read and then
+    // written by one thread); the grid covers every (token, column).
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+}
+
+/// Arguments of the one-pass backward over dy.
+pub(crate) struct BwdDzArgs {
+    /// Storage dtype of dy, base, B, dz.
+    pub dtype: DType,
+    /// dy `[t, d_out]`.
+    pub dy: DevPtr,
+    /// base `[t, d_out]` (DoRA).
+    pub base: Option<DevPtr>,
+    /// U `[t, r]` f32 (DoRA).
+    pub u: DevPtr,
+    /// B `[d_out, r]`.
+    pub b: DevPtr,
+    /// g `[d_out]` f32; `None` for plain LoRA (dz = dy, nothing else written but dzb).
+    pub g: Option<DevPtr>,
+    /// s.
+    pub s: f32,
+    /// Tokens.
+    pub t: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Rank.
+    pub r: usize,
+    /// dz `[t, d_out]` (DoRA).
+    pub dz: Option<DevPtr>,
+    /// c partials `[bwd_dz_parts(t, r), d_out]` f32 (DoRA).
+    pub cpart: Option<DevPtr>,
+    /// dz·B `[t, r]` f32.
+    pub dzb: DevPtr,
+}
+
+/// Rows of the c-partials `bwd_dz` writes for `t` tokens at rank `r`.
+pub(crate) fn bwd_dz_parts(t: usize, r: usize) -> usize {
+    t.div_ceil(spec::bwd_dz_tiles(r).0).max(1)
+}
+
+/// Launches the one-pass backward.
+///
+/// # Safety
+/// See the module doc; extents are those of [`BwdDzArgs`].
+pub(crate) unsafe fn bwd_dz<B: Backend>(b: &B, x: &BwdDzArgs) -> Result<()> {
+    ensure!(
+        (1..=spec::MAX_RANK).contains(&x.r),
+        "bwd_dz: rank {} outside 1..={}",
+        x.r,
+        spec::MAX_RANK
+    );
+    let dora = x.g.is_some();
+    ensure!(
+        !dora || (x.base.is_some() && x.dz.is_some() && x.cpart.is_some()),
+        "bwd_dz: DoRA needs base, dz and c partials"
+    );
+    let (tt, jt) = spec::bwd_dz_tiles(x.r);
+    let sh = spec::bwd_dz_shared_bytes(tt, jt, x.r);
+    ensure!(
+        sh <= spec::MAX_DYNAMIC_SHARED,
+        "bwd_dz: {sh} bytes of shared memory at rank {}",
+        x.r
+    );
+    let name = format!("dora_bwd_dz_{}", x.dtype.name());
+    let d = dims(
+        [blocks("bwd_dz tokens", x.t, tt, GRID_X)?, 1, 1],
+        spec::THREADS,
+        sh,
+    );
+    let args = [
+        ptr(x.dy),
+        opt(x.base),
+        ptr(x.u),
+        ptr(x.b),
+        opt(x.g),
+        KernelArg::F32(x.s),
+        int("T", x.t)?,
+        int("d_out", x.d_out)?,
+        int("r", x.r)?,
+        int("tt", tt)?,
+        int("jt", jt)?,
+        opt(x.dz),
+        opt(x.cpart),
+        ptr(x.dzb),
+    ];
+    // SAFETY: matches `dora_bwd_dz_<dt>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz,
+    // cpart, dzb)` in kernels/backward.cu; one block per tt tokens walks all of d_out, so every
+    // element of dz, of cpart's ⌈t/tt⌉ rows and of dzb is written.
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+}
+
+/// Arguments of mag_reduce.
+pub(crate) struct MagReduceArgs {
+    /// c partials `[parts, d_out]` f32.
+    pub cpart: DevPtr,
+    /// Rows of `cpart`.
+    pub parts: usize,
+    /// n `[d_out]` f32.
+    pub n: DevPtr,
+    /// m `[d_out]` f32.
+    pub m: DevPtr,
+    /// s (the exact-gradient coefficient is −s·m⊙c/n³).
+    pub s: f32,
+    /// Output features.
+    pub d_out: usize,
+    /// grad_m `[d_out]` f32, written.
+    pub dm: DevPtr,
+    /// −s·k `[d_out]` f32, written when given (exact gradient).
+    pub kcoef: Option<DevPtr>,
+}
+
+/// Launches mag_reduce.
+///
+/// # Safety
+/// See the module doc; extents are those of [`MagReduceArgs`].
+pub(crate) unsafe fn mag_reduce<B: Backend>(b: &B, x: &MagReduceArgs) -> Result<()> {
+    let d = dims(
+        [
+            blocks("mag_reduce", x.d_out, spec::SMALL_THREADS as usize, GRID_X)?,
+            1,
+            1,
+        ],
+        spec::SMALL_THREADS,
+        0,
+    );
+    let args = [
+        ptr(x.cpart),
+        int("parts", x.parts)?,
+        ptr(x.n),
+        ptr(x.m),
+        KernelArg::F32(crate::layer::NORM_EPS as f32),
+        KernelArg::F32(-x.s),
+        int("d_out", x.d_out)?,
+        ptr(x.dm),
+        opt(x.kcoef),
+    ];
+    // SAFETY: matches `dora_mag_reduce_f32(cpart, parts, n, m, eps, neg_s, d_out, dm, kcoef)`
+    // in kernels/backward.cu; one thread per column covers all d_out.
+    unsafe { b.launch("dora_mag_reduce_f32", d, &args) }.context("launching dora_mag_reduce_f32")
+}
+
+/// A long-reduction product `out (+)= alpha·Lᵀ·R`, through per-split partials.
+pub(crate) struct TnArgs {
+    /// Storage dtype of R.
+    pub dtype: DType,
+    /// L `[rows, r]` f32.
+    pub l: DevPtr,
+    /// R `[rows, ncols]` in `dtype`.
+    pub rm: DevPtr,
+    /// The reduction length.
+    pub rows: usize,
+    /// Rank (columns of L).
+    pub r: usize,
+    /// Columns of R.
+    pub ncols: usize,
+    /// Partials scratch, at least [`tn_partials_len`] f32.
+    pub part: DevPtr,
+    /// Scale of the sum.
+    pub alpha: f32,
+    /// Write `[ncols, r]` instead of `[r, ncols]`.
+    pub transpose: bool,
+    /// Add to `out` instead of overwriting it.
+    pub accumulate: bool,
+    /// Output f32, `[r, ncols]` or `[ncols, r]`.
+    pub out: DevPtr,
+}
+
+/// `(splits, rows per split)` of a long reduction: enough splits to fill
+/// [`spec::TARGET_BLOCKS`], each a whole number of [`spec::TN_TCHUNK`] rows.
+pub(crate) fn tn_splits(rows: usize, r: usize, ncols: usize) -> (usize, usize) {
+    let tile = if r <= 16 { 16 } else { 64 };
+    let base = ncols.div_ceil(spec::TN_COLS) * r.div_ceil(tile);
+    let chunks = rows.div_ceil(spec::TN_TCHUNK).max(1);
+    let want = spec::TARGET_BLOCKS
+        .div_ceil(base)
+        .clamp(1, chunks.min(GRID_YZ as usize));
+    let per = chunks.div_ceil(want) * spec::TN_TCHUNK;
+    (rows.div_ceil(per).max(1), per)
+}
+
+/// f32 elements of partials scratch a [`TnArgs`] product needs.
+pub(crate) fn tn_partials_len(rows: usize, r: usize, ncols: usize) -> usize {
+    tn_splits(rows, r, ncols).0 * r * ncols
+}
+
+/// Launches tn (the rank-tile variant from [`spec::VARIANTS`]) and the fixed-order sum.
+///
+/// # Safety
+/// See the module doc; extents are those of [`TnArgs`].
+pub(crate) unsafe fn tn<B: Backend>(
+    b: &B,
+    x: &TnArgs,
+    forced: Option<&'static Variant>,
+) -> Result<()> {
+    ensure!(
+        (1..=spec::MAX_RANK).contains(&x.r),
+        "tn: rank {} outside 1..={}",
+        x.r,
+        spec::MAX_RANK
+    );
+    let v = match forced {
+        Some(v) => {
+            ensure!(
+                v.op == Op::Tn && v.supports(x.dtype, x.r),
+                "{} cannot run rank {}",
+                v.prefix,
+                x.r
+            );
+            v
+        }
+        None => spec::select(Op::Tn, x.dtype, x.r).context("no tn kernel")?,
+    };
+    let (splits, per) = tn_splits(x.rows, x.r, x.ncols);
+    let name = v.entry(x.dtype);
+    let d = dims(
+        [
+            blocks("tn columns", x.ncols, spec::TN_COLS, GRID_X)?,
+            blocks("tn ranks", x.r, v.rank_tile, GRID_YZ)?,
+            splits as u32,
+        ],
+        spec::THREADS,
+        0,
+    );
+    let args = [
+        ptr(x.l),
+        ptr(x.rm),
+        int("rows", x.rows)?,
+        int("r", x.r)?,
+        int("ncols", x.ncols)?,
+        int("rows per split", per)?,
+        ptr(x.part),
+    ];
+    // SAFETY: matches `dora_tn_r{16,64}_<dt>(l, rm, rows, r, ncols, rows_per_split, part)` in
+    // kernels/backward.cu; the grid covers every (column, rank) of every split, and every
+    // split (including an empty tail) writes its whole [r, ncols] slab of `part`, which holds
+    // splits·r·ncols floats.
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))?;
+    let n = x.r * x.ncols;
+    let d = dims(
+        [
+            blocks("sum_partials", n, spec::SMALL_THREADS as usize, GRID_X)?.min(4096),
+            1,
+            1,
+        ],
+        spec::SMALL_THREADS,
+        0,
+    );
+    let args = [
+        ptr(x.part),
+        int("splits", splits)?,
+        int("r", x.r)?,
+        int("ncols", x.ncols)?,
+        KernelArg::F32(x.alpha),
+        KernelArg::I32(x.transpose as i32),
+        KernelArg::I32(x.accumulate as i32),
+        ptr(x.out),
+    ];
+    // SAFETY: matches `dora_sum_partials_f32(part, splits, r, ncols, alpha, transpose,
+    // accumulate, out)`; grid-stride over all r·ncols outputs.
+    unsafe { b.launch("dora_sum_partials_f32", d, &args) }
+        .context("launching dora_sum_partials_f32")
+}
+
+/// Launches scale_rows: `out[j, i] = coef[j]·in[j, i]` in f32.
+///
+/// # Safety
+/// `input` `[rows, cols]` in `dtype`, `coef` `[rows]` f32, `out` `[rows, cols]` f32.
+pub(crate) unsafe fn scale_rows<B: Backend>(
+    b: &B,
+    dtype: DType,
+    input: DevPtr,
+    coef: DevPtr,
+    (rows, cols): (usize, usize),
+    out: DevPtr,
+) -> Result<()> {
+    let name = format!("dora_scale_rows_{}", dtype.name());
+    let d = dims(
+        [
+            blocks(
+                "scale_rows",
+                rows * cols,
+                spec::SMALL_THREADS as usize,
+                GRID_X,
+            )?
+            .min(4096),
+            1,
+            1,
+        ],
+        spec::SMALL_THREADS,
+        0,
+    );
+    let args = [
+        ptr(input),
+        ptr(coef),
+        int("rows", rows)?,
+        int("cols", cols)?,
+        ptr(out),
+    ];
+    // SAFETY: matches `dora_scale_rows_<dt>(in, coef, rows, cols, out)`; grid-stride over all
+    // rows·cols elements.
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+}
+
+/// `C[m×n] = alpha·X[m×k]·op(W)[k×n] + beta·C` with X, W, C all in `dtype` (row-major,
+/// dense), through the backend's GEMM.
+pub(crate) struct Gemm {
+    /// Dtype of all three matrices.
+    pub dtype: DType,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Reduction.
+    pub k: usize,
+    /// X `[m, k]`.
+    pub x: DevPtr,
+    /// W stored `[n, k]` when `trans_w`, else `[k, n]`.
+    pub w: DevPtr,
+    /// Use Wᵀ.
+    pub trans_w: bool,
+    /// C `[m, n]`.
+    pub c: DevPtr,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the existing C.
+    pub beta: f32,
+}
+
+/// Runs a [`Gemm`].
+///
+/// # Safety
+/// See the module doc; extents are those of [`Gemm`].
+pub(crate) unsafe fn gemm<B: Backend>(b: &B, g: &Gemm) -> Result<()> {
+    let desc = GemmDesc {
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        a: g.x,
+        a_dtype: g.dtype,
+        lda: g.k,
+        trans_a: false,
+        b: g.w,
+        b_dtype: g.dtype,
+        ldb: if g.trans_w { g.k } else { g.n },
+        trans_b: g.trans_w,
+        c: g.c,
+        c_dtype: g.dtype,
+        ldc: g.n,
+        alpha: g.alpha,
+        beta: g.beta,
+    };
+    // SAFETY: the caller guarantees X, W and C hold the dense matrices described, which is
+    // exactly what `desc` (strides = row lengths) tells the backend.
+    unsafe { b.gemm(&desc) }.with_context(|| {
+        format!(
+            "gemm {}x{}x{} ({}, trans_w={})",
+            g.m, g.n, g.k, g.dtype, g.trans_w
+        )
+    })
+}
