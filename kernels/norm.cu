@@ -14,6 +14,7 @@
 //       any layout.
 // The launcher (src/kernels/launch.rs) picks v2 for f16/bf16 when r ≥ 16, v1 otherwise.
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace df {
 
@@ -102,7 +103,7 @@ __device__ __forceinline__ void vtile_pass(
         for (int q = 0; q < Q; ++q) {
             const int jj = jq + 4 * q;
             const float v = ws[jj][kk] + s * acc[q];
-            if (MERGE) {
+            if constexpr (MERGE) {
                 const int j = j0 + jj, k = k0 + kk;
                 if (j < d_out && k < d_in) {
                     const float gj = g ? g[j] : 1.f;
@@ -113,25 +114,25 @@ __device__ __forceinline__ void vtile_pass(
             }
         }
     }
-    if (MERGE) return;
-
-    // Row sums: the 64 threads of a row are 2 whole warps; fixed-order butterfly, then the
-    // two warp sums in order.
+    if constexpr (!MERGE) {
+        // Row sums: the 64 threads of a row are 2 whole warps; fixed-order butterfly, then the
+        // two warp sums in order.
 #pragma unroll
-    for (int q = 0; q < Q; ++q) {
-        const float w = warp_sum(sq[q]);
-        if (tid % 32 == 0) red[jq + 4 * q][kk / 32] = w;
-    }
-    __syncthreads();
-    if (tid < VT_ROWS) {
-        const int j = j0 + tid;
-        if (j < d_out) {
-            float tot = 0.f;
+        for (int q = 0; q < Q; ++q) {
+            const float w = warp_sum(sq[q]);
+            if (tid % 32 == 0) red[jq + 4 * q][kk / 32] = w;
+        }
+        __syncthreads();
+        if (tid < VT_ROWS) {
+            const int j = j0 + tid;
+            if (j < d_out) {
+                float tot = 0.f;
 #pragma unroll
-            for (int h = 0; h < VT_COLS / 32; ++h) tot += red[tid][h];
-            const float nj = sqrtf(tot);
-            n_out[j] = nj;
-            if (m && g_out) g_out[j] = m[j] / fmaxf(nj, eps);
+                for (int h = 0; h < VT_COLS / 32; ++h) tot += red[tid][h];
+                const float nj = sqrtf(tot);
+                n_out[j] = nj;
+                if (m && g_out) g_out[j] = m[j] / fmaxf(nj, eps);
+            }
         }
     }
 }
@@ -139,19 +140,151 @@ __device__ __forceinline__ void vtile_pass(
 // ---------------------------------------------------------------------------------------
 // v2: the B·A tile on tensor cores (mma.sync m16n8k16, bf16/f16 operands, f32 accumulate).
 //
-// Block: 4 warps (128 threads), NT_ROWS = 64 rows of V, warp w owns rows 16w..16w+15; the
-// columns are walked in chunks of NT_COLS = 64 (8 n-tiles of 8). The rank is padded to a
-// multiple of 16 (zeros) in shared memory, so any r works; r % 16 == 0 wastes nothing.
-// Per chunk: A chunk [rp, 64] staged in shared memory in its storage dtype, B rows
-// [64, rp] staged once per block; each warp issues rp/16 · 8 mma per chunk, then adds the
-// W0 values at its accumulator positions (read straight from global: a warp's 8 n-tiles
-// cover 64 consecutive columns of 16 rows) and squares.
+// Block: NT_WARPS = 4 warps (128 threads), NT_ROWS = 64 rows of V; warp w owns rows
+// 16w..16w+15. Columns are walked in chunks of NT_COLS = 64 (8 n-tiles of 8), the padded
+// rank rp = ⌈r/16⌉·16 in chunks of NT_RK = 32 (2 k-steps). Shared memory (dynamic, 16-bit
+// elements, every row 16-byte aligned for ldmatrix and padded by 8 elements so the 8 row
+// addresses of an ldmatrix hit distinct banks):
+//   bs  [64, rp + 8]   the block's rows of B, zero beyond r / d_out    (loaded once)
+//   as  [32, 64 + 8]   one rank chunk of the A chunk, zero beyond r / d_in
+//   ws  [64, 64 + 8]   the W0 tile (loaded coalesced for either layout)
+// Per chunk, each warp keeps 8 accumulator tiles (32 f32), takes A fragments of B with
+// ldmatrix.x4 and B fragments of A with ldmatrix.x4.trans (two n-tiles per load), adds the
+// W0 tile at its accumulator positions and squares. Row sums: 2 per thread (rows g, g+8),
+// then a fixed-order butterfly over the 4 lanes of a row.
 //
-// Bytes: as v1 (W0 once; A once per block, ⌈d_out/64⌉·r·d_in·sz, L2).
-// FLOPs: 2·d_out·d_in·rp on tensor cores (rp = r rounded up to 16) + 3·d_out·d_in.
-// Shared: 2·(64·rp + rp·(64+8)) bytes (dynamic) — at most 70 KB for r = 256, so the launcher
-// keeps v2 for rp ≤ 128 (≤ 35 KB) and splits larger ranks... no: see NT_MAX_RANK below.
+// Bytes: as v1 (W0 once; A once per block: ⌈d_out/64⌉·r·d_in·sz, L2).
+// FLOPs: 2·d_out·d_in·rp on tensor cores + 3·d_out·d_in on CUDA cores.
+// Shared: 2·(64·(rp+8) + 32·72 + 64·72) bytes ≤ 47 616 for r ≤ 256.
 // ---------------------------------------------------------------------------------------
+constexpr int NT_RK = 32;
+constexpr int NT_LD = NT_COLS + 8;
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const float (&c)[4],
+                                         __nv_bfloat16) {
+    mma_m16n8k16_bf16(d, a, b, c);
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2], const float (&c)[4], __half) {
+    mma_m16n8k16_f16(d, a, b, c);
+}
+
+template <typename T>
+__device__ __forceinline__ void norm_v2(
+    const T* __restrict__ w0,     // [d_out, d_in] at (j, k) -> w0[j*ldw_j + k*ldw_k]
+    long long ldw_j, long long ldw_k,
+    const T* __restrict__ a,      // [r, d_in]
+    const T* __restrict__ b,      // [d_out, r]
+    const float* __restrict__ m,  // [d_out] or null
+    float s, float eps, int d_out, int d_in, int r,
+    float* __restrict__ n_out,    // [d_out]
+    float* __restrict__ g_out) {  // [d_out] or null
+    extern __shared__ uint4 smem_v2[];
+    const int rp = (r + 15) / 16 * 16;
+    const int ldb = rp + 8;
+    T* bs = reinterpret_cast<T*>(smem_v2);  // [NT_ROWS, ldb]
+    T* as = bs + NT_ROWS * ldb;              // [NT_RK, NT_LD]
+    T* ws = as + NT_RK * NT_LD;              // [NT_ROWS, NT_LD]
+    constexpr int NTH = NT_WARPS * 32;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int j0 = blockIdx.x * NT_ROWS;
+    const T zero = from_f32<T>(0.f);
+
+    for (int f = tid; f < NT_ROWS * rp; f += NTH) {
+        const int jj = f / rp, i = f % rp;
+        const int j = j0 + jj;
+        bs[jj * ldb + i] = (j < d_out && i < r) ? b[(long long)j * r + i] : zero;
+    }
+
+    float sq0 = 0.f, sq1 = 0.f;  // rows 16·warp + gq and + 8
+    // ldmatrix row addresses: A operand (B rows) matrix mi = lane / 8 is rows +8·(mi & 1),
+    // columns +8·(mi >> 1); B operand (A chunk, .trans) matrix mi is ranks +8·(mi & 1),
+    // columns +8·(mi >> 1).
+    const int lrow = (lane % 8) + 8 * ((lane / 8) & 1);
+    const int lcol = 8 * (lane / 16);
+
+    for (int k0 = 0; k0 < d_in; k0 += NT_COLS) {
+        __syncthreads();  // readers of the previous ws/as (first time: writers of bs) done
+        for (int f = tid; f < NT_ROWS * NT_COLS; f += NTH) {
+            int jj, c;
+            if (ldw_k == 1) {
+                jj = f / NT_COLS;
+                c = f % NT_COLS;
+            } else {  // fan_in_fan_out: consecutive j are consecutive in memory
+                c = f / NT_ROWS;
+                jj = f % NT_ROWS;
+            }
+            const int j = j0 + jj, k = k0 + c;
+            ws[jj * NT_LD + c] = (j < d_out && k < d_in) ? w0[j * ldw_j + k * ldw_k] : zero;
+        }
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+        for (int i0 = 0; i0 < rp; i0 += NT_RK) {
+            if (i0 > 0) __syncthreads();  // readers of the previous rank chunk are done
+            for (int f = tid; f < NT_RK * NT_COLS; f += NTH) {
+                const int ii = f / NT_COLS, c = f % NT_COLS;
+                const int i = i0 + ii, k = k0 + c;
+                as[ii * NT_LD + c] =
+                    (i < r && k < d_in) ? a[(long long)i * d_in + k] : zero;
+            }
+            __syncthreads();
+            const int nk = min(NT_RK, rp - i0) / 16;
+            for (int ks = 0; ks < nk; ++ks) {
+                uint32_t af[4];
+                ldmatrix_x4(af, bs + (16 * warp + lrow) * ldb + i0 + 16 * ks + lcol);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, as + (16 * ks + lrow) * NT_LD + 16 * np + lcol);
+                    const uint32_t b0[2] = {bf[0], bf[1]};
+                    const uint32_t b1[2] = {bf[2], bf[3]};
+                    mma16816(acc[2 * np], af, b0, acc[2 * np], zero);
+                    mma16816(acc[2 * np + 1], af, b1, acc[2 * np + 1], zero);
+                }
+            }
+        }
+        // Padded rows/columns: W0 tile, B rows and A columns are all zero there, so v = 0.
+        const int r0 = 16 * warp + gq;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const int c = 8 * nt + 2 * tq;
+            const float v0 = to_f32(ws[r0 * NT_LD + c]) + s * acc[nt][0];
+            const float v1 = to_f32(ws[r0 * NT_LD + c + 1]) + s * acc[nt][1];
+            const float v2 = to_f32(ws[(r0 + 8) * NT_LD + c]) + s * acc[nt][2];
+            const float v3 = to_f32(ws[(r0 + 8) * NT_LD + c + 1]) + s * acc[nt][3];
+            sq0 += v0 * v0 + v1 * v1;
+            sq1 += v2 * v2 + v3 * v3;
+        }
+    }
+    // The 4 lanes of a row (tq = 0..3) hold its partial sums: fixed-order butterfly.
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        sq0 += __shfl_xor_sync(0xffffffffu, sq0, o);
+        sq1 += __shfl_xor_sync(0xffffffffu, sq1, o);
+    }
+    if (tq == 0) {
+        const int ja = j0 + 16 * warp + gq;
+        const int jb = ja + 8;
+        if (ja < d_out) {
+            const float n = sqrtf(sq0);
+            n_out[ja] = n;
+            if (m && g_out) g_out[ja] = m[ja] / fmaxf(n, eps);
+        }
+        if (jb < d_out) {
+            const float n = sqrtf(sq1);
+            n_out[jb] = n;
+            if (m && g_out) g_out[jb] = m[jb] / fmaxf(n, eps);
+        }
+    }
+}
 
 }  // namespace df
 
@@ -169,6 +302,20 @@ __device__ __forceinline__ void vtile_pass(
                                         d_in, r, n_out, g_out, nullptr);                    \
     }
 DF_FOR_EACH_DTYPE(DF_NORM_V1)
+
+#define DF_NORM_V2(sfx, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) dora_norm_v2_##sfx(                   \
+        const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
+        long long ldw_j, long long ldw_k,                                                   \
+        const T* __restrict__ a,      /* [r, d_in] */                                       \
+        const T* __restrict__ b,      /* [d_out, r] */                                      \
+        const float* __restrict__ m,  /* [d_out] or null */                                 \
+        float s, float eps, int d_out, int d_in, int r,                                     \
+        float* __restrict__ n_out,    /* [d_out] */                                         \
+        float* __restrict__ g_out) {  /* [d_out] or null */                                 \
+        df::norm_v2<T>(w0, ldw_j, ldw_k, a, b, m, s, eps, d_out, d_in, r, n_out, g_out);    \
+    }
+DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
 
 #define DF_MERGE(sfx, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) dora_merge_##sfx(                     \

@@ -196,16 +196,20 @@ pub const fn pad16(r: usize) -> usize {
     r.div_ceil(16) * 16
 }
 
-/// Dynamic shared bytes of norm v2: B rows `[64, rp]` and an A chunk `[rp, 64 + 8]` in the
-/// storage dtype (2 bytes).
+/// Rank chunk of norm v2 (`df::NT_RK`).
+pub const NT_RK: usize = 32;
+
+/// Dynamic shared bytes of norm v2, 16-bit elements: B rows `[64, rp + 8]`, one rank chunk
+/// of A `[32, 64 + 8]` and the W0 tile `[64, 64 + 8]`.
 pub const fn norm_v2_shared_bytes(r: usize) -> usize {
     let rp = pad16(r);
-    2 * (NT_ROWS * (rp + 8) + rp * (NT_COLS + 8))
+    2 * (NT_ROWS * (rp + 8) + NT_RK * (NT_COLS + 8) + NT_ROWS * (NT_COLS + 8))
 }
 
 // Constants that must agree, checked when the crate compiles.
 const _: () = assert!(bwd_dz_shared_bytes(16, 32, 128) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(bwd_dz_shared_bytes(8, 16, MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(vtile_shared_bytes(MAX_RANK) <= MAX_DYNAMIC_SHARED);
+const _: () = assert!(norm_v2_shared_bytes(MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(THREADS as usize % 32 == 0 && THREADS as usize % CO_COLS == 0);
 const _: () = assert!(THREADS as usize % SH_RANKS == 0 && THREADS as usize % TN_COLS == 0);
