@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a machine with an NVIDIA GPU (DESIGN.md §4, rung 4): runs the
+# binaries that scripts/gpu-prebuild.sh built elsewhere (that machine needs no Rust toolchain and
+# no network) and writes a short summary.
+#
+#   here (no GPU):   scripts/gpu-prebuild.sh
+#   device tool:     run(command="scripts/gpu-check.sh", carry=[".gpu-bundle"], timeout_s=540)
+#   read:            $OUT/summary.txt (also printed last), $OUT/gpu-check.log (every step's output)
+#
+# usage: scripts/gpu-check.sh [--quick] [--no-require-gpu]
+#   --quick            DORAFUSE_GPU_QUICK=1 for the plain test runs too (sanitizer runs always
+#                      use it): fewer sizes per test.
+#   --no-require-gpu   let GPU tests skip when there is no device (a dry run of this script on a
+#                      machine without a GPU). Without it DORAFUSE_REQUIRE_GPU=1 is set, so a GPU
+#                      test that finds no device FAILS instead of passing as "skipped".
+#
+# Steps, in priority order (each under its own timeout; the whole run stops starting new steps
+# when GPU_CHECK_BUDGET_S, default 420 s, is spent, so a rerun still fits in a 15-minute lease):
+#   1. environment: GPU, driver, nvcc, compute-sanitizer; cuBLAS put on LD_LIBRARY_PATH from
+#      the CUDA install (lib64) or Python's site-packages/nvidia/cu13/lib;
+#   2. every tests/gpu_* binary (all kernel paths against the CPU / f64 reference);
+#   3. dorafuse replay --device cuda on tests/fixtures/cases/*.safetensors (detached, then exact
+#      gradients);
+#   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
+#   5. compute-sanitizer --tool racecheck likewise;
+#   6. hook for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
+#      `--device cuda --json $OUT/bench.json --plot $OUT/bench.svg`) if the CLI has `bench`;
+#   7. hook: `python3 benches/peft_bench.py $GPU_CHECK_PEFT_ARGS` (default `--json
+#      $OUT/peft_bench.json`) if that file exists.
+# A missing tool or binary is reported as SKIP with the reason, never silently.
+# Exit status: 0 when every step that ran passed, 1 otherwise.
+set -uo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+quick=0
+require_gpu=1
+for a in "$@"; do
+  case $a in
+    --quick) quick=1 ;;
+    --no-require-gpu) require_gpu=0 ;;
+    *) echo "usage: $0 [--quick] [--no-require-gpu]" >&2; exit 2 ;;
+  esac
+done
+
+out=${OUT:-$root/.gpu-check-out}
+[ -n "${OUT:-}" ] || grep -qxF "/.gpu-check-out/" .git/info/exclude 2>/dev/null || echo "/.gpu-check-out/" >>.git/info/exclude 2>/dev/null
+mkdir -p "$out"
+summary=$out/summary.txt
+log=$out/gpu-check.log
+: >"$summary"
+: >"$log"
+budget=${GPU_CHECK_BUDGET_S:-420}
+t0=$(date +%s)
+failures=0
+
+note() { echo "$*" >>"$summary"; echo "$*" >&2; }
+
+# run_step NAME TIMEOUT_S CMD...: runs CMD with a timeout (and within the budget), appends its
+# output to the log, and records a one-line status plus the lines worth reading in the summary.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - ($(date +%s) - t0)))
+  if [ "$left" -le 15 ]; then
+    note "$(printf '%-9s %s (the %s s budget is spent)' SKIP "$name" "$budget")"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local tmp s rc d st
+  tmp=$(mktemp)
+  s=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$tmp" 2>&1
+  rc=$?
+  d=$(($(date +%s) - s))
+  case $rc in
+    0) st=PASS ;;
+    124 | 137) st=TIMEOUT ;;
+    86) st=SANITIZER ;;
+    *) st=FAIL ;;
+  esac
+  [ "$rc" -eq 0 ] || failures=$((failures + 1))
+  {
+    echo
+    echo "=== $st $name (rc $rc, ${d}s): $*"
+    cat "$tmp"
+  } >>"$log"
+  note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
+  # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
+  grep -E '^test result:|skipped: no CUDA device|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2' "$tmp" \
+    | grep -v '^test .* ok$' | head -n 12 | sed 's/^/          /' >>"$summary"
+  rm -f "$tmp"
+}
+
+find_tool() { # find_tool NAME: PATH, then the usual CUDA locations
+  local t=$1 d
+  command -v "$t" 2>/dev/null && return 0
+  for d in "${CUDA_HOME:-/nonexistent}/bin" /usr/local/cuda/bin /opt/cuda/bin /usr/local/cuda-*/bin; do
+    [ -x "$d/$t" ] && { echo "$d/$t"; return 0; }
+  done
+  return 1
+}
+
+note "dorafuse gpu-check $(date -u +%FT%TZ) on $(hostname)"
+
+# --- 1. environment -------------------------------------------------------------------------
+if command -v nvidia-smi >/dev/null; then
+  note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 4 | tr '\n' ';')"
+else
+  note "gpu: nvidia-smi not found"
+fi
+nvcc_bin=$(find_tool nvcc) && note "nvcc: $("$nvcc_bin" --version | grep -o 'release [0-9.]*')" || note "nvcc: not found"
+sanitizer=$(find_tool compute-sanitizer) || sanitizer=
+if [ -n "$sanitizer" ]; then
+  note "compute-sanitizer: $sanitizer ($("$sanitizer" --version 2>&1 | grep -io 'version [0-9.]*' | head -n1))"
+else
+  note "compute-sanitizer: NOT FOUND (looked on PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin): memcheck and racecheck will be skipped"
+fi
+
+# cuBLAS: cudarc loads libcublas.so.13 by name at the first GEMM.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13'; then
+  cublas_dir=
+  for d in "${CUDA_HOME:-/nonexistent}/lib64" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/libcublas.so.13" ] && { cublas_dir=$d; break; }
+  done
+  if [ -z "$cublas_dir" ] && command -v python3 >/dev/null; then
+    cublas_dir=$(python3 -c 'import glob, os, sys
+for p in sys.path:
+    for d in glob.glob(os.path.join(p or ".", "nvidia", "cu13", "lib")) + glob.glob(os.path.join(p or ".", "nvidia", "cublas", "lib")):
+        if glob.glob(os.path.join(d, "libcublas.so.13*")):
+            print(d); sys.exit()' 2>/dev/null)
+  fi
+  if [ -n "$cublas_dir" ]; then
+    export LD_LIBRARY_PATH=$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    note "cublas: $cublas_dir (added to LD_LIBRARY_PATH)"
+  else
+    note "cublas: libcublas.so.13 NOT FOUND: every GEMM will fail"
+  fi
+else
+  note "cublas: found by the dynamic loader"
+fi
+
+# --- the prebuilt binaries --------------------------------------------------------------------
+bundle=${GPU_BUNDLE:-$root/.gpu-bundle}
+bin=
+if [ -f "$bundle/bin.tar.gz" ]; then
+  bin=$(mktemp -d)/bin
+  tar -C "$(dirname "$bin")" -xzf "$bundle/bin.tar.gz" || bin=
+elif [ -d "$bundle/bin" ]; then
+  bin=$bundle/bin
+fi
+if [ -z "$bin" ] || [ ! -x "$bin/dorafuse" ]; then
+  note "FAIL      no prebuilt binaries in $bundle: run scripts/gpu-prebuild.sh on the build machine and carry .gpu-bundle"
+  cat "$summary"
+  exit 1
+fi
+sed 's/^/bundle: /' "$bundle/manifest.txt" >>"$summary" 2>/dev/null
+# Tests that locate fixtures through the CARGO_MANIFEST_DIR baked in at build time find this
+# checkout through a link at that path (when the path does not exist here).
+baked=$(cat "$bundle/manifest-dir" 2>/dev/null || true)
+if [ -n "$baked" ] && [ ! -e "$baked" ]; then
+  mkdir -p "$(dirname "$baked")" && ln -s "$root" "$baked" && note "linked $baked -> $root"
+fi
+export CARGO_MANIFEST_DIR=$root RUST_BACKTRACE=1
+[ "$require_gpu" = 1 ] && export DORAFUSE_REQUIRE_GPU=1
+tests=()
+for t in "$bin"/gpu_*; do [ -x "$t" ] && tests+=("$t"); done
+[ ${#tests[@]} -gt 0 ] || note "FAIL      no gpu_* test binaries in the bundle"
+cases=(tests/fixtures/cases/*.safetensors)
+[ -e "${cases[0]}" ] || { note "SKIP      replay: no tests/fixtures/cases/*.safetensors"; cases=(); }
+
+# --- 2. the GPU tests ---------------------------------------------------------------------------
+for t in "${tests[@]}"; do
+  run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t"
+done
+
+# --- 3. replay on the PEFT fixtures -------------------------------------------------------------
+if [ ${#cases[@]} -gt 0 ]; then
+  run_step "replay --device cuda (${#cases[@]} cases)" 120 "$bin/dorafuse" replay --device cuda "${cases[@]}"
+  run_step "replay --device cuda --exact-grad" 120 "$bin/dorafuse" replay --device cuda --exact-grad "${cases[@]}"
+fi
+
+# --- 4, 5. compute-sanitizer --------------------------------------------------------------------
+for tool in memcheck racecheck; do
+  if [ -z "$sanitizer" ]; then
+    note "SKIP      $tool: compute-sanitizer not found"
+    continue
+  fi
+  san=("$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 20)
+  for t in "${tests[@]}"; do
+    run_step "$tool $(basename "$t")" 150 env DORAFUSE_GPU_QUICK=1 "${san[@]}" "$t" --test-threads=1
+  done
+  if [ ${#cases[@]} -gt 0 ]; then
+    run_step "$tool replay --device cuda" 120 "${san[@]}" "$bin/dorafuse" replay --device cuda "${cases[@]}"
+  fi
+done
+
+# --- 6, 7. benchmark hooks ----------------------------------------------------------------------
+if "$bin/dorafuse" bench --help >/dev/null 2>&1; then
+  # shellcheck disable=SC2086 # the arguments are meant to split
+  run_step "dorafuse bench" 180 "$bin/dorafuse" bench ${GPU_CHECK_BENCH_ARGS:---device cuda --json $out/bench.json --plot $out/bench.svg}
+else
+  note "SKIP      dorafuse bench: this CLI has no bench subcommand"
+fi
+if [ -f benches/peft_bench.py ]; then
+  # shellcheck disable=SC2086
+  run_step "peft_bench.py" 180 env PYTHONUNBUFFERED=1 python3 benches/peft_bench.py ${GPU_CHECK_PEFT_ARGS:---json $out/peft_bench.json}
+else
+  note "SKIP      benches/peft_bench.py: not in this checkout"
+fi
+
+# The device tool returns files up to 16 MiB: keep the log's head and tail.
+if [ "$(stat -c %s "$log")" -gt 15000000 ]; then
+  { head -c 1000000 "$log"; echo; echo "[... cut ...]"; tail -c 13000000 "$log"; } >"$log.cut" && mv "$log.cut" "$log"
+fi
+note "done in $(($(date +%s) - t0)) s: $failures step(s) failed"
+echo
+cat "$summary"
+[ "$failures" -eq 0 ]
