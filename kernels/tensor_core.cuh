@@ -299,7 +299,7 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   dfemu::cp_async(smem, gmem, 4, 4);
 }
 __device__ __forceinline__ void cp_async_commit() { dfemu::cp_async_commit(); }
-__device__ __forceinline__ void cp_async_wait_all() { dfemu::cp_async_wait(0); }
+__device__ __forceinline__ void cp_async_wait_all() { dfemu::cp_async_wait(-1); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
   static_assert(N >= 0, "cp.async.wait_group takes a non-negative count");

@@ -1,1 +1,417 @@
-//! (being written)
+//! The CPU emulator backend: runs the very `kernels/*.cu` sources on the host.
+//!
+//! build.rs (build/emu.rs) compiles every kernel of `kernels/kernels.list` (and the
+//! emulator's own test kernels of `kernels/emu/tests/kernels.list`) with the host C++
+//! compiler against a small model of the CUDA execution model (`kernels/emu/`, described in
+//! `kernels/emu/README.md`): blocks run one after another, the threads of a block run as
+//! fibers whose order between synchronisation points is shuffled from a seed, shared memory
+//! starts every block as NaN, and barrier divergence, missing warp lanes and deadlocks fail
+//! the launch with an error naming the kernel, block and thread.
+//!
+//! [`EmuBackend`] implements [`Backend`]: device memory is host memory, a launch runs the
+//! kernel to completion on the calling thread, and GEMMs use the `matrixmultiply` crate.
+
+use crate::backend::{Backend, DevPtr, DeviceBuffer, GemmDesc, KernelArg, LaunchDims};
+use crate::dtype::DType;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use std::alloc::Layout;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The seed [`EmuBackend::from_env`] uses when `DORAFUSE_EMU_SEED` is not set.
+pub const DEFAULT_SEED: u64 = 0x5EED_D0AF;
+
+/// Alignment of every emulator buffer (CUDA allocations are aligned to at least 256 bytes).
+const BUFFER_ALIGN: usize = 256;
+
+mod ffi {
+    use std::ffi::{c_char, c_void};
+
+    /// Mirror of `struct dfemu_kernel` in kernels/emu/launch.h.
+    #[repr(C)]
+    pub struct Kernel {
+        pub name: *const c_char,
+        pub entry: Option<unsafe extern "C" fn(*mut *mut c_void)>,
+        pub nargs: u32,
+        pub sig: *const c_char,
+    }
+
+    extern "C" {
+        pub fn dfemu_find_kernel(name: *const c_char) -> *const Kernel;
+        pub fn dfemu_kernel_count() -> usize;
+        pub fn dfemu_kernel_at(i: usize) -> *const Kernel;
+        pub fn dfemu_launch(
+            k: *const Kernel,
+            grid: *const u32,
+            block: *const u32,
+            shared_bytes: u32,
+            args: *mut *mut c_void,
+            seed: u64,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32;
+        pub fn dfemu_switch_count() -> u64;
+    }
+}
+
+/// One entry point compiled into the emulator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmuKernel {
+    /// Entry-point name.
+    pub name: String,
+    /// One code per parameter: `p` pointer, `i` i32, `u` u32, `l` i64, `L` u64, `f` f32,
+    /// `?` a type [`KernelArg`] cannot pass.
+    pub signature: String,
+}
+
+/// Every entry point compiled into the emulator (both kernel lists), in list order.
+pub fn kernels() -> Vec<EmuKernel> {
+    // SAFETY: the generated table is immutable static data; indices below the count are valid
+    // and every entry's strings are NUL-terminated literals.
+    unsafe {
+        (0..ffi::dfemu_kernel_count())
+            .map(|i| {
+                let k = &*ffi::dfemu_kernel_at(i);
+                EmuKernel {
+                    name: CStr::from_ptr(k.name).to_string_lossy().into_owned(),
+                    signature: CStr::from_ptr(k.sig).to_string_lossy().into_owned(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Fiber context switches performed by the calling OS thread so far (for speed measurements).
+pub fn switch_count() -> u64 {
+    // SAFETY: reads a thread-local counter; no arguments.
+    unsafe { ffi::dfemu_switch_count() }
+}
+
+/// Host memory standing in for device memory: zeroed, aligned to 256 bytes.
+#[derive(Debug)]
+pub struct EmuBuffer {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer exclusively owns its allocation; nothing in it is tied to a thread.
+unsafe impl Send for EmuBuffer {}
+// SAFETY: `&EmuBuffer` only exposes the address and size; writes need `&mut` or an unsafe launch.
+unsafe impl Sync for EmuBuffer {}
+
+impl EmuBuffer {
+    fn layout(bytes: usize) -> Layout {
+        // A zero-size buffer still gets a distinct, aligned allocation (as cudaMalloc(0) may).
+        Layout::from_size_align(bytes.max(1), BUFFER_ALIGN).expect("buffer layout")
+    }
+
+    /// The buffer's bytes (after the queued work: launches run synchronously here).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of at least `bytes` bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    /// The buffer's bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl DeviceBuffer for EmuBuffer {
+    fn ptr(&self) -> DevPtr {
+        DevPtr(self.ptr as u64)
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for EmuBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `alloc_zeroed` with exactly this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.bytes)) }
+    }
+}
+
+/// The emulator backend. Each launch runs under a schedule derived from the backend's seed
+/// and a launch counter, so a sequence of launches is reproducible for a given seed.
+#[derive(Debug)]
+pub struct EmuBackend {
+    seed: u64,
+    launches: AtomicU64,
+}
+
+impl EmuBackend {
+    /// A backend whose thread schedules derive from `seed`.
+    pub fn new(seed: u64) -> EmuBackend {
+        EmuBackend {
+            seed,
+            launches: AtomicU64::new(0),
+        }
+    }
+
+    /// A backend seeded from `DORAFUSE_EMU_SEED` (decimal or `0x` hex), or [`DEFAULT_SEED`].
+    ///
+    /// # Panics
+    /// If `DORAFUSE_EMU_SEED` is set but is not a number: a pinned schedule that silently
+    /// falls back to another would make a failure irreproducible.
+    pub fn from_env() -> EmuBackend {
+        match std::env::var("DORAFUSE_EMU_SEED") {
+            Ok(s) => EmuBackend::new(
+                parse_seed(&s)
+                    .unwrap_or_else(|| panic!("DORAFUSE_EMU_SEED={s:?} is not a u64 (decimal or 0x hex)")),
+            ),
+            Err(_) => EmuBackend::new(DEFAULT_SEED),
+        }
+    }
+
+    /// The seed this backend was created with.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+}
+
+/// Parses a seed written in decimal or as `0x` hexadecimal.
+pub fn parse_seed(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn arg_code(a: &KernelArg) -> char {
+    match a {
+        KernelArg::Ptr(_) => 'p',
+        KernelArg::I32(_) => 'i',
+        KernelArg::U32(_) => 'u',
+        KernelArg::I64(_) => 'l',
+        KernelArg::U64(_) => 'L',
+        KernelArg::F32(_) => 'f',
+    }
+}
+
+fn code_name(c: char) -> &'static str {
+    match c {
+        'p' => "a pointer",
+        'i' => "int",
+        'u' => "unsigned int",
+        'l' => "a 64-bit int",
+        'L' => "an unsigned 64-bit int",
+        'f' => "float",
+        _ => "a type KernelArg cannot pass",
+    }
+}
+
+/// Widens `count` elements of `dtype` at `ptr` to f32.
+///
+/// # Safety
+/// `ptr` must address `count` readable elements of `dtype`.
+unsafe fn widen(ptr: DevPtr, dtype: DType, count: usize) -> Vec<f32> {
+    let p = ptr.0 as *const u8;
+    match dtype {
+        DType::F32 => std::slice::from_raw_parts(p as *const f32, count).to_vec(),
+        DType::F16 => std::slice::from_raw_parts(p as *const half::f16, count)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        DType::BF16 => std::slice::from_raw_parts(p as *const half::bf16, count)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+    }
+}
+
+/// Elements spanned by a row-major matrix of `rows` x `cols` with row stride `ld`.
+fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    }
+}
+
+impl Backend for EmuBackend {
+    type Buffer = EmuBuffer;
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
+        // SAFETY: the layout has a non-zero size and a power-of-two alignment.
+        let ptr = unsafe { std::alloc::alloc_zeroed(EmuBuffer::layout(bytes)) };
+        ensure!(!ptr.is_null(), "emulator: out of host memory allocating {bytes} bytes");
+        Ok(EmuBuffer { ptr, bytes })
+    }
+
+    fn upload(&self, dst: &mut EmuBuffer, src: &[u8]) -> Result<()> {
+        ensure!(
+            src.len() <= dst.bytes,
+            "emulator upload: {} bytes into a buffer of {} bytes",
+            src.len(),
+            dst.bytes
+        );
+        dst.as_mut_slice()[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, src: &EmuBuffer, dst: &mut [u8]) -> Result<()> {
+        ensure!(
+            dst.len() <= src.bytes,
+            "emulator download: {} bytes from a buffer of {} bytes",
+            dst.len(),
+            src.bytes
+        );
+        dst.copy_from_slice(&src.as_slice()[..dst.len()]);
+        Ok(())
+    }
+
+    unsafe fn launch(&self, kernel: &str, dims: LaunchDims, args: &[KernelArg]) -> Result<()> {
+        let cname = CString::new(kernel).with_context(|| format!("kernel name {kernel:?}"))?;
+        // SAFETY: `cname` is NUL-terminated; the table lookup only reads static data.
+        let k = unsafe { ffi::dfemu_find_kernel(cname.as_ptr()) };
+        if k.is_null() {
+            let known: Vec<String> = kernels().into_iter().map(|k| k.name).collect();
+            bail!(
+                "emulator: no kernel {kernel} (compiled entry points: {}); add it to \
+                 kernels/kernels.list",
+                known.join(", ")
+            );
+        }
+        // SAFETY: non-null entries of the generated table are valid for the program's life.
+        let (nargs, sig) = unsafe {
+            let k = &*k;
+            (k.nargs as usize, CStr::from_ptr(k.sig).to_string_lossy().into_owned())
+        };
+        ensure!(
+            args.len() == nargs,
+            "kernel {kernel}: {} arguments given, the .cu signature has {nargs} ({sig})",
+            args.len()
+        );
+        for (i, (a, want)) in args.iter().zip(sig.chars()).enumerate() {
+            let got = arg_code(a);
+            ensure!(
+                got == want,
+                "kernel {kernel}: argument {i} is {} ({a:?}), the .cu signature takes {}",
+                code_name(got),
+                code_name(want)
+            );
+        }
+        // Each argument's value in its own 8-byte slot; the kernel reads it through the
+        // parameter's type (little-endian, so a 4-byte value sits at the slot's start).
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| {
+                let (b, _) = a.to_bytes();
+                u64::from_le_bytes(b)
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> =
+            slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let seed = self.seed
+            ^ self
+                .launches
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut err = vec![0 as c_char; 4096];
+        // SAFETY: `k` is a valid table entry whose trampoline reads exactly `nargs` argument
+        // pointers, each to an 8-byte slot holding a value of the parameter's kind (checked
+        // above); `grid`/`block` point to 3 u32 each; `err` has the stated capacity. The
+        // caller guarantees the pointer arguments address memory valid for the kernel.
+        let rc = unsafe {
+            ffi::dfemu_launch(
+                k,
+                dims.grid.as_ptr(),
+                dims.block.as_ptr(),
+                dims.shared_bytes,
+                ptrs.as_mut_ptr(),
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        drop(slots);
+        if rc != 0 {
+            // SAFETY: dfemu_launch NUL-terminates the message within the buffer.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(anyhow!("emulator: {msg}"))
+                .with_context(|| format!("launching {kernel} with {dims:?}"));
+        }
+        Ok(())
+    }
+
+    unsafe fn gemm(&self, g: &GemmDesc) -> Result<()> {
+        let (m, n, k) = (g.m, g.n, g.k);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Stored shapes of A and B (row-major), then strides of op(A), op(B) over them.
+        let (a_rows, a_cols) = if g.trans_a { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if g.trans_b { (n, k) } else { (k, n) };
+        ensure!(
+            g.lda >= a_cols.max(1) && g.ldb >= b_cols.max(1) && g.ldc >= n,
+            "emulator gemm {m}x{n}x{k}: strides lda {} ldb {} ldc {} are smaller than the rows",
+            g.lda,
+            g.ldb,
+            g.ldc
+        );
+        // SAFETY: the caller guarantees each matrix is readable over its extent.
+        let a = unsafe { widen(g.a, g.a_dtype, extent(a_rows, a_cols, g.lda)) };
+        let b = unsafe { widen(g.b, g.b_dtype, extent(b_rows, b_cols, g.ldb)) };
+        let (rsa, csa) = if g.trans_a { (1, g.lda) } else { (g.lda, 1) };
+        let (rsb, csb) = if g.trans_b { (1, g.ldb) } else { (g.ldb, 1) };
+        let c_len = extent(m, n, g.ldc);
+        let mut c = if g.beta != 0.0 {
+            // SAFETY: as above, C is readable over its extent when beta != 0.
+            unsafe { widen(g.c, g.c_dtype, c_len) }
+        } else {
+            vec![0.0f32; c_len]
+        };
+        // SAFETY: every index (i*rs + p*cs) of op(A), op(B) and C stays within the vectors'
+        // extents computed from the same shapes and strides.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                g.alpha,
+                a.as_ptr(),
+                rsa as isize,
+                csa as isize,
+                b.as_ptr(),
+                rsb as isize,
+                csb as isize,
+                g.beta,
+                c.as_mut_ptr(),
+                g.ldc as isize,
+                1,
+            );
+        }
+        // Round C to its dtype, writing only the m x n elements (not the row padding).
+        let base = g.c.0 as *mut u8;
+        for i in 0..m {
+            for j in 0..n {
+                let idx = i * g.ldc + j;
+                let v = c[idx];
+                // SAFETY: idx < c_len, within C's extent that the caller guarantees writable.
+                unsafe {
+                    match g.c_dtype {
+                        DType::F32 => *(base as *mut f32).add(idx) = v,
+                        DType::F16 => *(base as *mut half::f16).add(idx) = half::f16::from_f32(v),
+                        DType::BF16 => {
+                            *(base as *mut half::bf16).add(idx) = half::bf16::from_f32(v)
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        // Launches and GEMMs run to completion before returning; faults were reported there.
+        Ok(())
+    }
+}

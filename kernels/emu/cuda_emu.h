@@ -179,8 +179,9 @@ using CollectiveFn = void (*)(unsigned int mask, const LaneIO* lanes);
 void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const void* in,
                      void* out);
 
-/// `__syncthreads` and its reductions: kind 0 plain, 1 count, 2 and, 3 or.
-int block_barrier(int kind, int pred);
+/// `__syncthreads` and its reductions: kind 0 plain, 1 count, 2 and, 3 or. `file`/`line` name
+/// the call site: all threads of a block must wait at the same one.
+int block_barrier(int kind, int pred, const char* file, int line);
 
 /// A scheduling point (atomics, __nanosleep): may switch to another thread of the block.
 void yield_point();
@@ -202,6 +203,8 @@ void* shared_static_alloc(const void* key, std::size_t bytes, std::size_t align,
 void* shared_dynamic_base(const char* name);
 
 /// cp.async model: copies are queued per thread and performed at the wait that covers them.
+/// `cp_async_wait(n)` completes every committed group but the `n` most recent; `n < 0`
+/// completes everything, committed or not (cp.async.wait_all).
 void cp_async(void* dst, const void* src, unsigned int bytes, unsigned int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups_allowed);
@@ -581,10 +584,12 @@ DFEMU_HALF_OPS(__nv_bfloat16, __nv_bfloat162)
 // ---------------------------------------------------------------------------------------------
 // Synchronisation
 // ---------------------------------------------------------------------------------------------
-inline void __syncthreads() { dfemu::block_barrier(0, 0); }
-inline int __syncthreads_count(int pred) { return dfemu::block_barrier(1, pred); }
-inline int __syncthreads_and(int pred) { return dfemu::block_barrier(2, pred); }
-inline int __syncthreads_or(int pred) { return dfemu::block_barrier(3, pred); }
+// Macros, so that each barrier knows its source line: threads waiting at different
+// `__syncthreads()` calls (a barrier in divergent code) fail the launch.
+#define __syncthreads() (::dfemu::block_barrier(0, 0, __FILE__, __LINE__), (void)0)
+#define __syncthreads_count(pred) ::dfemu::block_barrier(1, (pred), __FILE__, __LINE__)
+#define __syncthreads_and(pred) ::dfemu::block_barrier(2, (pred), __FILE__, __LINE__)
+#define __syncthreads_or(pred) ::dfemu::block_barrier(3, (pred), __FILE__, __LINE__)
 // Fibers of one OS thread see each other's writes in program order; a fence orders nothing more.
 inline void __threadfence() {}
 inline void __threadfence_block() {}

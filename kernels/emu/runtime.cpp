@@ -1,0 +1,772 @@
+// runtime.cpp: the CPU emulator's execution model (see kernels/emu/README.md).
+//
+// A launch runs on the calling OS thread. Blocks run one after another, in an order shuffled
+// from the seed. The threads of a block are fibers with their own stacks; a fiber runs until
+// it reaches a synchronisation point (__syncthreads, a warp collective, an atomic, exit) and
+// then switches back to the block scheduler, which picks the next runnable fiber at random.
+// Context switches are a few instructions of hand-written assembly on x86-64 (no syscall),
+// ucontext elsewhere.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+#include "launch.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DFEMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DFEMU_ASAN 1
+#endif
+#endif
+
+#if DFEMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+__thread const dfemu::ThreadInfo* dfemu_current __attribute__((tls_model("initial-exec"))) =
+    nullptr;
+
+namespace dfemu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Context switching
+// ---------------------------------------------------------------------------------------------
+#if defined(__x86_64__)
+extern "C" void dfemu_ctx_switch(void** save_sp, void* new_sp);
+extern "C" void dfemu_ctx_start();
+// Saves the callee-saved registers, MXCSR and the x87 control word of the System V ABI on the
+// current stack, stores the stack pointer in *save_sp, and resumes the context saved at new_sp.
+asm(R"(
+  .text
+  .p2align 4
+  .globl dfemu_ctx_switch
+  .hidden dfemu_ctx_switch
+  .type dfemu_ctx_switch,@function
+dfemu_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size dfemu_ctx_switch,.-dfemu_ctx_switch
+
+  .p2align 4
+  .globl dfemu_ctx_start
+  .hidden dfemu_ctx_start
+  .type dfemu_ctx_start,@function
+dfemu_ctx_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size dfemu_ctx_start,.-dfemu_ctx_start
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+inline void ctx_init(Context& c, char* lo, std::size_t size, void (*fn)(void*), void* arg) {
+  std::uintptr_t top = (reinterpret_cast<std::uintptr_t>(lo) + size) & ~std::uintptr_t{15};
+  std::uintptr_t x = top - 16;  // 16-aligned: rsp after `ret` into dfemu_ctx_start
+  std::uint64_t* s = reinterpret_cast<std::uint64_t*>(x);
+  s[-1] = reinterpret_cast<std::uint64_t>(&dfemu_ctx_start);  // return address
+  s[-2] = 0;                                                   // rbp
+  s[-3] = 0;                                                   // rbx
+  s[-4] = reinterpret_cast<std::uint64_t>(arg);                // r12
+  s[-5] = reinterpret_cast<std::uint64_t>(fn);                 // r13
+  s[-6] = 0;                                                   // r14
+  s[-7] = 0;                                                   // r15
+  const std::uint32_t mxcsr = 0x1F80u;                         // all exceptions masked, RNE
+  const std::uint16_t fpucw = 0x037Fu;
+  std::memcpy(&s[-8], &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(&s[-8]) + 4, &fpucw, 2);
+  c.sp = &s[-8];
+}
+inline void ctx_switch(Context& from, Context& to) { dfemu_ctx_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+// makecontext passes int arguments: the function and its argument arrive as 32-bit halves.
+void uc_start(unsigned int fh, unsigned int fl, unsigned int ah, unsigned int al) {
+  auto fn = reinterpret_cast<void (*)(void*)>((static_cast<std::uintptr_t>(fh) << 32) | fl);
+  fn(reinterpret_cast<void*>((static_cast<std::uintptr_t>(ah) << 32) | al));
+  std::abort();
+}
+inline void ctx_init(Context& c, char* lo, std::size_t size, void (*fn)(void*), void* arg) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = lo;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(arg);
+  const std::uintptr_t f = reinterpret_cast<std::uintptr_t>(fn);
+  makecontext(&c.uc, reinterpret_cast<void (*)()>(&uc_start), 4,
+              static_cast<unsigned int>(f >> 32), static_cast<unsigned int>(f),
+              static_cast<unsigned int>(a >> 32), static_cast<unsigned int>(a));
+}
+inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------------
+#if DFEMU_ASAN
+constexpr std::size_t kStackSize = 1u << 20;
+#else
+constexpr std::size_t kStackSize = 256u << 10;
+#endif
+constexpr unsigned int kMaxThreads = 1024;
+constexpr std::size_t kMaxStaticShared = 48u << 10;
+constexpr std::size_t kMaxShared = 227u << 10;
+constexpr std::size_t kDynAlign = 128;
+constexpr std::size_t kRedzone = 64;
+constexpr std::uint64_t kNoProgressLimit = 50'000'000;
+
+enum class State { Runnable, Barrier, Warp, Done };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  unsigned int bytes, src_bytes;
+  std::uint64_t group;
+};
+
+struct Fiber {
+  ThreadInfo info{};
+  Context ctx{};
+  char* stack_lo = nullptr;
+  State state = State::Done;
+  // __syncthreads
+  const char* bar_file = nullptr;
+  int bar_line = 0;
+  int bar_pred = 0;
+  int bar_result = 0;
+  // warp collective
+  unsigned int mask = 0;
+  CollectiveFn fn = nullptr;
+  const char* op = nullptr;
+  LaneIO io{};
+  // cp.async
+  std::vector<Copy> copies;
+  std::uint64_t groups_committed = 0;
+#if DFEMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct StaticAlloc {
+  const void* key;
+  std::size_t offset, bytes;
+  const char* name;
+};
+
+struct Launch {
+  const dfemu_kernel* kernel = nullptr;
+  void** args = nullptr;
+  dim3 grid, block;
+  unsigned int nthreads = 0;
+  std::size_t dyn_bytes = 0;
+  std::uint64_t rng = 0;
+  Context sched{};
+#if DFEMU_ASAN
+  const void* sched_stack_bottom = nullptr;
+  std::size_t sched_stack_size = 0;
+  void* sched_fake_stack = nullptr;
+#endif
+  std::vector<Fiber*> runq;
+  Fiber* fibers = nullptr;
+  Fiber* running = nullptr;
+  // shared memory: [0, dyn) dynamic, then static allocations with redzones in between
+  char* arena = nullptr;
+  std::size_t arena_cap = 0;
+  std::size_t static_base = 0, static_top = 0, static_bytes = 0;
+  std::vector<StaticAlloc> statics;
+  bool failed = false;
+  std::string error;
+  std::uint64_t ticks = 0;
+  std::uint64_t idle_yields = 0;
+};
+
+// Per OS thread: the fibers (with their stacks) and the shared-memory arena are kept between
+// launches; the launch in progress, if any.
+struct ThreadPool {
+  std::vector<char*> stacks;  // usable low end; a guard page lies below each
+  char* arena = nullptr;
+  std::size_t arena_cap = 0;
+  ~ThreadPool() {
+    const std::size_t page = static_cast<std::size_t>(getpagesize());
+    for (char* lo : stacks) munmap(lo - page, kStackSize + page);
+    std::free(arena);
+  }
+};
+thread_local ThreadPool tl_pool;
+thread_local Launch* tl_launch = nullptr;
+thread_local std::uint64_t tl_switches = 0;
+
+std::uint64_t next_rand(std::uint64_t& s) {  // splitmix64
+  std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+std::uint64_t rand_below(std::uint64_t& s, std::uint64_t n) { return next_rand(s) % n; }
+
+std::string vformat(const char* fmt, va_list ap) {
+  char buf[1024];
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  return buf;
+}
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::string s = vformat(fmt, ap);
+  va_end(ap);
+  return s;
+}
+
+std::string where(const Launch& L, const Fiber& f) {
+  return format("kernel %s, block (%u,%u,%u), thread (%u,%u,%u) (warp %u, lane %u)",
+                L.kernel->name, f.info.block_idx.x, f.info.block_idx.y, f.info.block_idx.z,
+                f.info.thread_idx.x, f.info.thread_idx.y, f.info.thread_idx.z, f.info.warp,
+                f.info.lane);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fibers and scheduling
+// ---------------------------------------------------------------------------------------------
+void switch_to_scheduler(Launch& L, Fiber& f) {
+  ++tl_switches;
+#if DFEMU_ASAN
+  __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &f.fake_stack,
+                                 L.sched_stack_bottom, L.sched_stack_size);
+#endif
+  ctx_switch(f.ctx, L.sched);
+#if DFEMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
+  dfemu_current = &f.info;
+}
+
+void switch_to_fiber(Launch& L, Fiber& f) {
+  ++tl_switches;
+  L.running = &f;
+  dfemu_current = &f.info;
+#if DFEMU_ASAN
+  __sanitizer_start_switch_fiber(&L.sched_fake_stack, f.stack_lo, kStackSize);
+#endif
+  ctx_switch(L.sched, f.ctx);
+#if DFEMU_ASAN
+  __sanitizer_finish_switch_fiber(L.sched_fake_stack, nullptr, nullptr);
+#endif
+  L.running = nullptr;
+  dfemu_current = nullptr;
+}
+
+void push_runnable(Launch& L, Fiber* f) {
+  f->state = State::Runnable;
+  L.runq.push_back(f);
+}
+
+// Fails the launch from fiber context: records the message and never returns to the fiber.
+[[noreturn]] void fail_from_fiber(Launch& L, Fiber& f, const std::string& what) {
+  if (!L.failed) {
+    L.failed = true;
+    L.error = what;
+  }
+  f.state = State::Done;
+  switch_to_scheduler(L, f);
+  std::abort();  // the scheduler never resumes a fiber of a failed launch
+}
+
+void perform_copies(Fiber& f, std::uint64_t below_group, bool all) {
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < f.copies.size(); ++i) {
+    Copy& c = f.copies[i];
+    if (all || c.group < below_group) {
+      if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+      if (c.bytes > c.src_bytes)
+        std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    } else {
+      f.copies[kept++] = c;
+    }
+  }
+  f.copies.resize(kept);
+}
+
+void fiber_main(void* arg) {
+  Fiber& f = *static_cast<Fiber*>(arg);
+  Launch& L = *tl_launch;
+#if DFEMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &L.sched_stack_bottom, &L.sched_stack_size);
+#endif
+  dfemu_current = &f.info;
+  L.kernel->entry(L.args);
+  perform_copies(f, 0, true);  // the hardware completes outstanding cp.async copies
+  f.state = State::Done;
+  // A lane exiting while others of its warp wait for it in a collective is a missing lane.
+  const unsigned int base = f.info.warp * 32;
+  for (unsigned int l = 0; l < 32 && base + l < L.nthreads; ++l) {
+    Fiber& o = L.fibers[base + l];
+    if (o.state == State::Warp && ((o.mask >> f.info.lane) & 1u))
+      fail_from_fiber(L, f,
+                      format("missing warp lane: %s exited while lane %u waits for it in %s "
+                             "(mask 0x%08x)",
+                             where(L, f).c_str(), l, o.op, o.mask));
+  }
+  switch_to_scheduler(L, f);
+  std::abort();  // a finished fiber is never resumed
+}
+
+void fill_shared(Launch& L) {
+  // NaN in every float format (0xFF.. is a quiet NaN in f32, f16 and bf16): reading shared
+  // memory that no thread of this block wrote shows up in the results.
+  if (L.dyn_bytes) std::memset(L.arena, 0xFF, L.dyn_bytes);
+  for (const StaticAlloc& a : L.statics) std::memset(L.arena + a.offset, 0xFF, a.bytes);
+}
+
+std::string describe_wait(const Launch& L, const Fiber& f) {
+  switch (f.state) {
+    case State::Done:
+      return "has exited";
+    case State::Barrier:
+      return format("waits at __syncthreads() %s:%d", f.bar_file, f.bar_line);
+    case State::Warp:
+      return format("waits in %s (mask 0x%08x)", f.op, f.mask);
+    case State::Runnable:
+      break;
+  }
+  (void)L;
+  return "is runnable";
+}
+
+// Called when no fiber is runnable: releases a complete barrier, or fails the launch.
+bool resolve_idle(Launch& L) {
+  Fiber* first_bar = nullptr;
+  Fiber* first_warp = nullptr;
+  Fiber* first_done = nullptr;
+  unsigned int done = 0;
+  for (unsigned int i = 0; i < L.nthreads; ++i) {
+    Fiber& f = L.fibers[i];
+    if (f.state == State::Done) {
+      ++done;
+      if (!first_done) first_done = &f;
+    } else if (f.state == State::Barrier) {
+      if (!first_bar) first_bar = &f;
+    } else if (f.state == State::Warp) {
+      if (!first_warp) first_warp = &f;
+    }
+  }
+  if (done == L.nthreads) return false;  // block finished
+  if (first_warp) {
+    Fiber& w = *first_warp;
+    const unsigned int base = w.info.warp * 32;
+    for (unsigned int l = 0; l < 32; ++l) {
+      if (!((w.mask >> l) & 1u)) continue;
+      Fiber& o = L.fibers[base + l];
+      if (o.state == State::Warp && o.mask == w.mask && o.fn == w.fn) continue;
+      L.failed = true;
+      L.error = format("deadlock: %s waits in %s (mask 0x%08x) for lane %u, which %s",
+                       where(L, w).c_str(), w.op, w.mask, l, describe_wait(L, o).c_str());
+      return false;
+    }
+    L.failed = true;
+    L.error = format("deadlock: %s waits in %s (mask 0x%08x)", where(L, w).c_str(), w.op, w.mask);
+    return false;
+  }
+  // Every live fiber waits at a barrier.
+  if (first_done) {
+    L.failed = true;
+    L.error = format(
+        "barrier divergence: %s exited without reaching the __syncthreads() at %s:%d where %u "
+        "other threads wait",
+        where(L, *first_done).c_str(), first_bar->bar_file, first_bar->bar_line,
+        L.nthreads - done);
+    return false;
+  }
+  int count = 0;
+  for (unsigned int i = 0; i < L.nthreads; ++i) {
+    Fiber& f = L.fibers[i];
+    if (f.bar_line != first_bar->bar_line ||
+        (f.bar_file != first_bar->bar_file && std::strcmp(f.bar_file, first_bar->bar_file))) {
+      L.failed = true;
+      L.error = format(
+          "barrier divergence: %s waits at __syncthreads() %s:%d while thread (%u,%u,%u) waits "
+          "at %s:%d",
+          where(L, f).c_str(), f.bar_file, f.bar_line, first_bar->info.thread_idx.x,
+          first_bar->info.thread_idx.y, first_bar->info.thread_idx.z, first_bar->bar_file,
+          first_bar->bar_line);
+      return false;
+    }
+    count += f.bar_pred != 0;
+  }
+  for (unsigned int i = 0; i < L.nthreads; ++i) {
+    L.fibers[i].bar_result = count;
+    push_runnable(L, &L.fibers[i]);
+  }
+  L.idle_yields = 0;
+  return true;
+}
+
+void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
+  fill_shared(L);
+  L.runq.clear();
+  for (unsigned int i = 0; i < L.nthreads; ++i) {
+    Fiber& f = L.fibers[i];
+    const unsigned int x = i % L.block.x, y = (i / L.block.x) % L.block.y,
+                       z = i / (L.block.x * L.block.y);
+    f.info.thread_idx = uint3{x, y, z};
+    f.info.block_idx = uint3{bx, by, bz};
+    f.info.block_dim = L.block;
+    f.info.grid_dim = L.grid;
+    f.info.linear = i;
+    f.info.lane = i % 32;
+    f.info.warp = i / 32;
+    f.copies.clear();
+    f.groups_committed = 0;
+#if DFEMU_ASAN
+    // Frames abandoned by an earlier failed launch may have left their redzones poisoned.
+    __asan_unpoison_memory_region(f.stack_lo, kStackSize);
+    f.fake_stack = nullptr;
+#endif
+    ctx_init(f.ctx, f.stack_lo, kStackSize, &fiber_main, &f);
+    push_runnable(L, &f);
+  }
+  for (;;) {
+    if (L.failed) return;
+    if (L.runq.empty()) {
+      if (!resolve_idle(L)) return;
+      continue;
+    }
+    // Pick a random runnable fiber: the order of threads between barriers follows the seed.
+    const std::size_t k = rand_below(L.rng, L.runq.size());
+    Fiber* f = L.runq[k];
+    L.runq[k] = L.runq.back();
+    L.runq.pop_back();
+    switch_to_fiber(L, *f);
+  }
+}
+
+Fiber& current_fiber(const char* what) {
+  Launch* L = tl_launch;
+  if (!L || !L->running) {
+    std::fprintf(stderr, "dorafuse emulator: %s called outside a kernel launch\n", what);
+    std::abort();
+  }
+  return *L->running;
+}
+
+void ensure_stacks(unsigned int n) {
+  ThreadPool& p = tl_pool;
+  const std::size_t page = static_cast<std::size_t>(getpagesize());
+  while (p.stacks.size() < n) {
+    void* m = mmap(nullptr, kStackSize + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      std::fprintf(stderr, "dorafuse emulator: cannot map a fiber stack\n");
+      std::abort();
+    }
+    mprotect(m, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    p.stacks.push_back(static_cast<char*>(m) + page);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Interface used by kernel code (cuda_emu.h)
+// ---------------------------------------------------------------------------------------------
+void fault(const char* fmt, ...) {
+  Fiber& f = current_fiber("fault");
+  va_list ap;
+  va_start(ap, fmt);
+  std::string msg = vformat(fmt, ap);
+  va_end(ap);
+  fail_from_fiber(*tl_launch, f, msg + " (" + where(*tl_launch, f) + ")");
+}
+
+void fault_lane(unsigned int lane, const char* fmt, ...) {
+  Fiber& f = current_fiber("fault_lane");
+  Launch& L = *tl_launch;
+  va_list ap;
+  va_start(ap, fmt);
+  std::string msg = vformat(fmt, ap);
+  va_end(ap);
+  const unsigned int t = f.info.warp * 32 + lane;
+  const Fiber& culprit = t < L.nthreads ? L.fibers[t] : f;
+  fail_from_fiber(L, f, msg + " (" + where(L, culprit) + ")");
+}
+
+int block_barrier(int kind, int pred, const char* file, int line) {
+  Fiber& f = current_fiber("__syncthreads");
+  Launch& L = *tl_launch;
+  f.state = State::Barrier;
+  f.bar_file = file;
+  f.bar_line = line;
+  f.bar_pred = pred;
+  switch_to_scheduler(L, f);
+  const int count = f.bar_result;
+  switch (kind) {
+    case 1:
+      return count;
+    case 2:
+      return count == static_cast<int>(L.nthreads);
+    case 3:
+      return count != 0;
+    default:
+      return 0;
+  }
+}
+
+void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const void* in,
+                     void* out) {
+  Fiber& f = current_fiber(name);
+  Launch& L = *tl_launch;
+  const unsigned int lane = f.info.lane, base = f.info.warp * 32;
+  if (!((mask >> lane) & 1u))
+    fail_from_fiber(L, f,
+                    format("%s: mask 0x%08x does not include the calling lane %u (%s)", name,
+                           mask, lane, where(L, f).c_str()));
+  f.state = State::Warp;
+  f.mask = mask;
+  f.fn = fn;
+  f.op = name;
+  f.io = LaneIO{in, out};
+  bool complete = true;
+  for (unsigned int l = 0; l < 32; ++l) {
+    if (!((mask >> l) & 1u)) continue;
+    if (base + l >= L.nthreads)
+      fail_from_fiber(L, f,
+                      format("missing warp lane: %s names lane %u in mask 0x%08x, but the block "
+                             "has only %u threads (%s)",
+                             name, l, mask, L.nthreads, where(L, f).c_str()));
+    Fiber& o = L.fibers[base + l];
+    if (o.state == State::Done)
+      fail_from_fiber(L, f,
+                      format("missing warp lane: %s (mask 0x%08x) waits for lane %u, which has "
+                             "exited (%s)",
+                             name, mask, l, where(L, f).c_str()));
+    if (o.state == State::Warp && o.mask == mask && o.fn != fn)
+      fail_from_fiber(L, f,
+                      format("warp divergence: lanes of mask 0x%08x are in different warp "
+                             "operations: lane %u in %s, lane %u in %s (%s)",
+                             mask, lane, name, l, o.op, where(L, f).c_str()));
+    if (!(o.state == State::Warp && o.mask == mask && o.fn == fn)) complete = false;
+  }
+  if (complete) {
+    LaneIO lanes[32] = {};
+    for (unsigned int l = 0; l < 32; ++l)
+      if ((mask >> l) & 1u) lanes[l] = L.fibers[base + l].io;
+    fn(mask, lanes);
+    for (unsigned int l = 0; l < 32; ++l)
+      if ((mask >> l) & 1u) push_runnable(L, &L.fibers[base + l]);
+    L.idle_yields = 0;
+  }
+  switch_to_scheduler(L, f);
+}
+
+void yield_point() {
+  Fiber& f = current_fiber("yield_point");
+  Launch& L = *tl_launch;
+  if (++L.idle_yields > kNoProgressLimit)
+    fail_from_fiber(L, f,
+                    format("no progress: %llu scheduling points without a barrier or warp "
+                           "operation completing (a spin loop waiting for another thread?) (%s)",
+                           static_cast<unsigned long long>(L.idle_yields), where(L, f).c_str()));
+  if (next_rand(L.rng) & 1u) {
+    push_runnable(L, &f);
+    switch_to_scheduler(L, f);
+  }
+}
+
+unsigned int active_mask() {
+  Fiber& f = current_fiber("__activemask");
+  Launch& L = *tl_launch;
+  unsigned int m = 0;
+  const unsigned int base = f.info.warp * 32;
+  for (unsigned int l = 0; l < 32 && base + l < L.nthreads; ++l)
+    if (L.fibers[base + l].state != State::Done) m |= 1u << l;
+  return m;
+}
+
+void* shared_static_alloc(const void* key, std::size_t bytes, std::size_t align,
+                          const char* name) {
+  Fiber& f = current_fiber("__shared__");
+  Launch& L = *tl_launch;
+  for (const StaticAlloc& a : L.statics)
+    if (a.key == key) return L.arena + a.offset;
+  if (align < 16) align = 16;
+  const std::size_t off = (L.static_top + align - 1) / align * align;
+  if (L.static_bytes + bytes > kMaxStaticShared)
+    fail_from_fiber(L, f,
+                    format("__shared__ %s (%zu bytes) takes the block's static shared memory "
+                           "past 48 KiB (%s)",
+                           name, bytes, where(L, f).c_str()));
+  if (off + bytes + kRedzone > L.arena_cap || L.static_bytes + bytes + L.dyn_bytes > kMaxShared)
+    fail_from_fiber(L, f,
+                    format("__shared__ %s (%zu bytes): static plus dynamic shared memory exceeds "
+                           "227 KiB (%s)",
+                           name, bytes, where(L, f).c_str()));
+  L.statics.push_back(StaticAlloc{key, off, bytes, name});
+  L.static_top = off + bytes + kRedzone;
+  L.static_bytes += bytes;
+#if DFEMU_ASAN
+  __asan_unpoison_memory_region(L.arena + off, bytes);
+#endif
+  std::memset(L.arena + off, 0xFF, bytes);
+  return L.arena + off;
+}
+
+void* shared_dynamic_base(const char* name) {
+  (void)current_fiber(name);
+  return tl_launch->arena;
+}
+
+void cp_async(void* dst, const void* src, unsigned int bytes, unsigned int src_bytes) {
+  Fiber& f = current_fiber("cp.async");
+  if (reinterpret_cast<std::uintptr_t>(dst) % bytes || reinterpret_cast<std::uintptr_t>(src) % bytes)
+    fault("cp.async of %u bytes with a misaligned address (dst %p, src %p)", bytes, dst, src);
+  f.copies.push_back(Copy{dst, src, bytes, src_bytes, f.groups_committed});
+}
+
+void cp_async_commit() {
+  Fiber& f = current_fiber("cp.async.commit_group");
+  ++f.groups_committed;
+}
+
+void cp_async_wait(int pending_groups_allowed) {
+  Fiber& f = current_fiber("cp.async.wait_group");
+  if (pending_groups_allowed < 0) {
+    perform_copies(f, 0, true);
+    return;
+  }
+  const std::uint64_t n = static_cast<std::uint64_t>(pending_groups_allowed);
+  if (f.groups_committed > n) perform_copies(f, f.groups_committed - n, false);
+}
+
+long long clock_tick() {
+  (void)current_fiber("clock");
+  return static_cast<long long>(++tl_launch->ticks);
+}
+
+}  // namespace dfemu
+
+// ---------------------------------------------------------------------------------------------
+// C ABI
+// ---------------------------------------------------------------------------------------------
+extern "C" std::uint64_t dfemu_switch_count(void) { return dfemu::tl_switches; }
+
+extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
+                            const unsigned int block[3], unsigned int shared_bytes, void** args,
+                            std::uint64_t seed, char* err, std::size_t err_cap) {
+  using namespace dfemu;
+  auto fail = [&](const std::string& msg) {
+    if (err_cap) {
+      std::snprintf(err, err_cap, "%s", msg.c_str());
+    }
+    return 1;
+  };
+  if (tl_launch) return fail(std::string("kernel ") + k->name + ": launched from inside a kernel");
+  const unsigned long long nthreads =
+      static_cast<unsigned long long>(block[0]) * block[1] * block[2];
+  const unsigned long long nblocks = static_cast<unsigned long long>(grid[0]) * grid[1] * grid[2];
+  if (nthreads == 0 || nthreads > kMaxThreads || block[2] > 64)
+    return fail(format("kernel %s: invalid block (%u,%u,%u): 1..1024 threads, z <= 64", k->name,
+                       block[0], block[1], block[2]));
+  if (nblocks == 0 || grid[1] > 65535 || grid[2] > 65535)
+    return fail(format("kernel %s: invalid grid (%u,%u,%u)", k->name, grid[0], grid[1], grid[2]));
+  if (nblocks > (1ull << 26))
+    return fail(format("kernel %s: grid (%u,%u,%u) has more blocks than the emulator runs "
+                       "(2^26)",
+                       k->name, grid[0], grid[1], grid[2]));
+  if (shared_bytes > kMaxShared)
+    return fail(format("kernel %s: %u bytes of dynamic shared memory exceed 227 KiB", k->name,
+                       shared_bytes));
+
+  Launch L;
+  L.kernel = k;
+  L.args = args;
+  L.grid = dim3(grid[0], grid[1], grid[2]);
+  L.block = dim3(block[0], block[1], block[2]);
+  L.nthreads = static_cast<unsigned int>(nthreads);
+  L.dyn_bytes = shared_bytes;
+  L.rng = seed ^ 0x6A09E667F3BCC909ull;
+  for (const char* c = k->name; *c; ++c) L.rng = (L.rng ^ static_cast<unsigned char>(*c)) * 0x100000001B3ull;
+
+  // Shared-memory arena: dynamic part, a gap, then up to 48 KiB of static variables with
+  // redzones; reused between launches of this OS thread.
+  const std::size_t dyn_aligned = (L.dyn_bytes + kDynAlign - 1) / kDynAlign * kDynAlign;
+  const std::size_t cap = dyn_aligned + kRedzone + kMaxStaticShared + 64 * kRedzone + 4096;
+  ThreadPool& pool = tl_pool;
+  if (pool.arena_cap < cap) {
+    std::free(pool.arena);
+    pool.arena_cap = (cap + 4095) / 4096 * 4096;
+    pool.arena = static_cast<char*>(std::aligned_alloc(4096, pool.arena_cap));
+  }
+  L.arena = pool.arena;
+  L.arena_cap = pool.arena_cap;
+  L.static_base = L.static_top = dyn_aligned + kRedzone;
+#if DFEMU_ASAN
+  // Only the dynamic part and the static variables (as they are declared) are addressable:
+  // shared-memory accesses out of bounds of them fail under AddressSanitizer.
+  __asan_poison_memory_region(L.arena, L.arena_cap);
+  __asan_unpoison_memory_region(L.arena, L.dyn_bytes);
+#endif
+
+  // The fibers of this launch by linear thread index, on the pool's stacks.
+  ensure_stacks(L.nthreads);
+  std::vector<Fiber> fibers(L.nthreads);
+  for (unsigned int i = 0; i < L.nthreads; ++i) fibers[i].stack_lo = pool.stacks[i];
+  L.fibers = fibers.data();
+  tl_launch = &L;
+
+  // Blocks in an order shuffled from the seed (a kernel that depends on block order fails).
+  std::vector<std::uint32_t> order(nblocks);
+  for (std::uint32_t i = 0; i < nblocks; ++i) order[i] = i;
+  for (std::size_t i = order.size(); i > 1; --i)
+    std::swap(order[i - 1], order[rand_below(L.rng, i)]);
+  for (std::uint32_t b : order) {
+    const unsigned int bx = b % grid[0], by = (b / grid[0]) % grid[1],
+                       bz = b / (grid[0] * grid[1]);
+    run_block(L, bx, by, bz);
+    if (L.failed) break;
+  }
+  tl_launch = nullptr;
+  dfemu_current = nullptr;
+#if DFEMU_ASAN
+  __asan_unpoison_memory_region(L.arena, L.arena_cap);
+#endif
+  if (L.failed) return fail(L.error);
+  return 0;
+}
