@@ -25,6 +25,8 @@
 //!   `$OUT_DIR/ptxas-report.txt` (`find target -name ptxas-report.txt`).
 //! - `DORAFUSE_NVCC_FLAGS`: extra nvcc arguments, split on spaces (e.g. `-G` for cuda-gdb, or
 //!   `-DDORAFUSE_DEBUG`).
+//! - `DORAFUSE_REQUIRE_NVCC=1`: fail the build when nvcc is not found (CI sets it, so that a
+//!   broken toolchain install cannot silently skip rung 3 of the verification ladder).
 //! - `DORAFUSE_SKIP_NVCC=1`: do not compile the kernels even though nvcc is present (a quicker
 //!   CPU-only build).
 //! - `NVCC_CCBIN`, `NVCC_PREPEND_FLAGS`, `NVCC_APPEND_FLAGS`: read by nvcc itself; watched.
@@ -85,6 +87,12 @@ pub fn build(root: &Path, out: &Path, list: &[Entry]) {
         println!(
             "cargo:rerun-if-changed={}",
             root.join("scripts/install-nvcc.sh").display()
+        );
+        assert!(
+            !env_flag("DORAFUSE_REQUIRE_NVCC"),
+            "DORAFUSE_REQUIRE_NVCC is set but nvcc was not found (NVCC, CUDA_HOME, CUDA_PATH, \
+             .toolchain/cuda, PATH, /usr/local/cuda, python3's nvidia wheels): run \
+             scripts/install-nvcc.sh"
         );
         info.not_compiled = "kernels were not compiled (nvcc not found at build time): run \
                              scripts/install-nvcc.sh and rebuild"
