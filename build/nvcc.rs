@@ -219,7 +219,10 @@ pub fn build(root: &Path, out: &Path, list: &[Entry]) {
         &report_path,
         format!(
             "nvcc {} ({}), archs {archs:?} (PTX for compute_{newest}), {secs:.1} s\n\
-             files: {files:?}\n\n{table}\n--- raw nvcc/ptxas output ---\n{log}",
+             files: {files:?}\n\
+             columns: registers per thread, stack frame bytes (local memory), spill store / \
+             load bytes, STATIC shared memory bytes (dynamic shared memory is set per launch), \
+             barriers\n\n{table}\n--- raw nvcc/ptxas output ---\n{log}",
             info.nvcc_version,
             nvcc.display()
         ),
