@@ -439,7 +439,10 @@ mod tests {
 
     /// f64 truth of DoRA forward and backward (norm detached), written out plainly here so
     /// the unfused baseline is checked without depending on any other path.
-    fn truth(set: &InputSet) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    /// `(y, dx, dA, dB, dm)` in f64.
+    type Truth = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+    fn truth(set: &InputSet) -> Truth {
         let l = &set.layer;
         let (i_, o_, r_) = l.dims().unwrap();
         let t_ = set.x.shape()[0];

@@ -109,11 +109,27 @@ pub fn measure(
     clock: &mut dyn Clock,
     plan: &Plan,
     sets: usize,
+    op: impl FnMut(usize) -> Result<()>,
+) -> Result<Stats> {
+    measure_with_setup(clock, plan, sets, |_| Ok(()), op)
+}
+
+/// [`measure`] with an untimed `setup(i)` before every run of `op(i)` (e.g. the forward
+/// whose saved tensors a timed backward consumes).
+///
+/// # Errors
+/// The first error of `setup`, `op` or the clock, with the run number.
+pub fn measure_with_setup(
+    clock: &mut dyn Clock,
+    plan: &Plan,
+    sets: usize,
+    mut setup: impl FnMut(usize) -> Result<()>,
     mut op: impl FnMut(usize) -> Result<()>,
 ) -> Result<Stats> {
     let sets = sets.max(1);
     let mut run = 0usize;
     for _ in 0..plan.warmup {
+        setup(run % sets).with_context(|| format!("set-up of warm-up run {run}"))?;
         clock.prepare()?;
         let i = run % sets;
         clock
@@ -125,6 +141,7 @@ pub fn measure(
     let mut total = 0.0;
     while samples.len() < plan.max_reps && (samples.len() < plan.min_reps || total < plan.budget_s)
     {
+        setup(run % sets).with_context(|| format!("set-up of timed run {}", samples.len()))?;
         clock.prepare()?;
         let i = run % sets;
         let s = clock

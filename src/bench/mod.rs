@@ -9,7 +9,13 @@
 //! - [`cpu`]: the GEMM crate alone, PEFT-style unfused DoRA, and the CPU ceilings.
 
 pub mod cpu;
+pub mod cuda;
+pub mod device;
 pub mod formula;
 pub mod inputs;
 pub mod measure;
+pub mod plot;
+pub mod report;
 pub mod stats;
+pub mod suite;
+pub mod table;

@@ -1,13 +1,223 @@
-//! `dorafuse bench` (being written).
+//! `dorafuse bench`: what DoRA costs over the frozen base layer and over LoRA, and how close
+//! each operation runs to the machine's measured ceilings.
 
-use anyhow::{bail, Result};
+use super::Device;
+use anyhow::{bail, Context, Result};
+use dorafuse::bench::formula::Op;
+use dorafuse::bench::measure::Plan;
+use dorafuse::bench::report::Report;
+use dorafuse::bench::suite::{self, Config};
+use dorafuse::bench::{plot, table};
+use dorafuse::dtype::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Arguments of `dorafuse bench`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+#[command(after_long_help = AFTER_HELP)]
+pub struct Args {
+    /// Where to run: `cuda` (the first GPU), `cpu` (the CPU path) or `emu` (the kernels on
+    /// the CPU emulator; its times say nothing about GPU speed). Default: cuda when a CUDA
+    /// device is usable, else the CPU (and the first line says so).
+    #[arg(long, value_enum)]
+    device: Option<Device>,
+    /// Layer shapes as D_INxD_OUT, comma-separated (e.g. 4096x4096,4096x11008).
+    #[arg(long, value_name = "LIST")]
+    shapes: Option<String>,
+    /// Token counts T, comma-separated (e.g. 1,16,128,512,4096).
+    #[arg(long, value_name = "LIST")]
+    tokens: Option<String>,
+    /// Adapter ranks, comma-separated (e.g. 16,64).
+    #[arg(long, value_name = "LIST")]
+    ranks: Option<String>,
+    /// Activation and weight dtype: f32, f16 or bf16 (default: bf16 on a GPU and the
+    /// emulator, f32 on the CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Operations, comma-separated: norm, epilogue, forward, backward, forward_backward,
+    /// inference (default: all that the device has).
+    #[arg(long, value_name = "LIST")]
+    ops: Option<String>,
+    /// Exactly N timed runs per row (default: adaptive, within a time budget per row).
+    #[arg(long, value_name = "N")]
+    reps: Option<usize>,
+    /// Untimed warm-up runs per row.
+    #[arg(long, value_name = "N")]
+    warmup: Option<usize>,
+    /// Write the results as JSON (schema: docs/bench-json.md).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw time against tokens per shape (base, LoRA, unfused and fused DoRA) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Write the tables as a generated section of a Markdown file (e.g. BENCHMARKS.md); the
+    /// section is replaced in place on later runs.
+    #[arg(long, value_name = "FILE.md")]
+    markdown: Option<PathBuf>,
+    /// Name of the Markdown section (default: the device kind: cpu, cuda or emu).
+    #[arg(long, value_name = "NAME")]
+    section: Option<String>,
+    /// Don't run anything: read results from this JSON (repeat to merge several, e.g. with
+    /// benches/peft_bench.py's), then print, plot or write Markdown.
+    #[arg(long, value_name = "FILE.json")]
+    from: Vec<PathBuf>,
+    /// After running, merge the rows of these JSON files (e.g. PEFT's) into the table,
+    /// plot and JSON.
+    #[arg(long, value_name = "FILE.json")]
+    merge: Vec<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+const AFTER_HELP: &str = "\
+Rows per shape, rank and T: the base layer alone (cuBLAS / the GEMM crate: the floor), plain \
+LoRA and fused DoRA through dorafuse, and unfused DoRA as PEFT performs it (materialised B·A, \
+separate norm, scale and add passes) in the same process. Each row: median and spread of many \
+timed runs after warm-up, input sets rotated (and L2 flushed on a GPU) so the cache is not \
+measured, bytes and FLOPs by formula, achieved GB/s and TFLOP/s, and fractions of the copy \
+bandwidth and GEMM rate measured in the same run.
+
+Examples:
+  dorafuse bench                                  # representative set on the first GPU (or the CPU)
+  dorafuse bench --shapes 4096x11008 --tokens 1,4096 --ranks 16 --json out.json --plot out.svg
+  dorafuse bench --device emu                     # the kernels on the emulator (small shapes)
+  dorafuse bench --from out.json --merge peft.json --plot both.svg
+  dorafuse bench --from out.json --markdown BENCHMARKS.md";
+
+/// The device to run on when none was asked for, and the line that says why.
+fn pick_device(asked: Option<Device>) -> (Device, Option<&'static str>) {
+    match asked {
+        Some(d) => (d, None),
+        None if dorafuse::cuda::device_available() && dorafuse::cuda::KERNELS_COMPILED => {
+            (Device::Cuda, None)
+        }
+        None if dorafuse::cuda::device_available() => (
+            Device::Cpu,
+            Some(
+                "CUDA device found but this build has no compiled kernels: running the CPU path; \
+                 these are CPU timings",
+            ),
+        ),
+        None => (
+            Device::Cpu,
+            Some("no CUDA device: running the CPU path; these are CPU timings"),
+        ),
+    }
+}
+
+/// The configuration: the device's default set, overridden by the flags.
+fn config(args: &Args, device: Device) -> Result<Config> {
+    let mut cfg = match device {
+        Device::Cuda => Config::default_gpu(),
+        Device::Cpu => Config::default_cpu(),
+        Device::Emu => Config::default_emu(),
+    };
+    if let Some(s) = &args.shapes {
+        cfg.shapes = suite::parse_shapes(s)?;
+    }
+    if let Some(s) = &args.tokens {
+        cfg.tokens = suite::parse_list(s, "token count")?;
+    }
+    if let Some(s) = &args.ranks {
+        cfg.ranks = suite::parse_list(s, "rank")?;
+    }
+    if let Some(s) = &args.dtype {
+        cfg.dtype = DType::parse(s)?;
+    }
+    if let Some(s) = &args.ops {
+        cfg.ops = s
+            .split(',')
+            .map(|o| Op::parse(o.trim()))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(n) = args.reps {
+        if n == 0 {
+            bail!("--reps must be at least 1");
+        }
+        cfg.plan = Plan::fixed(cfg.plan.warmup, n);
+    }
+    if let Some(w) = args.warmup {
+        cfg.plan.warmup = w;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
 
 /// Runs `dorafuse bench`.
-pub fn run(_args: Args) -> Result<ExitCode> {
-    bail!("bench is not built yet")
+pub fn run(args: Args) -> Result<ExitCode> {
+    let report = if !args.from.is_empty() {
+        let mut it = args.from.iter();
+        let mut rep = Report::read(it.next().expect("non-empty"))?;
+        for p in it {
+            rep.merge(Report::read(p)?)
+                .with_context(|| format!("merging {}", p.display()))?;
+        }
+        rep
+    } else {
+        let (device, why) = pick_device(args.device);
+        if let Some(line) = why {
+            // The first line of output, before anything else.
+            println!("{line}");
+        }
+        if device == Device::Emu {
+            println!("emulator: the CUDA kernels run on the CPU emulator; emulator times say nothing about GPU speed");
+        }
+        let cfg = config(&args, device)?;
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            let total = match device {
+                Device::Cpu => suite::cpu_row_count(&cfg),
+                Device::Cuda | Device::Emu => dorafuse::bench::device::row_count(&cfg),
+            };
+            let b = ProgressBar::new(total as u64 + 1);
+            b.set_style(
+                ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                    .expect("static template"),
+            );
+            b
+        };
+        let mut progress = |label: &str| {
+            bar.set_message(label.to_string());
+            bar.inc(1);
+        };
+        let rep = match device {
+            Device::Cpu => suite::run_cpu(&cfg, &mut progress)?,
+            Device::Cuda => dorafuse::bench::device::run_cuda(&cfg, &mut progress)?,
+            Device::Emu => dorafuse::bench::device::run_emu(&cfg, &mut progress)?,
+        };
+        bar.finish_and_clear();
+        let mut rep = rep;
+        for p in &args.merge {
+            rep.merge(Report::read(p)?)
+                .with_context(|| format!("merging {}", p.display()))?;
+        }
+        rep
+    };
+    print!("{}", table::render_text(&report));
+    if let Some(p) = &args.json {
+        report.write(p)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.plot {
+        plot::plot_svg(&report, p)?;
+        println!("wrote {}", p.display());
+    }
+    if let Some(p) = &args.markdown {
+        let name = args
+            .section
+            .clone()
+            .unwrap_or_else(|| report.device.kind.clone());
+        let cmd: Vec<String> = std::env::args().skip(1).collect();
+        let body = format!(
+            "Generated by `dorafuse {}`; do not edit by hand.\n\n{}",
+            cmd.join(" "),
+            table::render_markdown(&report)
+        );
+        table::write_section(p, &name, &body)?;
+        println!("wrote section {name:?} of {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,211 @@
+//! The CUDA side of the benchmark: a clock of CUDA events on the backend's stream with an L2
+//! flush before every timed run, the ceilings (device-to-device copy bandwidth and a large
+//! cuBLAS GEMM in the run's dtype) measured in the same process, and [`run_cuda`].
+
+use super::device::{run_backend, DeviceRun};
+use super::measure::{measure, Clock, Plan};
+use super::report::{Ceilings, DeviceInfo, Report};
+use super::suite::Config;
+use crate::backend::{Backend, DeviceBuffer, GemmDesc};
+use crate::cuda::{CudaBackend, CudaBuffer, EventTimer};
+use crate::dtype::DType;
+use anyhow::{Context, Result};
+use cudarc::driver::{result as cu, sys};
+
+/// Times device work with a pair of CUDA events on the backend's stream; before each timed
+/// run it overwrites a buffer of twice the L2 size (outside the timed region), so every run
+/// starts with a cold L2, as a layer does in a real model.
+pub struct CudaClock<'b> {
+    backend: &'b CudaBackend,
+    timer: EventTimer,
+    flush: Option<CudaBuffer>,
+    flips: u8,
+}
+
+impl<'b> CudaClock<'b> {
+    /// A clock on `backend`'s stream; `flush_bytes` of scratch are allocated for the L2
+    /// flush (0: no flush).
+    ///
+    /// # Errors
+    /// A driver error creating the events or the buffer.
+    pub fn new(backend: &'b CudaBackend, flush_bytes: usize) -> Result<Self> {
+        let flush = if flush_bytes > 0 {
+            Some(
+                backend
+                    .alloc_zeroed(flush_bytes)
+                    .context("allocating the L2 flush buffer")?,
+            )
+        } else {
+            None
+        };
+        Ok(CudaClock {
+            backend,
+            timer: backend.timer()?,
+            flush,
+            flips: 0,
+        })
+    }
+}
+
+impl Clock for CudaClock<'_> {
+    fn time(&mut self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.timer.start()?;
+        f()?;
+        self.timer.stop()?;
+        Ok(f64::from(self.timer.elapsed_ms()?) * 1e-3)
+    }
+
+    fn prepare(&mut self) -> Result<()> {
+        if let Some(buf) = &self.flush {
+            // A different byte each time, so no write can be elided.
+            self.flips = self.flips.wrapping_add(1);
+            self.backend
+                .context()
+                .bind_to_thread()
+                .context("binding the CUDA context")?;
+            // SAFETY: `buf` is a live allocation of `buf.bytes()` bytes on this backend's
+            // context, freed only on drop after the stream's work; the memset is ordered on
+            // the same stream as the timed work.
+            unsafe {
+                cu::memset_d8_async(
+                    buf.ptr().0,
+                    self.flips,
+                    buf.bytes(),
+                    self.backend.stream().cu_stream(),
+                )
+            }
+            .context("L2 flush (cuMemsetD8Async)")?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match &self.flush {
+            Some(b) => format!(
+                "CUDA events on the stream; L2 flushed before every timed run ({} MiB memset)",
+                b.bytes() >> 20
+            ),
+            None => "CUDA events on the stream".into(),
+        }
+    }
+}
+
+/// Device-to-device copy bandwidth in bytes/s (read + write), `bytes` per copy, the median
+/// of `reps` event-timed `cuMemcpyDtoDAsync` after warm-up.
+///
+/// # Errors
+/// Out of memory or a driver error.
+pub fn copy_bandwidth(b: &CudaBackend, bytes: usize, reps: usize) -> Result<f64> {
+    let src = b.alloc_zeroed(bytes).context("copy ceiling: source")?;
+    let dst = b.alloc_zeroed(bytes).context("copy ceiling: destination")?;
+    let mut clock = CudaClock::new(b, 0)?;
+    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| {
+        // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
+        // stream work (dropped after the final synchronising event read).
+        unsafe { cu::memcpy_dtod_async(dst.ptr().0, src.ptr().0, bytes, b.stream().cu_stream()) }
+            .context("cuMemcpyDtoDAsync")
+    })?;
+    Ok(2.0 * bytes as f64 / st.median_s)
+}
+
+/// The GEMM rate in FLOP/s of an `n × n × n` product through `Backend::gemm` (cuBLAS) in
+/// `dtype`, on random non-zero data, median of `reps` after warm-up.
+///
+/// # Errors
+/// Out of memory or a cuBLAS error.
+pub fn gemm_rate(b: &CudaBackend, n: usize, dtype: DType, reps: usize) -> Result<f64> {
+    let mut rng = super::inputs::SplitMix::new(0x6e77);
+    let mut up = |what: &str| -> Result<CudaBuffer> {
+        let v = rng.fill(n * n, 1.0);
+        let t = crate::tensor::Tensor::from_f32(dtype, vec![n * n], &v)?;
+        let mut buf = b
+            .alloc_zeroed(t.as_bytes().len())
+            .with_context(|| format!("GEMM ceiling: {what}"))?;
+        b.upload(&mut buf, t.as_bytes())?;
+        Ok(buf)
+    };
+    let a = up("A")?;
+    let bb = up("B")?;
+    let c = b
+        .alloc_zeroed(n * n * dtype.size())
+        .context("GEMM ceiling: C")?;
+    let g = GemmDesc {
+        m: n,
+        n,
+        k: n,
+        a: a.ptr(),
+        a_dtype: dtype,
+        lda: n,
+        trans_a: false,
+        b: bb.ptr(),
+        b_dtype: dtype,
+        ldb: n,
+        trans_b: true,
+        c: c.ptr(),
+        c_dtype: dtype,
+        ldc: n,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    let mut clock = CudaClock::new(b, 0)?;
+    // SAFETY: A, B and C are n×n row-major buffers of `dtype` allocated above.
+    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| unsafe {
+        b.gemm(&g)
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / st.median_s)
+}
+
+/// Runs `cfg` on the first CUDA device: ceilings first, then every row.
+///
+/// # Errors
+/// No usable device (the message says why), or a failure in any row.
+pub fn run_cuda(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    let b = CudaBackend::new(0)?;
+    let ctx = b.context().clone();
+    let attr = |a: sys::CUdevice_attribute| ctx.attribute(a).map(|v| v as usize);
+    let l2 = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .context("reading the L2 size")?;
+    let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).ok();
+    let total = ctx.total_mem().ok();
+    progress("measuring the ceilings (device-to-device copy, cuBLAS GEMM)");
+    let copy_bytes = 1usize << 30;
+    let bw = copy_bandwidth(&b, copy_bytes, 20)?;
+    let n = 8192;
+    let rate = gemm_rate(&b, n, cfg.dtype, 10)?;
+    let ceilings = Ceilings {
+        copy_gbps: bw / 1e9,
+        copy_method: "cuMemcpyDtoDAsync of 1 GiB, read + write bytes, CUDA events, median of 20"
+            .into(),
+        gemm_tflops: rate / 1e12,
+        gemm_dtype: cfg.dtype.name().into(),
+        gemm_method: format!(
+            "Backend::gemm (cuBLAS) {n}x{n}x{n} {} on random data, CUDA events, median of 10",
+            cfg.dtype
+        ),
+    };
+    let mut clock = CudaClock::new(&b, 2 * l2)?;
+    let device = DeviceInfo {
+        kind: "cuda".into(),
+        name: b.device_description()?,
+        units: sms.map(|v| v as u64),
+        memory_bytes: total.map(|v| v as u64),
+    };
+    let rep = run_backend(
+        &b,
+        cfg,
+        DeviceRun {
+            clock: &mut clock,
+            ceilings: Some(ceilings),
+            device,
+            cache_bytes: l2,
+            cache_policy: format!(
+                "L2 ({} MiB) flushed before every timed run, and input sets rotated to exceed 2x L2 (at most 4)",
+                l2 >> 20
+            ),
+            notes: Vec::new(),
+        },
+        progress,
+    )?;
+    b.synchronize()?;
+    Ok(rep)
+}

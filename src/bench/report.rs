@@ -1,0 +1,612 @@
+//! The benchmark's results as data: the versioned JSON document that `dorafuse bench
+//! --json` and `benches/peft_bench.py` both write (schema in `docs/bench-json.md`), and the
+//! facts every report carries (device, date, commit, ceilings).
+
+use super::formula::{cost, floor_s, Cost, LayerKind, Op};
+use super::stats::Stats;
+use crate::dtype::DType;
+use crate::layer::Shape;
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+
+/// The `schema` field of every document.
+pub const SCHEMA: &str = "dorafuse-bench";
+/// The `version` field; bumped on any incompatible change (docs/bench-json.md keeps the
+/// history).
+pub const VERSION: u32 = 1;
+
+/// Implementation names of the `impl` field.
+pub mod imp {
+    /// The frozen base layer alone: cuBLAS on a GPU, the GEMM crate on the CPU.
+    pub const BASE: &str = "base";
+    /// dorafuse itself (fused kernels on a GPU or the emulator; the CPU path on the CPU),
+    /// for LoRA and DoRA layers alike (the row's `kind` says which).
+    pub const DORAFUSE: &str = "dorafuse";
+    /// DoRA as PEFT performs it (materialised B·A, separate norm, scale and add passes),
+    /// composed inside dorafuse from GEMMs and simple passes.
+    pub const UNFUSED: &str = "unfused";
+    /// PEFT's own layer in PyTorch eager mode (benches/peft_bench.py).
+    pub const PEFT_EAGER: &str = "peft_eager";
+    /// PEFT's layer under `torch.compile` (benches/peft_bench.py).
+    pub const PEFT_COMPILE: &str = "peft_compile";
+}
+
+/// What ran the benchmark.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `"cuda"`, `"cpu"` or `"emu"`.
+    pub kind: String,
+    /// A human description: GPU name and SM count, or the CPU model.
+    pub name: String,
+    /// CPU cores (logical) or GPU multiprocessors, when known.
+    #[serde(default)]
+    pub units: Option<u64>,
+    /// Device (GPU) or host (CPU) memory in bytes, when known.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+/// How the runs were made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The clock (CUDA events, host wall clock, ...).
+    pub clock: String,
+    /// Untimed runs before timing.
+    pub warmup: usize,
+    /// Fewest timed runs per row.
+    pub min_reps: usize,
+    /// Most timed runs per row.
+    pub max_reps: usize,
+    /// Per-row time budget of the timed runs, seconds (`null`: fixed count).
+    #[serde(default)]
+    pub budget_s: Option<f64>,
+    /// How the cache was kept out of the measurement.
+    pub cache_policy: String,
+}
+
+/// The machine's measured ceilings, taken in the same run as the rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ceilings {
+    /// Copy bandwidth, GB/s (10⁹ bytes/s), counting bytes read plus bytes written.
+    pub copy_gbps: f64,
+    /// How it was measured (buffer size, method).
+    pub copy_method: String,
+    /// Large GEMM rate, TFLOP/s (10¹² FLOP/s).
+    pub gemm_tflops: f64,
+    /// Its dtype (`bf16` for cuBLAS on a GPU, `f32` for sgemm on the CPU).
+    pub gemm_dtype: String,
+    /// How it was measured (library, m×n×k).
+    pub gemm_method: String,
+}
+
+/// One measured row: one implementation of one operation at one shape and dtype.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// Implementation (see [`imp`]).
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// The layer: base, LoRA or DoRA.
+    pub kind: LayerKind,
+    /// The operation.
+    pub op: Op,
+    /// Activation and weight dtype (`f32`, `f16`, `bf16`).
+    pub dtype: String,
+    /// Tokens.
+    pub t: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Adapter rank (also recorded on base rows: the shape the row belongs to).
+    pub r: usize,
+    /// Timing summary.
+    pub time: Stats,
+    /// Bytes by formula (`formula::cost`).
+    pub bytes: f64,
+    /// FLOPs by formula.
+    pub flops: f64,
+    /// bytes / median time, GB/s.
+    pub gbps: f64,
+    /// FLOPs / median time, TFLOP/s.
+    pub tflops: f64,
+    /// Achieved fraction of the measured copy bandwidth.
+    #[serde(default)]
+    pub frac_copy: Option<f64>,
+    /// Achieved fraction of the measured GEMM rate.
+    #[serde(default)]
+    pub frac_gemm: Option<f64>,
+    /// Floor time (max of bytes/bandwidth and FLOPs/rate) over the median: 1.0 is the
+    /// roofline.
+    #[serde(default)]
+    pub frac_floor: Option<f64>,
+    /// Peak memory beyond the inputs and outputs, bytes, when known.
+    #[serde(default)]
+    pub extra_mem_bytes: Option<u64>,
+    /// How `extra_mem_bytes` was obtained.
+    #[serde(default)]
+    pub extra_mem_source: Option<String>,
+    /// Anything a reader must know about this row.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl Row {
+    /// Builds a row, filling bytes, FLOPs and the achieved rates from the formulas and the
+    /// ceilings.
+    ///
+    /// # Errors
+    /// An operation that `kind` does not have (e.g. the norm of a base layer).
+    pub fn new(
+        implementation: &str,
+        kind: LayerKind,
+        op: Op,
+        shape: Shape,
+        dtype: DType,
+        time: Stats,
+        ceilings: Option<&Ceilings>,
+    ) -> Result<Row> {
+        let c: Cost = cost(kind, op, shape, dtype)
+            .with_context(|| format!("a {kind:?} layer has no {} operation", op.name()))?;
+        let med = time.median_s;
+        let gbps = c.bytes / med / 1e9;
+        let tflops = c.flops / med / 1e12;
+        let (frac_copy, frac_gemm, frac_floor) = match ceilings {
+            Some(ce) => (
+                Some(gbps / ce.copy_gbps),
+                Some(tflops / ce.gemm_tflops),
+                Some(floor_s(c, ce.copy_gbps * 1e9, ce.gemm_tflops * 1e12) / med),
+            ),
+            None => (None, None, None),
+        };
+        Ok(Row {
+            implementation: implementation.to_string(),
+            kind,
+            op,
+            dtype: dtype.name().to_string(),
+            t: shape.t,
+            d_in: shape.d_in,
+            d_out: shape.d_out,
+            r: shape.r,
+            time,
+            bytes: c.bytes,
+            flops: c.flops,
+            gbps,
+            tflops,
+            frac_copy,
+            frac_gemm,
+            frac_floor,
+            extra_mem_bytes: None,
+            extra_mem_source: None,
+            note: None,
+        })
+    }
+
+    /// The row's shape.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            t: self.t,
+            d_in: self.d_in,
+            d_out: self.d_out,
+            r: self.r,
+        }
+    }
+
+    /// A short label of the implementation and layer: `base`, `LoRA`, `DoRA fused`,
+    /// `DoRA unfused`, `PEFT DoRA (eager)`, ...
+    pub fn series(&self) -> String {
+        series_label(&self.implementation, self.kind)
+    }
+}
+
+/// The label of an (implementation, kind) pair in tables and plots.
+pub fn series_label(implementation: &str, kind: LayerKind) -> String {
+    let k = match kind {
+        LayerKind::Base => "base",
+        LayerKind::Lora => "LoRA",
+        LayerKind::Dora => "DoRA",
+    };
+    match implementation {
+        imp::BASE => "base".into(),
+        imp::DORAFUSE if kind == LayerKind::Dora => "DoRA fused".into(),
+        imp::DORAFUSE => k.into(),
+        imp::UNFUSED => format!("{k} unfused"),
+        imp::PEFT_EAGER => format!("PEFT {k} (eager)"),
+        imp::PEFT_COMPILE => format!("PEFT {k} (compile)"),
+        other => format!("{other} {k}"),
+    }
+}
+
+/// A whole benchmark document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Always [`SCHEMA`].
+    pub schema: String,
+    /// [`VERSION`] of the writer.
+    pub version: u32,
+    /// The program that wrote it (`dorafuse 0.1.0`, `peft_bench.py (peft 0.21.2, torch
+    /// 2.5.1)`).
+    pub producer: String,
+    /// What ran it.
+    pub device: DeviceInfo,
+    /// When (UTC, RFC 3339).
+    pub date: String,
+    /// The source revision (`git describe --always --dirty`, or `DORAFUSE_GIT_COMMIT`).
+    #[serde(default)]
+    pub git_commit: Option<String>,
+    /// How the runs were made.
+    pub settings: Settings,
+    /// Ceilings measured in the same run (absent on the emulator: meaningless there).
+    #[serde(default)]
+    pub ceilings: Option<Ceilings>,
+    /// The rows.
+    pub rows: Vec<Row>,
+    /// Caveats, one sentence each (e.g. "emulator times say nothing about GPU speed").
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// An empty report stamped with the producer, date and commit.
+    pub fn new(device: DeviceInfo, settings: Settings, ceilings: Option<Ceilings>) -> Report {
+        Report {
+            schema: SCHEMA.into(),
+            version: VERSION,
+            producer: format!("dorafuse {}", env!("CARGO_PKG_VERSION")),
+            device,
+            date: utc_now_rfc3339(),
+            git_commit: git_commit(),
+            settings,
+            ceilings,
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// The row of `implementation`/`kind`/`op` at `shape`, if measured.
+    pub fn find(
+        &self,
+        implementation: &str,
+        kind: LayerKind,
+        op: Op,
+        shape: Shape,
+    ) -> Option<&Row> {
+        self.rows.iter().find(|r| {
+            r.implementation == implementation && r.kind == kind && r.op == op && r.shape() == shape
+        })
+    }
+
+    /// Appends the rows of `other` (another run on the same machine, e.g. PEFT's), after
+    /// checking it is the same schema.
+    ///
+    /// # Errors
+    /// A different schema or major version.
+    pub fn merge(&mut self, other: Report) -> Result<()> {
+        ensure!(
+            other.schema == SCHEMA && other.version == VERSION,
+            "cannot merge a {} v{} document into {SCHEMA} v{VERSION}",
+            other.schema,
+            other.version
+        );
+        self.rows.extend(other.rows);
+        for n in other.notes {
+            if !self.notes.contains(&n) {
+                self.notes.push(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises to pretty JSON.
+    ///
+    /// # Errors
+    /// A non-finite number somewhere (JSON has none).
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).context("serialising the benchmark report")
+    }
+
+    /// Parses a document, checking its schema and version.
+    ///
+    /// # Errors
+    /// Malformed JSON, another schema, or an unsupported version.
+    pub fn from_json(s: &str) -> Result<Report> {
+        // Check the header first, so a document of another kind gets a clear message
+        // rather than a missing-field error.
+        let head: serde_json::Value = serde_json::from_str(s).context("not JSON")?;
+        let schema = head.get("schema").and_then(|v| v.as_str()).unwrap_or("");
+        ensure!(
+            schema == SCHEMA,
+            "not a dorafuse benchmark document (schema {schema:?}, expected {SCHEMA:?})"
+        );
+        let version = head.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        ensure!(
+            version == VERSION as u64,
+            "benchmark document version {version} is not supported (this build reads {VERSION})"
+        );
+        serde_json::from_value(head).context("benchmark document does not match the schema")
+    }
+
+    /// Writes the JSON atomically to `path`.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let json = self.to_json()?;
+        crate::fsutil::write_atomic(path, |f| {
+            f.write_all(json.as_bytes())?;
+            f.write_all(b"\n")?;
+            Ok(())
+        })
+    }
+
+    /// Reads a JSON document from `path`.
+    ///
+    /// # Errors
+    /// Unreadable file or invalid document, naming the path.
+    pub fn read(path: &Path) -> Result<Report> {
+        let s = std::fs::read_to_string(path)
+            .with_context(|| format!("reading benchmark results {}", path.display()))?;
+        Report::from_json(&s).with_context(|| format!("benchmark results {}", path.display()))
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339_from_unix(secs)
+}
+
+/// Formats Unix seconds as RFC 3339 UTC (civil-from-days, proleptic Gregorian).
+pub fn rfc3339_from_unix(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days → civil date.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// The source revision: `DORAFUSE_GIT_COMMIT` when set (the GPU machine has no git
+/// history), else `git describe --always --dirty` in the current directory, else `None`.
+pub fn git_commit() -> Option<String> {
+    if let Ok(v) = std::env::var("DORAFUSE_GIT_COMMIT") {
+        if !v.trim().is_empty() {
+            return Some(v.trim().to_string());
+        }
+    }
+    let out = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// The host CPU: model name from /proc/cpuinfo and the logical core count.
+pub fn host_cpu() -> DeviceInfo {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    DeviceInfo {
+        kind: "cpu".into(),
+        name: model,
+        units: Some(cores),
+        memory_bytes: mem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Report {
+        let mut r = Report::new(
+            host_cpu(),
+            Settings {
+                clock: "test".into(),
+                warmup: 1,
+                min_reps: 3,
+                max_reps: 9,
+                budget_s: Some(0.5),
+                cache_policy: "rotate 2 sets".into(),
+            },
+            Some(Ceilings {
+                copy_gbps: 10.0,
+                copy_method: "memcpy".into(),
+                gemm_tflops: 0.1,
+                gemm_dtype: "f32".into(),
+                gemm_method: "sgemm 2048³".into(),
+            }),
+        );
+        let st = Stats::from_samples(&[1e-3, 2e-3, 3e-3]).unwrap();
+        let shape = Shape {
+            t: 16,
+            d_in: 64,
+            d_out: 96,
+            r: 4,
+        };
+        r.rows.push(
+            Row::new(
+                imp::DORAFUSE,
+                LayerKind::Dora,
+                Op::Forward,
+                shape,
+                DType::BF16,
+                st,
+                r.ceilings.as_ref(),
+            )
+            .unwrap(),
+        );
+        r.rows.push(
+            Row::new(
+                imp::BASE,
+                LayerKind::Base,
+                Op::Forward,
+                shape,
+                DType::BF16,
+                st,
+                None,
+            )
+            .unwrap(),
+        );
+        r.notes.push("a note".into());
+        r
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let r = sample();
+        let s = r.to_json().unwrap();
+        assert!(s.contains("\"impl\": \"dorafuse\""), "{s}");
+        assert!(s.contains("\"op\": \"forward\""));
+        assert!(s.contains("\"kind\": \"dora\""));
+        let back = Report::from_json(&s).unwrap();
+        // serde_json parses decimals to within an ulp, not bit-exactly: compare every value
+        // of the two documents, numbers to within rounding.
+        fn close(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+            use serde_json::Value as V;
+            match (a, b) {
+                (V::Number(x), V::Number(y)) => {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    assert!(
+                        (x - y).abs() <= 1e-14 * x.abs().max(y.abs()),
+                        "{at}: {x} vs {y}"
+                    );
+                }
+                (V::Object(x), V::Object(y)) => {
+                    assert_eq!(x.len(), y.len(), "{at}");
+                    for (k, v) in x {
+                        close(v, &y[k], &format!("{at}.{k}"));
+                    }
+                }
+                (V::Array(x), V::Array(y)) => {
+                    assert_eq!(x.len(), y.len(), "{at}");
+                    for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                        close(v, w, &format!("{at}[{i}]"));
+                    }
+                }
+                _ => assert_eq!(a, b, "{at}"),
+            }
+        }
+        let va: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let vb: serde_json::Value = serde_json::from_str(&back.to_json().unwrap()).unwrap();
+        close(&va, &vb, "$");
+        assert_eq!(back.rows.len(), r.rows.len());
+        for (a, b) in back.rows.iter().zip(&r.rows) {
+            assert_eq!(
+                (&a.implementation, a.kind, a.op, a.shape()),
+                (&b.implementation, b.kind, b.op, b.shape())
+            );
+            assert!((a.time.p10_s - b.time.p10_s).abs() <= 1e-15 * b.time.p10_s);
+            assert_eq!(a.frac_floor.is_some(), b.frac_floor.is_some());
+        }
+        assert_eq!(
+            (back.device, back.settings, back.notes),
+            (r.device, r.settings, r.notes)
+        );
+    }
+
+    #[test]
+    fn rates_follow_the_formulas() {
+        let r = sample();
+        let row = &r.rows[0];
+        let c = cost(LayerKind::Dora, Op::Forward, row.shape(), DType::BF16).unwrap();
+        assert_eq!(row.bytes, c.bytes);
+        assert!((row.gbps - c.bytes / 2e-3 / 1e9).abs() < 1e-9);
+        assert!((row.frac_copy.unwrap() - row.gbps / 10.0).abs() < 1e-12);
+        let floor = floor_s(c, 10e9, 0.1e12);
+        assert!((row.frac_floor.unwrap() - floor / 2e-3).abs() < 1e-12);
+        assert!(r.rows[1].frac_floor.is_none());
+        assert!(Row::new(
+            imp::BASE,
+            LayerKind::Base,
+            Op::Norm,
+            row.shape(),
+            DType::BF16,
+            row.time,
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn rejects_other_documents() {
+        let e = Report::from_json("{\"schema\": \"other\"}").unwrap_err();
+        assert!(e.to_string().contains("not a dorafuse benchmark"), "{e}");
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json().unwrap()).unwrap();
+        v["version"] = 99.into();
+        let e = Report::from_json(&v.to_string()).unwrap_err();
+        assert!(e.to_string().contains("version 99"), "{e}");
+        v["version"] = 1.into();
+        v["rows"][0]["op"] = "fwd".into();
+        assert!(Report::from_json(&v.to_string()).is_err());
+    }
+
+    #[test]
+    fn merge_and_find() {
+        let mut a = sample();
+        let b = sample();
+        a.merge(b).unwrap();
+        assert_eq!(a.rows.len(), 4);
+        assert_eq!(a.notes.len(), 1);
+        let shape = a.rows[0].shape();
+        assert!(a
+            .find(imp::BASE, LayerKind::Base, Op::Forward, shape)
+            .is_some());
+        assert!(a
+            .find(imp::UNFUSED, LayerKind::Dora, Op::Forward, shape)
+            .is_none());
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_from_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_from_unix(1_795_919_532), "2026-11-29T02:32:12Z");
+        assert!(utc_now_rfc3339().ends_with('Z'));
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(series_label(imp::DORAFUSE, LayerKind::Dora), "DoRA fused");
+        assert_eq!(series_label(imp::DORAFUSE, LayerKind::Lora), "LoRA");
+        assert_eq!(series_label(imp::UNFUSED, LayerKind::Dora), "DoRA unfused");
+        assert_eq!(
+            series_label(imp::PEFT_COMPILE, LayerKind::Dora),
+            "PEFT DoRA (compile)"
+        );
+    }
+}

@@ -1,0 +1,515 @@
+//! Tables of a [`Report`]: as aligned text for the terminal and as Markdown for
+//! BENCHMARKS.md and docs/, both generated from the same rows (numbers are never typed by
+//! hand into a document).
+
+use super::formula::{LayerKind, Op};
+use super::report::{imp, series_label, Report, Row};
+use super::stats::fmt_time;
+use crate::layer::Shape;
+use anyhow::{Context, Result};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+
+/// A plain table: a header and rows of cells, right-aligned except the first column.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Table {
+    /// Column titles.
+    pub header: Vec<String>,
+    /// Cells, one `Vec` per row, as wide as the header.
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Aligned text with two spaces between columns.
+    pub fn to_text(&self) -> String {
+        let n = self.header.len();
+        let mut w = vec![0usize; n];
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            for (i, c) in row.iter().enumerate().take(n) {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let line = |row: &Vec<String>| {
+            let cells: Vec<String> = row
+                .iter()
+                .enumerate()
+                .take(n)
+                .map(|(i, c)| {
+                    let pad = w[i] - c.chars().count();
+                    if i == 0 {
+                        format!("{c}{}", " ".repeat(pad))
+                    } else {
+                        format!("{}{c}", " ".repeat(pad))
+                    }
+                })
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        };
+        let mut out = line(&self.header);
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// A GitHub-flavoured Markdown table.
+    pub fn to_markdown(&self) -> String {
+        let mut out = format!("| {} |\n", self.header.join(" | "));
+        let seps: Vec<&str> = (0..self.header.len())
+            .map(|i| if i == 0 { "---" } else { "---:" })
+            .collect();
+        out.push_str(&format!("| {} |\n", seps.join(" | ")));
+        for r in &self.rows {
+            out.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        out
+    }
+}
+
+/// The columns of the comparison tables: (implementation, kind), in order.
+const COLUMNS: [(&str, LayerKind); 7] = [
+    (imp::BASE, LayerKind::Base),
+    (imp::DORAFUSE, LayerKind::Lora),
+    (imp::UNFUSED, LayerKind::Dora),
+    (imp::DORAFUSE, LayerKind::Dora),
+    (imp::PEFT_EAGER, LayerKind::Lora),
+    (imp::PEFT_EAGER, LayerKind::Dora),
+    (imp::PEFT_COMPILE, LayerKind::Dora),
+];
+
+/// `1.23×`, or `–` when either side is missing.
+fn ratio(a: Option<&Row>, b: Option<&Row>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.time.median_s > 0.0 => {
+            format!("{:.2}×", a.time.median_s / b.time.median_s)
+        }
+        _ => "–".into(),
+    }
+}
+
+/// `12.3 µs ±4%` (half the p10–p90 spread, relative to the median).
+fn time_cell(r: &Row) -> String {
+    format!(
+        "{} ±{:.0}%",
+        fmt_time(r.time.median_s),
+        50.0 * r.time.rel_spread()
+    )
+}
+
+/// `(d_in, d_out, r)` triples present, and T values per triple, in ascending order.
+fn layer_shapes(rep: &Report) -> Vec<(usize, usize, usize)> {
+    let set: BTreeSet<_> = rep.rows.iter().map(|r| (r.d_in, r.d_out, r.r)).collect();
+    set.into_iter().collect()
+}
+
+fn tokens_of(rep: &Report, (i, o, r): (usize, usize, usize)) -> Vec<usize> {
+    let set: BTreeSet<_> = rep
+        .rows
+        .iter()
+        .filter(|x| (x.d_in, x.d_out, x.r) == (i, o, r) && x.t > 0)
+        .map(|x| x.t)
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The overhead table of one layer operation: a column per implementation present, then
+/// fused DoRA over the base layer, over LoRA, and unfused over fused. `None` when no row has
+/// this operation.
+pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
+    let cols: Vec<(&str, LayerKind)> = COLUMNS
+        .into_iter()
+        .filter(|&(im, k)| {
+            rep.rows
+                .iter()
+                .any(|r| r.implementation == im && r.kind == k && r.op == op)
+        })
+        .collect();
+    if cols.is_empty() {
+        return None;
+    }
+    let mut header: Vec<String> = vec!["shape (d_in×d_out)".into(), "r".into(), "T".into()];
+    header.extend(cols.iter().map(|&(im, k)| series_label(im, k)));
+    header.extend(
+        ["fused/base", "fused/LoRA", "unfused/fused"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let has_peft = cols.iter().any(|&(im, _)| im.starts_with("peft"));
+    if has_peft {
+        header.push("PEFT/fused".into());
+    }
+    let mut rows = Vec::new();
+    for key @ (i, o, r) in layer_shapes(rep) {
+        for t in tokens_of(rep, key) {
+            let shape = Shape {
+                t,
+                d_in: i,
+                d_out: o,
+                r,
+            };
+            let get = |im: &str, k: LayerKind, op: Op| rep.find(im, k, op, shape);
+            if !cols.iter().any(|&(im, k)| get(im, k, op).is_some()) {
+                continue;
+            }
+            let mut cells = vec![format!("{i}×{o}"), r.to_string(), t.to_string()];
+            for &(im, k) in &cols {
+                cells.push(get(im, k, op).map_or("–".into(), time_cell));
+            }
+            let fused = get(imp::DORAFUSE, LayerKind::Dora, op);
+            // Inference is compared with the base layer's forward (the base has no cached
+            // state, its inference is its forward).
+            let base_op = if op == Op::Inference { Op::Forward } else { op };
+            let base = get(imp::BASE, LayerKind::Base, base_op)
+                .or_else(|| get(imp::PEFT_EAGER, LayerKind::Base, base_op));
+            let lora = get(imp::DORAFUSE, LayerKind::Lora, base_op);
+            let unfused = get(imp::UNFUSED, LayerKind::Dora, op);
+            cells.push(ratio(fused, base));
+            cells.push(ratio(fused, lora));
+            cells.push(ratio(unfused, fused));
+            if has_peft {
+                let peft = get(imp::PEFT_COMPILE, LayerKind::Dora, op)
+                    .or_else(|| get(imp::PEFT_EAGER, LayerKind::Dora, op));
+                cells.push(ratio(peft, fused));
+            }
+            rows.push(cells);
+        }
+    }
+    Some(Table { header, rows })
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{:.0}%", 100.0 * v))
+}
+
+/// Every dorafuse and unfused DoRA row against the ceilings: time, GB/s, TFLOP/s and the
+/// fractions of copy bandwidth, GEMM rate and the floor; extra memory where known.
+pub fn ceiling_table(rep: &Report) -> Table {
+    let header = [
+        "op",
+        "impl",
+        "shape",
+        "r",
+        "T",
+        "time",
+        "GB/s",
+        "TFLOP/s",
+        "of copy",
+        "of GEMM",
+        "of floor",
+        "extra mem",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut rows: Vec<&Row> = rep
+        .rows
+        .iter()
+        .filter(|r| r.kind == LayerKind::Dora || r.implementation == imp::BASE)
+        .collect();
+    rows.sort_by_key(|r| (r.op, r.d_in, r.d_out, r.r, r.t, r.series()));
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            vec![
+                r.op.name().to_string(),
+                r.series(),
+                format!("{}×{}", r.d_in, r.d_out),
+                r.r.to_string(),
+                if r.t == 0 {
+                    "–".into()
+                } else {
+                    r.t.to_string()
+                },
+                fmt_time(r.time.median_s),
+                format!("{:.1}", r.gbps),
+                format!("{:.3}", r.tflops),
+                pct(r.frac_copy),
+                pct(r.frac_gemm),
+                pct(r.frac_floor),
+                r.extra_mem_bytes.map_or("–".into(), |b| {
+                    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+                }),
+            ]
+        })
+        .collect();
+    Table { header, rows }
+}
+
+/// The heading lines of a report: device, dtype, date, commit, ceilings, notes.
+pub fn preamble(rep: &Report) -> Vec<String> {
+    let units = match (rep.device.kind.as_str(), rep.device.units) {
+        ("cpu", Some(n)) => format!(", {n} cores"),
+        (_, Some(n)) => format!(", {n} units"),
+        _ => String::new(),
+    };
+    let dtypes: BTreeSet<&str> = rep.rows.iter().map(|r| r.dtype.as_str()).collect();
+    let mut v = vec![format!(
+        "device: {} ({}{}) · dtype {} · {} · commit {}",
+        rep.device.kind,
+        rep.device.name,
+        units,
+        dtypes.into_iter().collect::<Vec<_>>().join("/"),
+        rep.date,
+        rep.git_commit.as_deref().unwrap_or("unknown"),
+    )];
+    match &rep.ceilings {
+        Some(c) => v.push(format!(
+            "ceilings measured in this run: copy {:.1} GB/s ({}); GEMM {:.3} TFLOP/s {} ({})",
+            c.copy_gbps, c.copy_method, c.gemm_tflops, c.gemm_dtype, c.gemm_method
+        )),
+        None => v.push("no ceilings: fractions of the hardware limit are not given".into()),
+    }
+    v.push(format!(
+        "timing: {}; warm-up {}, {}–{} timed runs per row; median ±half the p10–p90 spread; {}",
+        rep.settings.clock,
+        rep.settings.warmup,
+        rep.settings.min_reps,
+        rep.settings.max_reps,
+        rep.settings.cache_policy
+    ));
+    for n in &rep.notes {
+        v.push(format!("note: {n}"));
+    }
+    v
+}
+
+/// Titles of the layer operations' tables.
+fn op_title(op: Op) -> &'static str {
+    match op {
+        Op::Forward => "Training forward (norm + base + adapter + scale)",
+        Op::ForwardBackward => "Forward + backward (norm detached, as PEFT)",
+        Op::Inference => "Inference forward with cached g (compared with the base forward)",
+        Op::Backward => "Backward alone",
+        Op::Norm => "Norm",
+        Op::Epilogue => "Epilogue",
+    }
+}
+
+/// The whole report as terminal text.
+pub fn render_text(rep: &Report) -> String {
+    let mut out = preamble(rep).join("\n");
+    out.push('\n');
+    for op in [
+        Op::Forward,
+        Op::ForwardBackward,
+        Op::Inference,
+        Op::Backward,
+    ] {
+        if let Some(t) = overhead_table(rep, op) {
+            out.push_str(&format!("\n{}\n", op_title(op)));
+            out.push_str(&t.to_text());
+        }
+    }
+    out.push_str("\nAgainst the ceilings (bytes and FLOPs by formula, src/bench/formula.rs)\n");
+    out.push_str(&ceiling_table(rep).to_text());
+    out
+}
+
+/// The whole report as Markdown (no top-level heading; the caller places it).
+pub fn render_markdown(rep: &Report) -> String {
+    let mut out = String::new();
+    for l in preamble(rep) {
+        out.push_str(&format!("- {l}\n"));
+    }
+    for op in [
+        Op::Forward,
+        Op::ForwardBackward,
+        Op::Inference,
+        Op::Backward,
+    ] {
+        if let Some(t) = overhead_table(rep, op) {
+            out.push_str(&format!("\n**{}**\n\n", op_title(op)));
+            out.push_str(&t.to_markdown());
+        }
+    }
+    out.push_str(
+        "\n**Against the ceilings** (bytes and FLOPs by formula, `src/bench/formula.rs`)\n\n",
+    );
+    out.push_str(&ceiling_table(rep).to_markdown());
+    out
+}
+
+/// The markers around a generated section named `name` in a Markdown file.
+pub fn section_markers(name: &str) -> (String, String) {
+    (
+        format!("<!-- dorafuse-bench:{name}:begin (generated; do not edit by hand) -->"),
+        format!("<!-- dorafuse-bench:{name}:end -->"),
+    )
+}
+
+/// Replaces the generated section `name` of `doc` with `body`, or appends it when `doc` has
+/// no such section. Text outside the markers is kept byte for byte.
+///
+/// # Errors
+/// A begin marker without its end marker.
+pub fn replace_section(doc: &str, name: &str, body: &str) -> Result<String> {
+    let (begin, end) = section_markers(name);
+    let block = format!("{begin}\n{}\n{end}", body.trim_end());
+    match doc.find(&begin) {
+        Some(b) => {
+            let e = doc[b..]
+                .find(&end)
+                .with_context(|| format!("section {name:?}: begin marker without end marker"))?
+                + b;
+            Ok(format!("{}{block}{}", &doc[..b], &doc[e + end.len()..]))
+        }
+        None => {
+            let sep = if doc.is_empty() || doc.ends_with("\n\n") {
+                ""
+            } else if doc.ends_with('\n') {
+                "\n"
+            } else {
+                "\n\n"
+            };
+            Ok(format!("{doc}{sep}{block}\n"))
+        }
+    }
+}
+
+/// Writes `body` as the generated section `name` of the Markdown file at `path` (created when
+/// missing), atomically.
+///
+/// # Errors
+/// The file cannot be read or written, or has a broken section.
+pub fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let doc = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let new = replace_section(&doc, name, body).with_context(|| path.display().to_string())?;
+    crate::fsutil::write_atomic(path, |f| Ok(f.write_all(new.as_bytes())?))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::bench::report::{Ceilings, DeviceInfo, Settings};
+    use crate::bench::stats::Stats;
+    use crate::dtype::DType;
+
+    pub(crate) fn report() -> Report {
+        let mut rep = Report::new(
+            DeviceInfo {
+                kind: "cpu".into(),
+                name: "test CPU".into(),
+                units: Some(2),
+                memory_bytes: None,
+            },
+            Settings {
+                clock: "scripted".into(),
+                warmup: 1,
+                min_reps: 3,
+                max_reps: 3,
+                budget_s: None,
+                cache_policy: "none".into(),
+            },
+            Some(Ceilings {
+                copy_gbps: 10.0,
+                copy_method: "m".into(),
+                gemm_tflops: 0.1,
+                gemm_dtype: "f32".into(),
+                gemm_method: "g".into(),
+            }),
+        );
+        let s = |ms: f64| Stats::from_samples(&[ms * 1e-3]).unwrap();
+        for t in [1, 16] {
+            let shape = Shape {
+                t,
+                d_in: 64,
+                d_out: 32,
+                r: 4,
+            };
+            for (im, k, op, ms) in [
+                (imp::BASE, LayerKind::Base, Op::Forward, 1.0),
+                (imp::DORAFUSE, LayerKind::Lora, Op::Forward, 1.2),
+                (imp::UNFUSED, LayerKind::Dora, Op::Forward, 3.0),
+                (imp::DORAFUSE, LayerKind::Dora, Op::Forward, 1.5),
+                (imp::DORAFUSE, LayerKind::Dora, Op::Inference, 1.1),
+            ] {
+                let row = Row::new(
+                    im,
+                    k,
+                    op,
+                    shape,
+                    DType::F32,
+                    s(ms * t as f64),
+                    rep.ceilings.as_ref(),
+                );
+                rep.rows.push(row.unwrap());
+            }
+        }
+        rep
+    }
+
+    #[test]
+    fn overhead_ratios() {
+        let rep = report();
+        let t = overhead_table(&rep, Op::Forward).unwrap();
+        assert_eq!(t.rows.len(), 2);
+        let h = &t.header;
+        let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+        assert_eq!(t.rows[0][col("fused/base")], "1.50×");
+        assert_eq!(t.rows[0][col("fused/LoRA")], "1.25×");
+        assert_eq!(t.rows[0][col("unfused/fused")], "2.00×");
+        assert_eq!(t.rows[1][col("T")], "16");
+        // Inference compares with the base forward.
+        let t = overhead_table(&rep, Op::Inference).unwrap();
+        assert_eq!(
+            t.rows[0][t.header.iter().position(|c| c == "fused/base").unwrap()],
+            "1.10×"
+        );
+        assert!(overhead_table(&rep, Op::Backward).is_none());
+    }
+
+    #[test]
+    fn text_and_markdown_carry_the_same_numbers() {
+        let rep = report();
+        let text = render_text(&rep);
+        let md = render_markdown(&rep);
+        for needle in ["1.50×", "2.00×", "test CPU", "2 cores"] {
+            assert!(text.contains(needle), "text lacks {needle}:\n{text}");
+            assert!(md.contains(needle), "markdown lacks {needle}:\n{md}");
+        }
+        assert!(md.contains("| ---"));
+    }
+
+    #[test]
+    fn sections_are_replaced_in_place() {
+        let doc = "# Title\n\nhand-written intro\n";
+        let once = replace_section(doc, "cpu", "table 1").unwrap();
+        assert!(once.starts_with(doc));
+        assert!(once.contains("table 1"));
+        let twice = replace_section(&once, "cpu", "table 2").unwrap();
+        assert!(!twice.contains("table 1") && twice.contains("table 2"));
+        assert!(twice.starts_with(doc));
+        // Another section is left alone.
+        let both = replace_section(&twice, "cuda", "gpu").unwrap();
+        let again = replace_section(&both, "cpu", "table 3").unwrap();
+        assert!(again.contains("gpu") && again.contains("table 3"));
+        let (b, _) = section_markers("x");
+        assert!(replace_section(&format!("{b}\nno end"), "x", "y").is_err());
+    }
+
+    #[test]
+    fn write_section_creates_and_updates_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("B.md");
+        write_section(&p, "cpu", "one").unwrap();
+        write_section(&p, "cpu", "two").unwrap();
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(s.contains("two") && !s.contains("one"), "{s}");
+    }
+
+    #[test]
+    fn text_table_aligns() {
+        let t = Table {
+            header: vec!["a".into(), "bb".into()],
+            rows: vec![vec!["long".into(), "1".into()]],
+        };
+        assert_eq!(t.to_text(), "a     bb\nlong   1\n");
+    }
+}
