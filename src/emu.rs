@@ -158,10 +158,9 @@ impl EmuBackend {
     /// falls back to another would make a failure irreproducible.
     pub fn from_env() -> EmuBackend {
         match std::env::var("DORAFUSE_EMU_SEED") {
-            Ok(s) => EmuBackend::new(
-                parse_seed(&s)
-                    .unwrap_or_else(|| panic!("DORAFUSE_EMU_SEED={s:?} is not a u64 (decimal or 0x hex)")),
-            ),
+            Ok(s) => EmuBackend::new(parse_seed(&s).unwrap_or_else(|| {
+                panic!("DORAFUSE_EMU_SEED={s:?} is not a u64 (decimal or 0x hex)")
+            })),
             Err(_) => EmuBackend::new(DEFAULT_SEED),
         }
     }
@@ -242,7 +241,10 @@ impl Backend for EmuBackend {
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
         // SAFETY: the layout has a non-zero size and a power-of-two alignment.
         let ptr = unsafe { std::alloc::alloc_zeroed(EmuBuffer::layout(bytes)) };
-        ensure!(!ptr.is_null(), "emulator: out of host memory allocating {bytes} bytes");
+        ensure!(
+            !ptr.is_null(),
+            "emulator: out of host memory allocating {bytes} bytes"
+        );
         Ok(EmuBuffer { ptr, bytes })
     }
 
@@ -283,7 +285,10 @@ impl Backend for EmuBackend {
         // SAFETY: non-null entries of the generated table are valid for the program's life.
         let (nargs, sig) = unsafe {
             let k = &*k;
-            (k.nargs as usize, CStr::from_ptr(k.sig).to_string_lossy().into_owned())
+            (
+                k.nargs as usize,
+                CStr::from_ptr(k.sig).to_string_lossy().into_owned(),
+            )
         };
         ensure!(
             args.len() == nargs,
@@ -308,8 +313,10 @@ impl Backend for EmuBackend {
                 u64::from_le_bytes(b)
             })
             .collect();
-        let mut ptrs: Vec<*mut c_void> =
-            slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
         let seed = self.seed
             ^ self
                 .launches
@@ -335,7 +342,9 @@ impl Backend for EmuBackend {
         drop(slots);
         if rc != 0 {
             // SAFETY: dfemu_launch NUL-terminates the message within the buffer.
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
             return Err(anyhow!("emulator: {msg}"))
                 .with_context(|| format!("launching {kernel} with {dims:?}"));
         }

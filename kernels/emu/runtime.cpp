@@ -151,7 +151,7 @@ constexpr std::size_t kMaxStaticShared = 48u << 10;
 constexpr std::size_t kMaxShared = 227u << 10;
 constexpr std::size_t kDynAlign = 128;
 constexpr std::size_t kRedzone = 64;
-constexpr std::uint64_t kNoProgressLimit = 50'000'000;
+constexpr std::uint64_t kNoProgressLimit = 1ull << 23;
 
 enum class State { Runnable, Barrier, Warp, Done };
 
@@ -185,6 +185,11 @@ struct Fiber {
 #endif
 };
 
+// Per warp: which lanes exist, have exited, wait in a collective (bit = lane).
+struct WarpState {
+  unsigned int exists = 0, exited = 0, waiting = 0;
+};
+
 struct StaticAlloc {
   const void* key;
   std::size_t offset, bytes;
@@ -206,6 +211,7 @@ struct Launch {
 #endif
   std::vector<Fiber*> runq;
   Fiber* fibers = nullptr;
+  WarpState* warps = nullptr;
   Fiber* running = nullptr;
   // shared memory: [0, dyn) dynamic, then static allocations with redzones in between
   char* arena = nullptr;
@@ -230,9 +236,10 @@ struct ThreadPool {
     std::free(arena);
   }
 };
+// Initial-exec TLS: one fs-relative access (the library is linked into executables only).
 thread_local ThreadPool tl_pool;
-thread_local Launch* tl_launch = nullptr;
-thread_local std::uint64_t tl_switches = 0;
+__thread Launch* tl_launch __attribute__((tls_model("initial-exec"))) = nullptr;
+__thread std::uint64_t tl_switches __attribute__((tls_model("initial-exec"))) = 0;
 
 std::uint64_t next_rand(std::uint64_t& s) {  // splitmix64
   std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
@@ -335,11 +342,14 @@ void fiber_main(void* arg) {
   L.kernel->entry(L.args);
   perform_copies(f, 0, true);  // the hardware completes outstanding cp.async copies
   f.state = State::Done;
+  WarpState& ws = L.warps[f.info.warp];
+  ws.exited |= 1u << f.info.lane;
   // A lane exiting while others of its warp wait for it in a collective is a missing lane.
   const unsigned int base = f.info.warp * 32;
   for (unsigned int l = 0; l < 32 && base + l < L.nthreads; ++l) {
+    if (!((ws.waiting >> l) & 1u)) continue;
     Fiber& o = L.fibers[base + l];
-    if (o.state == State::Warp && ((o.mask >> f.info.lane) & 1u))
+    if ((o.mask >> f.info.lane) & 1u)
       fail_from_fiber(L, f,
                       format("missing warp lane: %s exited while lane %u waits for it in %s "
                              "(mask 0x%08x)",
@@ -442,6 +452,10 @@ bool resolve_idle(Launch& L) {
 void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
   fill_shared(L);
   L.runq.clear();
+  for (unsigned int w = 0; w < (L.nthreads + 31) / 32; ++w) {
+    const unsigned int n = std::min(32u, L.nthreads - w * 32);
+    L.warps[w] = WarpState{n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1u), 0, 0};
+  }
   for (unsigned int i = 0; i < L.nthreads; ++i) {
     Fiber& f = L.fibers[i];
     const unsigned int x = i % L.block.x, y = (i / L.block.x) % L.block.y,
@@ -558,40 +572,54 @@ void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const
     fail_from_fiber(L, f,
                     format("%s: mask 0x%08x does not include the calling lane %u (%s)", name,
                            mask, lane, where(L, f).c_str()));
+  WarpState& ws = L.warps[f.info.warp];
+  if (mask & ~ws.exists) {
+    const unsigned int l = static_cast<unsigned int>(__builtin_ctz(mask & ~ws.exists));
+    fail_from_fiber(L, f,
+                    format("missing warp lane: %s names lane %u in mask 0x%08x, but the block "
+                           "has only %u threads (%s)",
+                           name, l, mask, L.nthreads, where(L, f).c_str()));
+  }
+  if (mask & ws.exited) {
+    const unsigned int l = static_cast<unsigned int>(__builtin_ctz(mask & ws.exited));
+    fail_from_fiber(L, f,
+                    format("missing warp lane: %s (mask 0x%08x) waits for lane %u, which has "
+                           "exited (%s)",
+                           name, mask, l, where(L, f).c_str()));
+  }
+  // Lanes of the same mask already waiting must be in the same operation.
+  const unsigned int others = ws.waiting & mask;
+  if (others) {
+    const Fiber& o = L.fibers[base + static_cast<unsigned int>(__builtin_ctz(others))];
+    if (o.mask == mask && o.fn != fn)
+      fail_from_fiber(L, f,
+                      format("warp divergence: lanes of mask 0x%08x are in different warp "
+                             "operations: lane %u in %s, lane %u in %s (%s)",
+                             mask, lane, name, o.info.lane, o.op, where(L, f).c_str()));
+  }
   f.state = State::Warp;
   f.mask = mask;
   f.fn = fn;
   f.op = name;
   f.io = LaneIO{in, out};
-  bool complete = true;
-  for (unsigned int l = 0; l < 32; ++l) {
-    if (!((mask >> l) & 1u)) continue;
-    if (base + l >= L.nthreads)
-      fail_from_fiber(L, f,
-                      format("missing warp lane: %s names lane %u in mask 0x%08x, but the block "
-                             "has only %u threads (%s)",
-                             name, l, mask, L.nthreads, where(L, f).c_str()));
-    Fiber& o = L.fibers[base + l];
-    if (o.state == State::Done)
-      fail_from_fiber(L, f,
-                      format("missing warp lane: %s (mask 0x%08x) waits for lane %u, which has "
-                             "exited (%s)",
-                             name, mask, l, where(L, f).c_str()));
-    if (o.state == State::Warp && o.mask == mask && o.fn != fn)
-      fail_from_fiber(L, f,
-                      format("warp divergence: lanes of mask 0x%08x are in different warp "
-                             "operations: lane %u in %s, lane %u in %s (%s)",
-                             mask, lane, name, l, o.op, where(L, f).c_str()));
-    if (!(o.state == State::Warp && o.mask == mask && o.fn == fn)) complete = false;
-  }
-  if (complete) {
-    LaneIO lanes[32] = {};
-    for (unsigned int l = 0; l < 32; ++l)
-      if ((mask >> l) & 1u) lanes[l] = L.fibers[base + l].io;
-    fn(mask, lanes);
-    for (unsigned int l = 0; l < 32; ++l)
-      if ((mask >> l) & 1u) push_runnable(L, &L.fibers[base + l]);
-    L.idle_yields = 0;
+  ws.waiting |= 1u << lane;
+  if ((ws.waiting & mask) == mask) {
+    bool complete = true;
+    for (unsigned int l = 0; l < 32 && complete; ++l)
+      if ((mask >> l) & 1u) {
+        const Fiber& o = L.fibers[base + l];
+        complete = o.mask == mask && o.fn == fn;
+      }
+    if (complete) {
+      LaneIO lanes[32] = {};
+      for (unsigned int l = 0; l < 32; ++l)
+        if ((mask >> l) & 1u) lanes[l] = L.fibers[base + l].io;
+      fn(mask, lanes);
+      ws.waiting &= ~mask;
+      for (unsigned int l = 0; l < 32; ++l)
+        if ((mask >> l) & 1u) push_runnable(L, &L.fibers[base + l]);
+      L.idle_yields = 0;
+    }
   }
   switch_to_scheduler(L, f);
 }
@@ -749,6 +777,8 @@ extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
   std::vector<Fiber> fibers(L.nthreads);
   for (unsigned int i = 0; i < L.nthreads; ++i) fibers[i].stack_lo = pool.stacks[i];
   L.fibers = fibers.data();
+  std::vector<WarpState> warps((L.nthreads + 31) / 32);
+  L.warps = warps.data();
   tl_launch = &L;
 
   // Blocks in an order shuffled from the seed (a kernel that depends on block order fails).
