@@ -3,6 +3,8 @@
 //! it is the convenience path, not the steady-state one.
 
 use super::device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
+use super::launch;
+use super::spec::Variant;
 use crate::backend::{Backend, DeviceBuffer};
 use crate::dtype::DType;
 use crate::layer::{GradMode, Grads, Layer, Outputs};
@@ -177,4 +179,46 @@ pub fn merged_weight<B: Backend>(b: &B, layer: &Layer) -> Result<Vec<f32>> {
     let t = download(b, &out, DType::F32, vec![d_out, d_in], "merged weight")?;
     debug_assert_eq!(out.bytes(), 4 * d_out * d_in);
     Ok(t.to_f32())
+}
+
+/// The column norm `n` and, for DoRA, `g = m / max(n, ε)` (both `[d_out]` f32) of `layer`,
+/// computed on `b` in the weight's dtype by `variant` (or the dispatcher's choice when
+/// `None`; tests force each variant of [`super::spec::VARIANTS`] in turn).
+///
+/// # Errors
+/// An invalid layer (naming the tensor), a variant that cannot run this dtype and rank, or
+/// a device failure naming the kernel.
+pub fn norm<B: Backend>(
+    b: &B,
+    layer: &Layer,
+    variant: Option<&'static Variant>,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let (d_in, d_out, r) = layer.dims()?;
+    let dt = layer.weight.dtype();
+    let up = Uploaded::new(b, layer, dt)?;
+    let w = up.weights(layer, dt)?;
+    w.validate()?;
+    let out = b.alloc_zeroed(8 * d_out).context("allocating n and g")?;
+    let n_ptr = out.ptr();
+    let g_ptr = out.ptr().offset(4 * d_out);
+    let args = launch::NormArgs {
+        dtype: dt,
+        w0: w.weight.ptr(),
+        fan_in_fan_out: w.fan_in_fan_out,
+        a: w.lora_a.ptr(),
+        b: w.lora_b.ptr(),
+        m: w.magnitude.map(|m| m.ptr()),
+        s: w.scaling,
+        d_out,
+        d_in,
+        r,
+        n_out: n_ptr,
+        g_out: w.magnitude.map(|_| g_ptr),
+    };
+    // SAFETY: the weights were validated against (d_in, d_out, r) and dtype; `out` holds
+    // 2·d_out f32 (n, then g).
+    unsafe { launch::norm(b, &args, variant) }?;
+    let both = download(b, &out, DType::F32, vec![2 * d_out], "n and g")?.to_f32();
+    let (n, g) = both.split_at(d_out);
+    Ok((n.to_vec(), layer.is_dora().then(|| g.to_vec())))
 }

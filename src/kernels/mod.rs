@@ -25,6 +25,6 @@ mod launch;
 pub mod spec;
 
 pub use device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
-pub use host::{merged_weight, run_layer};
+pub use host::{merged_weight, norm, run_layer};
 
 include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));

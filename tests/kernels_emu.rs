@@ -1,0 +1,615 @@
+//! Every fused kernel on the CPU emulator (the very `.cu` sources), against the float64
+//! reference (`cpu::reference`), under several emulator seeds (thread schedules and shared
+//! memory garbage), at sizes off every tile, ranks 1, 7, 16, 64, 256, every dtype,
+//! fan_in_fan_out, bias / no bias, LoRA, the exact gradient, the in-place and supplied-base
+//! forwards and the cached-g inference forward.
+//!
+//! Tolerances: `DType::tolerance()` (rel-L2 vs f64: f32 1e-5, f16 1e-3, bf16 8e-3). NaN never
+//! passes. Sizes are small on purpose: the emulator runs each thread as a fiber.
+
+use dorafuse::backend::{Backend, DeviceBuffer};
+use dorafuse::cpu::reference;
+use dorafuse::emu::EmuBackend;
+use dorafuse::kernels::{self, spec, Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
+use dorafuse::tensor::rel_l2;
+use dorafuse::{DType, GradMode, Layer, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+const SEEDS: [u64; 3] = [1, 2, 3];
+
+/// What a case varies.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    t: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    dtype: DType,
+    dora: bool,
+    bias: bool,
+    fifo: bool,
+}
+
+fn normal(rng: &mut impl Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let v: f64 = StandardNormal.sample(rng);
+            v * scale
+        })
+        .collect()
+}
+
+/// A random layer and input: distinct values everywhere, a magnitude not equal to the norm
+/// (so g ≠ 1), a non-trivial scaling.
+fn make(c: Case, seed: u64) -> (Layer, Tensor, Tensor) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 7919 + c.r as u64);
+    let dt = c.dtype;
+    let w = normal(&mut rng, c.d_out * c.d_in, 1.0 / (c.d_in as f64).sqrt());
+    let wshape = if c.fifo {
+        vec![c.d_in, c.d_out]
+    } else {
+        vec![c.d_out, c.d_in]
+    };
+    let layer = Layer {
+        weight: Tensor::from_f64(dt, wshape, &w).unwrap(),
+        bias: c
+            .bias
+            .then(|| Tensor::from_f64(dt, vec![c.d_out], &normal(&mut rng, c.d_out, 0.5)).unwrap()),
+        lora_a: Tensor::from_f64(
+            dt,
+            vec![c.r, c.d_in],
+            &normal(&mut rng, c.r * c.d_in, 1.0 / (c.d_in as f64).sqrt()),
+        )
+        .unwrap(),
+        lora_b: Tensor::from_f64(
+            dt,
+            vec![c.d_out, c.r],
+            &normal(&mut rng, c.d_out * c.r, 0.3),
+        )
+        .unwrap(),
+        magnitude: c.dora.then(|| {
+            let m: Vec<f64> = (0..c.d_out).map(|_| rng.gen_range(0.5..1.5)).collect();
+            Tensor::from_f64(DType::F32, vec![c.d_out], &m).unwrap()
+        }),
+        scaling: 2.0 / (c.r as f64).sqrt(),
+        fan_in_fan_out: c.fifo,
+    };
+    let x = Tensor::from_f64(dt, vec![c.t, c.d_in], &normal(&mut rng, c.t * c.d_in, 1.0)).unwrap();
+    let gy = Tensor::from_f64(
+        dt,
+        vec![c.t, c.d_out],
+        &normal(&mut rng, c.t * c.d_out, 1.0),
+    )
+    .unwrap();
+    (layer, x, gy)
+}
+
+/// Fails with the first few mismatches when `got` is not within `tol` of `want`.
+fn check(what: &str, c: &Case, seed: u64, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let e = rel_l2(got, want);
+    if e.is_nan() || e > tol {
+        let bad: Vec<String> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| !((*g - *w).abs() <= tol * (1.0 + w.abs())))
+            .take(5)
+            .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+            .collect();
+        panic!("{what} {c:?} seed {seed}: rel-L2 {e:e} > {tol:e}; first mismatches: {bad:?}");
+    }
+}
+
+fn run_case(c: Case, mode: GradMode) {
+    for seed in SEEDS {
+        let emu = EmuBackend::new(seed);
+        let (layer, x, gy) = make(c, seed);
+        let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
+        let got = kernels::run_layer(&emu, &layer, &x, Some(&gy), mode)
+            .unwrap_or_else(|e| panic!("{c:?} seed {seed}: {e:#}"));
+        let tol = c.dtype.tolerance();
+        check("y", &c, seed, &got.y.to_f64(), &want.y, tol);
+        let g = got.grads.expect("grads");
+        check("grad_x", &c, seed, &g.grad_x.to_f64(), &want.grad_x, tol);
+        check(
+            "grad_lora_A",
+            &c,
+            seed,
+            &g.grad_lora_a.to_f64(),
+            &want.grad_lora_a,
+            tol,
+        );
+        check(
+            "grad_lora_B",
+            &c,
+            seed,
+            &g.grad_lora_b.to_f64(),
+            &want.grad_lora_b,
+            tol,
+        );
+        match (&g.grad_magnitude, &want.grad_magnitude) {
+            (Some(gm), Some(wm)) => check("grad_magnitude", &c, seed, &gm.to_f64(), wm, tol),
+            (None, None) => assert!(!c.dora),
+            other => panic!("grad_magnitude presence differs: {other:?}"),
+        }
+    }
+}
+
+/// Shapes off every tile (16-row, 64-column, 32-chunk tiles), one per rank of the ladder.
+const SHAPES: [(usize, usize, usize, usize); 5] = [
+    (1, 7, 33, 1),
+    (33, 70, 65, 7),
+    (17, 129, 33, 16),
+    (7, 65, 70, 64),
+    (5, 33, 17, 256),
+];
+
+fn case(i: usize, dtype: DType, dora: bool) -> Case {
+    let (t, d_in, d_out, r) = SHAPES[i];
+    Case {
+        t,
+        d_in,
+        d_out,
+        r,
+        dtype,
+        dora,
+        bias: i % 2 == 0,
+        fifo: i % 3 == 1,
+    }
+}
+
+#[test]
+fn dora_detached_every_dtype_and_rank() {
+    for dt in DType::ALL {
+        for i in 0..SHAPES.len() {
+            run_case(case(i, dt, true), GradMode::Detached);
+        }
+    }
+}
+
+#[test]
+fn dora_exact_gradient() {
+    for dt in DType::ALL {
+        for i in [0, 2, 3] {
+            run_case(case(i, dt, true), GradMode::Exact);
+        }
+    }
+}
+
+#[test]
+fn lora_through_the_same_kernels() {
+    for dt in DType::ALL {
+        for i in [1, 2, 4] {
+            run_case(case(i, dt, false), GradMode::Detached);
+        }
+    }
+}
+
+#[test]
+fn fan_in_fan_out_and_bias_every_combination() {
+    for fifo in [false, true] {
+        for bias in [false, true] {
+            let c = Case {
+                fifo,
+                bias,
+                ..case(1, DType::BF16, true)
+            };
+            run_case(c, GradMode::Detached);
+        }
+    }
+}
+
+#[test]
+fn norm_every_variant_against_f64() {
+    for dt in DType::ALL {
+        for (i, &(_, d_in, d_out, r)) in SHAPES.iter().enumerate() {
+            for fifo in [false, true] {
+                let c = Case {
+                    fifo,
+                    d_out: d_out + 64 * (i % 2), // also cross the 64-row tile of v2
+                    ..case(i, dt, true)
+                };
+                let (layer, _, _) = make(c, 11);
+                let want_n = reference::norm_f64(&layer).unwrap();
+                let m = layer.magnitude.as_ref().unwrap().to_f64();
+                let want_g: Vec<f64> = m
+                    .iter()
+                    .zip(&want_n)
+                    .map(|(m, n)| m / n.max(dorafuse::layer::NORM_EPS))
+                    .collect();
+                let variants = spec::candidates(spec::Op::Norm, dt, r);
+                assert!(!variants.is_empty());
+                for v in variants {
+                    for seed in SEEDS {
+                        let emu = EmuBackend::new(seed);
+                        let (n, g) = kernels::norm(&emu, &layer, Some(v))
+                            .unwrap_or_else(|e| panic!("{} {c:?}: {e:#}", v.prefix));
+                        let n: Vec<f64> = n.iter().map(|&v| v as f64).collect();
+                        let g: Vec<f64> = g.unwrap().iter().map(|&v| v as f64).collect();
+                        // n and g are f32 outputs: the error left is the dtype's (inputs
+                        // exact), far inside the f32 bar for f32 and the dtype bar otherwise.
+                        let tol = 1e-5;
+                        check(&format!("n ({})", v.prefix), &c, seed, &n, &want_n, tol);
+                        check(&format!("g ({})", v.prefix), &c, seed, &g, &want_g, tol);
+                    }
+                }
+                let _ = d_in;
+            }
+        }
+    }
+}
+
+/// A zero row of V (W0 row and B row zero) has n = 0 and a finite g = m / ε (not NaN);
+/// its output is then just the bias, as in the f64 reference.
+#[test]
+fn zero_rows_give_finite_scale_not_nan() {
+    let c = case(2, DType::BF16, true);
+    let (mut layer, x, gy) = make(c, 5);
+    let mut w = layer.weight.to_f32();
+    for k in 0..c.d_in {
+        w[3 * c.d_in + k] = 0.0;
+    }
+    layer.weight = Tensor::from_f32(c.dtype, vec![c.d_out, c.d_in], &w).unwrap();
+    let mut b = layer.lora_b.to_f32();
+    for i in 0..c.r {
+        b[3 * c.r + i] = 0.0;
+    }
+    layer.lora_b = Tensor::from_f32(c.dtype, vec![c.d_out, c.r], &b).unwrap();
+    let m3 = layer.magnitude.as_ref().unwrap().to_f32()[3];
+    let eps = dorafuse::layer::NORM_EPS as f32;
+    for v in spec::candidates(spec::Op::Norm, c.dtype, c.r) {
+        let (n, g) = kernels::norm(&EmuBackend::new(1), &layer, Some(v)).unwrap();
+        assert_eq!(n[3], 0.0, "{}", v.prefix);
+        let g3 = g.unwrap()[3];
+        assert!(
+            g3.is_finite() && (g3 - m3 / eps).abs() <= 1e-6 * (m3 / eps),
+            "{}: g[3] = {g3}, expected m/ε = {}",
+            v.prefix,
+            m3 / eps
+        );
+    }
+    for mode in [GradMode::Detached, GradMode::Exact] {
+        let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
+        let got = kernels::run_layer(&EmuBackend::new(2), &layer, &x, Some(&gy), mode).unwrap();
+        let tol = c.dtype.tolerance();
+        check("y (zero row)", &c, 2, &got.y.to_f64(), &want.y, tol);
+        let g = got.grads.unwrap();
+        check(
+            "grad_x (zero row)",
+            &c,
+            2,
+            &g.grad_x.to_f64(),
+            &want.grad_x,
+            tol,
+        );
+        check(
+            "grad_lora_A (zero row)",
+            &c,
+            2,
+            &g.grad_lora_a.to_f64(),
+            &want.grad_lora_a,
+            tol,
+        );
+        check(
+            "grad_lora_B (zero row)",
+            &c,
+            2,
+            &g.grad_lora_b.to_f64(),
+            &want.grad_lora_b,
+            tol,
+        );
+    }
+}
+
+#[test]
+fn merged_weight_matches_f64() {
+    for dt in DType::ALL {
+        for i in [0, 1, 4] {
+            for dora in [true, false] {
+                let c = case(i, dt, dora);
+                let (layer, _, _) = make(c, 3);
+                let want = reference::merged_weight_f64(&layer).unwrap();
+                for seed in SEEDS {
+                    let got: Vec<f64> = kernels::merged_weight(&EmuBackend::new(seed), &layer)
+                        .unwrap()
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect();
+                    check("merged weight", &c, seed, &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+/// Uploads host bytes into a fresh buffer.
+fn up<B: Backend>(b: &B, t: &Tensor) -> B::Buffer {
+    let mut buf = b.alloc_zeroed(t.as_bytes().len()).unwrap();
+    b.upload(&mut buf, t.as_bytes()).unwrap();
+    buf
+}
+
+fn down<B: Backend>(b: &B, buf: &B::Buffer, dt: DType, n: usize) -> Vec<f64> {
+    let mut bytes = vec![0u8; n * dt.size()];
+    b.download(buf, &mut bytes).unwrap();
+    Tensor::from_bytes(dt, vec![n], &bytes).unwrap().to_f64()
+}
+
+/// The device API: computed, supplied and in-place bases agree; the cached g is reused
+/// until the adapter changes, and then recomputed; workspaces stop growing.
+#[test]
+fn device_layer_inference_cache_and_bases() {
+    for dt in [DType::BF16, DType::F32] {
+        let c = Case {
+            bias: true,
+            ..case(3, dt, true)
+        };
+        let emu = EmuBackend::new(2);
+        let (layer, x, _) = make(c, 9);
+        let want = reference::run_f64(&layer, &x, None, GradMode::Detached)
+            .unwrap()
+            .y;
+        let wb = up(&emu, &layer.weight);
+        let ab = up(&emu, &layer.lora_a);
+        let bb = up(&emu, &layer.lora_b);
+        let mb = up(&emu, layer.magnitude.as_ref().unwrap());
+        let biasb = up(&emu, &layer.bias.as_ref().unwrap().cast(DType::F32));
+        let xb = up(&emu, &x);
+        let weights = DoraWeights {
+            weight: DevTensor::of(&wb, dt),
+            fan_in_fan_out: c.fifo,
+            bias: Some(DevTensor::of(&biasb, DType::F32)),
+            lora_a: DevTensor::of(&ab, dt),
+            lora_b: DevTensor::of(&bb, dt),
+            // A raw view: the test rewrites m in place later, as an optimiser would.
+            // SAFETY: `mb` is an emulator buffer of this size that outlives `dl`.
+            magnitude: Some(unsafe { DevTensor::from_raw(mb.ptr(), mb.bytes(), DType::F32) }),
+            scaling: layer.scaling as f32,
+            d_in: c.d_in,
+            d_out: c.d_out,
+            r: c.r,
+        };
+        let mut dl = DoraLayer::new(&emu, weights).unwrap();
+        let xt = DevTensor::of(&xb, dt);
+        let n_out = c.t * c.d_out;
+        let y1 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
+        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y1, dt))
+            .unwrap();
+        let got1 = down(&emu, &y1, dt, n_out);
+        check(
+            "forward (computed base)",
+            &c,
+            2,
+            &got1,
+            &want,
+            dt.tolerance(),
+        );
+        let v0 = dl.adapter_version();
+        let ws0 = dl.workspace_bytes();
+
+        // Supplied base: x·W0ᵀ from the f64 reference rounded to dt.
+        let refl = reference::RefLayer::from_layer(&layer).unwrap();
+        let mut plain = refl.clone();
+        plain.lora_b.iter_mut().for_each(|v| *v = 0.0);
+        plain.magnitude = None;
+        plain.bias = None;
+        let base = plain.forward(&x.to_f64(), c.t, None);
+        let base_t = Tensor::from_f64(dt, vec![c.t, c.d_out], &base).unwrap();
+        let baseb = up(&emu, &base_t);
+        let y2 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
+        dl.forward(
+            &emu,
+            &xt,
+            c.t,
+            Base::Supplied(DevTensor::of(&baseb, dt)),
+            &DevTensor::of(&y2, dt),
+        )
+        .unwrap();
+        check(
+            "forward (supplied base)",
+            &c,
+            2,
+            &down(&emu, &y2, dt, n_out),
+            &want,
+            dt.tolerance(),
+        );
+
+        // In place: y starts as base and is overwritten.
+        let y3 = up(&emu, &base_t);
+        dl.forward(&emu, &xt, c.t, Base::InPlace, &DevTensor::of(&y3, dt))
+            .unwrap();
+        check(
+            "forward (in place)",
+            &c,
+            2,
+            &down(&emu, &y3, dt, n_out),
+            &want,
+            dt.tolerance(),
+        );
+        assert_eq!(
+            dl.adapter_version(),
+            v0,
+            "no adapter change, no new version"
+        );
+        assert_eq!(dl.workspace_bytes(), ws0, "steady state allocates nothing");
+
+        // The cache really is used: poison m on the device; without invalidation the
+        // result must not change, after invalidation it must follow the new m.
+        let m2: Vec<f32> = layer
+            .magnitude
+            .as_ref()
+            .unwrap()
+            .to_f32()
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let mut mb = mb;
+        emu.upload(&mut mb, bytemuck_f32(&m2)).unwrap();
+        let y4 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
+        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
+            .unwrap();
+        assert_eq!(
+            down(&emu, &y4, dt, n_out),
+            got1,
+            "cached g reused while the adapter is unchanged"
+        );
+        dl.invalidate();
+        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
+            .unwrap();
+        let mut l2 = layer.clone();
+        l2.magnitude = Some(Tensor::from_f32(DType::F32, vec![c.d_out], &m2).unwrap());
+        let want2 = reference::run_f64(&l2, &x, None, GradMode::Detached)
+            .unwrap()
+            .y;
+        check(
+            "forward after invalidate",
+            &c,
+            2,
+            &down(&emu, &y4, dt, n_out),
+            &want2,
+            dt.tolerance(),
+        );
+        drop(dl);
+        drop(mb);
+    }
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern of it is a valid u8 sequence.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The training pair on the device API, twice in a row: the second step reuses the
+/// workspaces, and the results are bit-identical (deterministic reductions).
+#[test]
+fn device_layer_training_is_deterministic_and_allocation_free() {
+    let c = case(1, DType::F16, true);
+    let emu = EmuBackend::new(3);
+    let (layer, x, gy) = make(c, 4);
+    let dt = c.dtype;
+    let wb = up(&emu, &layer.weight);
+    let ab = up(&emu, &layer.lora_a);
+    let bb = up(&emu, &layer.lora_b);
+    let mb = up(&emu, layer.magnitude.as_ref().unwrap());
+    let xb = up(&emu, &x);
+    let gyb = up(&emu, &gy);
+    let weights = DoraWeights {
+        weight: DevTensor::of(&wb, dt),
+        fan_in_fan_out: c.fifo,
+        bias: None,
+        lora_a: DevTensor::of(&ab, dt),
+        lora_b: DevTensor::of(&bb, dt),
+        magnitude: Some(DevTensor::of(&mb, DType::F32)),
+        scaling: layer.scaling as f32,
+        d_in: c.d_in,
+        d_out: c.d_out,
+        r: c.r,
+    };
+    let mut dl = DoraLayer::new(&emu, weights).unwrap();
+    let y = emu.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
+    let gx = emu.alloc_zeroed(c.t * c.d_in * dt.size()).unwrap();
+    let ga = emu.alloc_zeroed(4 * c.r * c.d_in).unwrap();
+    let gb = emu.alloc_zeroed(4 * c.d_out * c.r).unwrap();
+    let gm = emu.alloc_zeroed(4 * c.d_out).unwrap();
+    let targets = GradTargets {
+        grad_x: DevTensor::of(&gx, dt),
+        grad_lora_a: DevTensor::of(&ga, DType::F32),
+        grad_lora_b: DevTensor::of(&gb, DType::F32),
+        grad_magnitude: Some(DevTensor::of(&gm, DType::F32)),
+    };
+    let xt = DevTensor::of(&xb, dt);
+    let mut results = Vec::new();
+    let mut ws = Vec::new();
+    for _ in 0..2 {
+        dl.forward_train(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
+            .unwrap();
+        dl.backward(
+            &emu,
+            &xt,
+            &DevTensor::of(&gyb, dt),
+            &targets,
+            GradMode::Exact,
+        )
+        .unwrap();
+        results.push((
+            down(&emu, &gx, dt, c.t * c.d_in),
+            down(&emu, &ga, DType::F32, c.r * c.d_in),
+            down(&emu, &gb, DType::F32, c.d_out * c.r),
+            down(&emu, &gm, DType::F32, c.d_out),
+        ));
+        ws.push(dl.workspace_bytes());
+        dl.invalidate(); // an optimiser step would go here
+    }
+    assert_eq!(
+        results[0], results[1],
+        "two identical steps give identical bits"
+    );
+    assert_eq!(ws[0], ws[1], "the second step allocates nothing");
+    // backward without a matching forward_train is refused
+    let e = dl
+        .backward(
+            &emu,
+            &xt,
+            &DevTensor::of(&gyb, dt),
+            &targets,
+            GradMode::Detached,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no forward_train"), "{e}");
+    let want = reference::run_f64(&layer, &x, Some(&gy), GradMode::Exact).unwrap();
+    check(
+        "grad_lora_A (device API)",
+        &c,
+        3,
+        &results[0].1,
+        &want.grad_lora_a,
+        dt.tolerance(),
+    );
+    check(
+        "grad_magnitude (device API)",
+        &c,
+        3,
+        &results[0].3,
+        want.grad_magnitude.as_ref().unwrap(),
+        dt.tolerance(),
+    );
+}
+
+#[test]
+fn device_api_rejects_bad_buffers_naming_them() {
+    let emu = EmuBackend::new(1);
+    let c = case(0, DType::BF16, true);
+    let (layer, _, _) = make(c, 1);
+    let wb = up(&emu, &layer.weight);
+    let ab = up(&emu, &layer.lora_a);
+    let bb = up(&emu, &layer.lora_b);
+    let small = emu.alloc_zeroed(4).unwrap();
+    let mk = |m: DevTensor<'_>| {
+        DoraWeights {
+            weight: DevTensor::of(&wb, DType::BF16),
+            fan_in_fan_out: false,
+            bias: None,
+            lora_a: DevTensor::of(&ab, DType::BF16),
+            lora_b: DevTensor::of(&bb, DType::BF16),
+            magnitude: Some(m),
+            scaling: 1.0,
+            d_in: c.d_in,
+            d_out: c.d_out,
+            r: c.r,
+        }
+        .validate()
+        .unwrap_err()
+        .to_string()
+    };
+    let e = mk(DevTensor::of(&small, DType::F32));
+    assert!(
+        e.starts_with("magnitude:") && e.contains("too small"),
+        "{e}"
+    );
+    let e = mk(DevTensor::of(&small, DType::BF16));
+    assert!(e.starts_with("magnitude: dtype bf16"), "{e}");
+    let _ = small.bytes();
+}
