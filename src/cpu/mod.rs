@@ -249,38 +249,25 @@ impl<'a> Params<'a> {
         acc.sqrt() as f32
     }
 
-    /// The norm on its own: W0 is streamed in row blocks that stay in cache, each block
-    /// giving its rows' `‖W0_j‖²` and `W0_blk·Aᵀ` while it is resident, so W0 is read from
-    /// memory once.
+    /// The norm on its own: a streaming sum of squares over W0 (split over the cores) and
+    /// the product `P = W0·Aᵀ` (W0 as the left operand, so `matrixmultiply` packs it on
+    /// every core). [`run`] instead fuses the cross term into the forward's product.
+    ///
+    /// A cache-blocked variant (each block of W0 rows summed and multiplied while resident,
+    /// so W0 leaves memory once) is possible, but with `matrixmultiply` it becomes one small
+    /// product per block whose packing of W0 runs on one thread (or, with blocks spread over
+    /// threads, callers contending for its single pool); it is not used.
     fn norm(&self) -> NormParts {
-        let (d_in, d_out, r) = (self.d_in, self.d_out, self.r);
-        // ~1 MiB of W0 per block: well inside a core's L2 alongside the packed panels.
-        let rows_per_block = ((1usize << 18) / d_in).clamp(8, 1024);
-        let w0 = self.w0();
-        let mut w2 = vec![0.0f32; d_out];
+        let (d_out, r) = (self.d_out, self.r);
+        let w2 = self.row_sumsq();
         let mut p = vec![0.0f32; d_out * r];
-        for j0 in (0..d_out).step_by(rows_per_block) {
-            let j1 = (j0 + rows_per_block).min(d_out);
-            if self.fan_in_fan_out {
-                for i in 0..d_in {
-                    let seg = &self.weight[i * d_out + j0..i * d_out + j1];
-                    for (acc, v) in w2[j0..j1].iter_mut().zip(seg) {
-                        *acc += v * v;
-                    }
-                }
-            } else {
-                for (j, acc) in (j0..j1).zip(&mut w2[j0..j1]) {
-                    *acc = sumsq(&self.weight[j * d_in..(j + 1) * d_in]);
-                }
-            }
-            gemm(
-                1.0,
-                w0.rows(j0, j1),
-                self.a().t(),
-                0.0,
-                ViewMut::new(&mut p[j0 * r..j1 * r], j1 - j0, r),
-            );
-        }
+        gemm(
+            1.0,
+            self.w0(),
+            self.a().t(),
+            0.0,
+            ViewMut::new(&mut p, d_out, r),
+        );
         self.norm_from(&w2, View::new(&p, d_out, r))
     }
 }
@@ -291,8 +278,7 @@ fn scale_from(m: &[f32], n: &[f32]) -> Vec<f32> {
 }
 
 /// `n_j = ‖W0_j + s·B_j·A‖₂` for every output row j, in f32 arithmetic, without building
-/// `W0 + s·B·A` (W0 is streamed once in cache-sized row blocks; see the module notes on
-/// cancellation).
+/// `W0 + s·B·A` (from `‖W0_j‖²`, `W0·Aᵀ` and `A·Aᵀ`; see the module notes on cancellation).
 ///
 /// # Errors
 /// An invalid layer, naming the tensor and its shape.
