@@ -95,7 +95,7 @@ fn warp_shuffle_reduction() {
 fn ballot_any_all() {
     for &seed in &seeds() {
         let b = EmuBackend::new(seed);
-        let n = 256;
+        let n: i32 = 256;
         // Warp w has w positive elements at scattered lanes (w = 0..7), warp 7 all 32.
         let x: Vec<f32> = (0..n)
             .map(|i| {
@@ -118,7 +118,7 @@ fn ballot_any_all() {
                 &[
                     KernelArg::Ptr(xb.ptr()),
                     KernelArg::Ptr(ob.ptr()),
-                    KernelArg::I32(n as i32),
+                    KernelArg::I32(n),
                 ],
             )
             .unwrap();
