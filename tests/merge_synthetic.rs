@@ -58,6 +58,7 @@ struct Spec {
     sharded: bool,
     base_prefix: &'static str,
     adapter_prefix: &'static str,
+    dora: bool,
 }
 
 impl Default for Spec {
@@ -68,6 +69,7 @@ impl Default for Spec {
             sharded: false,
             base_prefix: "",
             adapter_prefix: "",
+            dora: true,
         }
     }
 }
@@ -135,6 +137,9 @@ fn build(root: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
             &randn(&mut rng, d_out * r, 0.3),
         ));
         let mag: Vec<f32> = (0..d_out).map(|j| 0.5 + 0.1 * j as f32).collect();
+        if !spec.dora {
+            continue;
+        }
         adapter.push(float(
             &format!("{key}.lora_magnitude_vector"),
             DType::F32,
@@ -169,7 +174,7 @@ fn build(root: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
         "peft_type": "LORA",
         "r": 3,
         "lora_alpha": 6,
-        "use_dora": true,
+        "use_dora": spec.dora,
         "use_rslora": false,
         "fan_in_fan_out": spec.fifo,
         "target_modules": ["query", "dense"],
@@ -192,7 +197,7 @@ fn truth(model: &AdaptedModel<'_>, module: &str) -> Vec<f64> {
     let l = model.layer(module).unwrap();
     let (d_in, d_out, r) = l.dims().unwrap();
     let (w, a, b) = (l.weight.to_f64(), l.lora_a.to_f64(), l.lora_b.to_f64());
-    let m = l.magnitude.as_ref().unwrap().to_f64();
+    let m = l.magnitude.as_ref().map(|t| t.to_f64());
     let mut out = vec![0f64; d_out * d_in];
     for j in 0..d_out {
         for i in 0..d_in {
@@ -208,7 +213,9 @@ fn truth(model: &AdaptedModel<'_>, module: &str) -> Vec<f64> {
         }
         let row = &mut out[j * d_in..(j + 1) * d_in];
         let n = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-        row.iter_mut().for_each(|x| *x *= m[j] / n);
+        if let Some(m) = &m {
+            row.iter_mut().for_each(|x| *x *= m[j] / n);
+        }
     }
     out
 }
@@ -246,8 +253,8 @@ fn check_merge(spec: &Spec) {
     let out = tmp.path().join("out");
     let rep = merge_model(&base, &adapter, &out, &MergeOptions::default()).unwrap();
     let what = format!(
-        "{} fifo={} sharded={} prefixes {:?}/{:?}",
-        spec.dtype, spec.fifo, spec.sharded, spec.base_prefix, spec.adapter_prefix
+        "{} dora={} fifo={} sharded={} prefixes {:?}/{:?}",
+        spec.dtype, spec.dora, spec.fifo, spec.sharded, spec.base_prefix, spec.adapter_prefix
     );
     assert_eq!(rep.modules, MODULES.len(), "{what}");
     // Nothing but the output beside it: the temporary directory is gone.
@@ -329,6 +336,18 @@ fn merges_single_and_sharded_in_every_dtype() {
                 ..Default::default()
             });
         }
+    }
+}
+
+#[test]
+fn merges_plain_lora() {
+    for dtype in [DType::F32, DType::F16] {
+        check_merge(&Spec {
+            dtype,
+            dora: false,
+            sharded: true,
+            ..Default::default()
+        });
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::base::{BaseModel, NameMap};
 use super::model::{Adapter, AdapterModule};
+use crate::dtype::DType;
 use crate::layer::Layer;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -131,12 +132,28 @@ impl<'a> AdaptedModel<'a> {
         Ok(())
     }
 
-    /// The [`Layer`] of one module: the base weight and bias read from the mapping (in the
-    /// base dtype), the adapter tensors in theirs.
+    /// The [`Layer`] of one module as PEFT holds it after loading: the base weight and bias
+    /// read from the mapping in the base dtype, and lora_A, lora_B and the magnitude in f32
+    /// (PEFT's default `autocast_adapter_dtype=True` upcasts f16/bf16 adapter parameters to
+    /// f32, whatever the file stores; the values are unchanged, and so are the gradients'
+    /// dtypes a training step produces).
     ///
     /// # Errors
     /// Unknown module, or an unreadable base tensor.
     pub fn layer(&self, module: &str) -> Result<Layer> {
+        let mut l = self.layer_as_stored(module)?;
+        l.lora_a = l.lora_a.cast(DType::F32);
+        l.lora_b = l.lora_b.cast(DType::F32);
+        l.magnitude = l.magnitude.map(|m| m.cast(DType::F32));
+        Ok(l)
+    }
+
+    /// The [`Layer`] of one module with the adapter tensors in the dtypes the file stores
+    /// (PEFT's `autocast_adapter_dtype=False` on a base of the same dtype).
+    ///
+    /// # Errors
+    /// Unknown module, or an unreadable base tensor.
+    pub fn layer_as_stored(&self, module: &str) -> Result<Layer> {
         let m = self
             .adapter
             .modules

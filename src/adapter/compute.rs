@@ -1,7 +1,7 @@
 //! The one place where the adapter code asks for arithmetic on a layer: the DoRA scale g
 //! and the merged weight W' = diag(g)·(W0 + s·B·A), on the CPU path or on a GPU.
 
-use crate::layer::{Layer, NORM_EPS};
+use crate::layer::Layer;
 use anyhow::{ensure, Result};
 
 /// Where `merge` computes W'.
@@ -15,98 +15,49 @@ pub enum MergeDevice {
 }
 
 impl MergeDevice {
-    /// True when `Cuda` would work here: a driver, a device and compiled kernels.
+    /// True when `Cuda` would work here: a CUDA driver with a device, and kernels compiled
+    /// into this build.
     pub fn cuda_usable() -> bool {
-        // The GPU merge is not wired in this build (see `merged_weight`).
-        false
+        crate::cuda::KERNELS_COMPILED && crate::cuda::device_available()
     }
 }
 
-/// V = W0 + s·B·A as `[d_out, d_in]` f32 (W0 transposed first when stored `[d_in, d_out]`).
-fn v_matrix(layer: &Layer) -> Result<(Vec<f32>, usize, usize)> {
-    let (d_in, d_out, r) = layer.dims()?;
-    let w = layer.weight.to_f32();
-    let mut v = if layer.fan_in_fan_out {
-        let mut t = vec![0f32; d_out * d_in];
-        for i in 0..d_in {
-            for j in 0..d_out {
-                t[j * d_in + i] = w[i * d_out + j];
-            }
-        }
-        t
-    } else {
-        w
-    };
-    let a = layer.lora_a.to_f32();
-    let b = layer.lora_b.to_f32();
-    // SAFETY: a is r×d_in, b is d_out×r, v is d_out×d_in, all row-major and contiguous with
-    // exactly those lengths (checked by Layer::dims and the tensors' own invariants); the
-    // strides below describe exactly those layouts.
-    unsafe {
-        matrixmultiply::sgemm(
-            d_out,
-            r,
-            d_in,
-            layer.scaling as f32,
-            b.as_ptr(),
-            r as isize,
-            1,
-            a.as_ptr(),
-            d_in as isize,
-            1,
-            1.0,
-            v.as_mut_ptr(),
-            d_in as isize,
-            1,
-        );
-    }
-    Ok((v, d_out, d_in))
-}
-
-fn scale_from_v(layer: &Layer, v: &[f32], d_out: usize, d_in: usize) -> Option<Vec<f32>> {
-    let m = layer.magnitude.as_ref()?.to_f32();
-    Some(
-        (0..d_out)
-            .map(|j| {
-                let row = &v[j * d_in..(j + 1) * d_in];
-                let n = row.iter().map(|&x| x * x).sum::<f32>().sqrt();
-                m[j] / n.max(NORM_EPS as f32)
-            })
-            .collect(),
-    )
-}
-
-/// g = m / max(‖W0 + s·B·A‖, ε) per output row, f32; `None` for plain LoRA.
+/// g = m / max(‖W0 + s·B·A‖, ε) per output row, f32 (the CPU path's
+/// [`crate::cpu::magnitude_scale`]); `None` for plain LoRA.
 ///
 /// # Errors
 /// Inconsistent layer shapes.
 pub fn magnitude_scale(layer: &Layer) -> Result<Option<Vec<f32>>> {
-    if layer.magnitude.is_none() {
-        layer.dims()?;
-        return Ok(None);
-    }
-    let (v, d_out, d_in) = v_matrix(layer)?;
-    Ok(scale_from_v(layer, &v, d_out, d_in))
+    crate::cpu::magnitude_scale(layer)
 }
 
-/// W' = diag(g)·(W0 + s·B·A) as `[d_out, d_in]` row-major f32 (g = 1 for plain LoRA),
-/// with the g used.
+/// W' = diag(g)·(W0 + s·B·A) as `[d_out, d_in]` row-major f32 (g = 1 for plain LoRA) from
+/// [`crate::cpu::merged_weight`] or, on `Cuda`, [`crate::kernels::merged_weight`] on GPU 0;
+/// with the g that undoing the merge divides by (from the CPU path in both cases: the two
+/// agree to f32 rounding, far below the rounding of W' to a half-precision base).
 ///
 /// # Errors
-/// Inconsistent layer shapes; on `Cuda`, no usable GPU.
+/// Inconsistent layer shapes; on `Cuda`, no usable GPU or a failing kernel.
 pub fn merged_weight(layer: &Layer, device: MergeDevice) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-    ensure!(
-        device == MergeDevice::Cpu,
-        "merging on the GPU is not available in this build (the CUDA merged_weight kernel is not wired yet); use --device cpu"
-    );
-    let (mut v, d_out, d_in) = v_matrix(layer)?;
-    let g = scale_from_v(layer, &v, d_out, d_in);
-    if let Some(g) = &g {
-        for (row, &gj) in v.chunks_exact_mut(d_in).zip(g) {
-            row.iter_mut().for_each(|x| *x *= gj);
+    let w = match device {
+        MergeDevice::Cpu => crate::cpu::merged_weight(layer)?,
+        MergeDevice::Cuda => {
+            let b = cuda_backend()?;
+            crate::kernels::merged_weight(b, layer)?
         }
+    };
+    let g = magnitude_scale(layer)?;
+    Ok((w, g))
+}
+
+/// One CUDA backend per process, created on first use (module loading is not free).
+fn cuda_backend() -> Result<&'static crate::cuda::CudaBackend> {
+    static B: std::sync::OnceLock<crate::cuda::CudaBackend> = std::sync::OnceLock::new();
+    if let Some(b) = B.get() {
+        return Ok(b);
     }
-    Ok((v, g))
+    let b = crate::cuda::CudaBackend::new(0)?;
+    Ok(B.get_or_init(|| b))
 }
 
 /// Undoes a merge: W0 = W'/g − s·B·A (W0 = W' − s·B·A for plain LoRA), `[d_out, d_in]`

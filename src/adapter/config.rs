@@ -12,7 +12,8 @@
 //! - **`exclude_modules`**: the same two forms, checked first; a match excludes the module.
 //! - **`modules_to_save`**: a module named `m`, or inside `m`
 //!   (`re.match(rf"(^|.*\.){m}($|\..*)", key)`), is never adapted.
-//! - **`layers_to_transform` / `layers_pattern`** (list form of `target_modules` only): the
+//! - **`layers_to_transform` / `layers_pattern`** (list form of `target_modules` only, and not
+//!   for a name equal to an entry, which PEFT accepts before looking at layers): the
 //!   layer index is the first number that follows `<pattern>.` (or, without a pattern, the
 //!   first `.<name>.<digits>.` segment), and must be in the list (or equal the integer).
 //! - **`rank_pattern` / `alpha_pattern`** (`peft/utils/other.py` `get_pattern_key`): the
@@ -283,8 +284,12 @@ impl Matcher {
         if !self.target.matches(name) {
             return false;
         }
-        // layers_to_transform only applies to the list form (PEFT's `else` branch).
-        if let (TargetMatch::List(_), Some(layers)) = (&self.target, &self.layers) {
+        // layers_to_transform only applies to the list form, and only when the name matched
+        // by suffix: PEFT's `elif key in config.target_modules` accepts an exact name first.
+        if let (TargetMatch::List(list), Some(layers)) = (&self.target, &self.layers) {
+            if list.iter().any(|t| t == name) {
+                return true;
+            }
             return match self.layer_index(name) {
                 Some(i) => layers.contains(&i),
                 None => false,
