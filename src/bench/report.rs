@@ -104,12 +104,16 @@ pub struct Row {
     /// Timing summary.
     pub time: Stats,
     /// Bytes by formula (`formula::cost`).
+    #[serde(default)]
     pub bytes: f64,
     /// FLOPs by formula.
+    #[serde(default)]
     pub flops: f64,
     /// bytes / median time, GB/s.
+    #[serde(default)]
     pub gbps: f64,
     /// FLOPs / median time, TFLOP/s.
+    #[serde(default)]
     pub tflops: f64,
     /// Achieved fraction of the measured copy bandwidth.
     #[serde(default)]
@@ -324,7 +328,50 @@ impl Report {
             version == VERSION as u64,
             "benchmark document version {version} is not supported (this build reads {VERSION})"
         );
-        serde_json::from_value(head).context("benchmark document does not match the schema")
+        let mut rep: Report =
+            serde_json::from_value(head).context("benchmark document does not match the schema")?;
+        rep.fill_derived()?;
+        Ok(rep)
+    }
+
+    /// Fills bytes, FLOPs, rates and fractions from the formulas and this document's ceilings
+    /// for rows that lack them (benches/peft_bench.py leaves them to dorafuse, so the formulas
+    /// stay in one place).
+    ///
+    /// # Errors
+    /// A row with an unknown dtype or an operation its layer kind does not have.
+    pub fn fill_derived(&mut self) -> Result<()> {
+        let ceilings = self.ceilings.clone();
+        for row in &mut self.rows {
+            if row.bytes > 0.0 || row.flops > 0.0 {
+                continue;
+            }
+            let dt = crate::dtype::DType::parse(&row.dtype).with_context(|| {
+                format!(
+                    "row {} {:?} {}",
+                    row.implementation,
+                    row.kind,
+                    row.op.name()
+                )
+            })?;
+            let filled = Row::new(
+                &row.implementation,
+                row.kind,
+                row.op,
+                row.shape(),
+                dt,
+                row.time,
+                ceilings.as_ref(),
+            )?;
+            row.bytes = filled.bytes;
+            row.flops = filled.flops;
+            row.gbps = filled.gbps;
+            row.tflops = filled.tflops;
+            row.frac_copy = filled.frac_copy;
+            row.frac_gemm = filled.frac_gemm;
+            row.frac_floor = filled.frac_floor;
+        }
+        Ok(())
     }
 
     /// Writes the JSON atomically to `path`.
@@ -382,23 +429,28 @@ pub fn rfc3339_from_unix(secs: u64) -> String {
 }
 
 /// The source revision: `DORAFUSE_GIT_COMMIT` when set (the GPU machine has no git
-/// history), else `git describe --always --dirty` in the current directory, else `None`.
+/// history), else `git describe --always --dirty` in the current directory or, failing that,
+/// in the source tree this binary was built from; else `None`.
 pub fn git_commit() -> Option<String> {
     if let Ok(v) = std::env::var("DORAFUSE_GIT_COMMIT") {
         if !v.trim().is_empty() {
             return Some(v.trim().to_string());
         }
     }
-    let out = std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=12"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (!s.is_empty()).then_some(s)
+    [".", env!("CARGO_MANIFEST_DIR")]
+        .into_iter()
+        .find_map(|dir| {
+            let out = std::process::Command::new("git")
+                .args(["-C", dir, "describe", "--always", "--dirty", "--abbrev=12"])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                return None;
+            }
+            let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+            (!s.is_empty()).then_some(s)
+        })
 }
 
 /// The host CPU: model name from /proc/cpuinfo and the logical core count.
@@ -573,6 +625,34 @@ mod tests {
         v["version"] = 1.into();
         v["rows"][0]["op"] = "fwd".into();
         assert!(Report::from_json(&v.to_string()).is_err());
+    }
+
+    #[test]
+    fn rows_without_costs_are_filled_from_the_formulas() {
+        // What benches/peft_bench.py writes: no bytes, FLOPs or rates.
+        let r = sample();
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
+        for row in v["rows"].as_array_mut().unwrap() {
+            for k in [
+                "bytes",
+                "flops",
+                "gbps",
+                "tflops",
+                "frac_copy",
+                "frac_gemm",
+                "frac_floor",
+            ] {
+                row.as_object_mut().unwrap().remove(k);
+            }
+        }
+        let back = Report::from_json(&v.to_string()).unwrap();
+        for (a, b) in back.rows.iter().zip(&r.rows) {
+            assert_eq!(a.bytes, b.bytes);
+            assert_eq!(a.flops, b.flops);
+            assert!((a.gbps - b.gbps).abs() <= 1e-12 * b.gbps);
+            // Fractions use the document's ceilings, for every row.
+            assert!(a.frac_floor.is_some());
+        }
     }
 
     #[test]
