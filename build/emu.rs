@@ -125,7 +125,10 @@ pub fn build(root: &Path, out: &Path, list: &[Entry]) {
         .files(&tus);
     if asan {
         b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
-        println!("cargo:rustc-link-arg=-fsanitize=address");
+        // rustc links with -nodefaultlibs, so the runtime is named explicitly; it must also be
+        // the first library loaded: run with LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+        // (kernels/emu/README.md has the command).
+        println!("cargo:rustc-link-lib=dylib=asan");
     }
     b.compile("dorafuse_emu");
 }

@@ -47,7 +47,8 @@
 //               unsigned-long-long unsigned short), atomicAnd atomicOr atomicXor (int unsigned)
 //   memory      __ldg __ldcg __ldca __ldcs __ldlu __ldcv __stcg __stcs __stwb __stwt (plain
 //               loads/stores), __cvta_generic_to_shared (the address itself), memcpy, printf
-//   misc        __trap() (fails the launch), clock() clock64() (a per-launch counter),
+//   misc        __trap() (fails the launch), clock64() (a per-launch counter; clock() is
+//               the C library's),
 //               assert (aborts the process: prefer __trap for expected failures)
 // Tensor-core and cp.async wrappers are in kernels/tensor_core.cuh.
 //
@@ -596,7 +597,6 @@ inline void __threadfence_block() {}
 inline void __threadfence_system() {}
 inline void __nanosleep(unsigned int) { dfemu::yield_point(); }
 inline long long clock64() { return dfemu::clock_tick(); }
-inline long long clock() { return dfemu::clock_tick(); }
 [[noreturn]] inline void __trap() { dfemu::fault("__trap() called"); }
 
 // ---------------------------------------------------------------------------------------------

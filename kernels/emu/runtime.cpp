@@ -6,6 +6,7 @@
 // then switches back to the block scheduler, which picks the next runnable fiber at random.
 // Context switches are a few instructions of hand-written assembly on x86-64 (no syscall),
 // ucontext elsewhere.
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -273,19 +274,53 @@ std::string where(const Launch& L, const Fiber& f) {
 // ---------------------------------------------------------------------------------------------
 // Fibers and scheduling
 // ---------------------------------------------------------------------------------------------
-void switch_to_scheduler(Launch& L, Fiber& f) {
+// Removes and returns a random runnable fiber: the order of threads between barriers follows
+// the seed.
+Fiber* pick_runnable(Launch& L) {
+  const std::size_t k = rand_below(L.rng, L.runq.size());
+  Fiber* f = L.runq[k];
+  L.runq[k] = L.runq.back();
+  L.runq.pop_back();
+  return f;
+}
+
+// Leaves fiber `f` (its new state already recorded): switches straight to the next runnable
+// fiber, or to the block scheduler when none is runnable or the launch failed. Returns when
+// `f` is resumed. Fiber-to-fiber switches halve the switches of a scheduler round trip.
+void switch_away(Launch& L, Fiber& f) {
+  Fiber* g = nullptr;
+  if (!L.failed && !L.runq.empty()) {
+    g = pick_runnable(L);
+    if (g == &f) return;  // f itself was runnable and drawn: keep running
+  }
   ++tl_switches;
+  Context* to = &L.sched;
 #if DFEMU_ASAN
-  __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &f.fake_stack,
-                                 L.sched_stack_bottom, L.sched_stack_size);
+  const void* bottom = L.sched_stack_bottom;
+  std::size_t size = L.sched_stack_size;
 #endif
-  ctx_switch(f.ctx, L.sched);
+  if (g) {
+    L.running = g;
+    dfemu_current = &g->info;
+    to = &g->ctx;
+#if DFEMU_ASAN
+    bottom = g->stack_lo;
+    size = kStackSize;
+#endif
+  } else {
+    L.running = nullptr;
+    dfemu_current = nullptr;
+  }
+#if DFEMU_ASAN
+  __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &f.fake_stack, bottom, size);
+#endif
+  ctx_switch(f.ctx, *to);
 #if DFEMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
-  dfemu_current = &f.info;
 }
 
+// From the scheduler into fiber `f`; returns when some fiber switches back to the scheduler.
 void switch_to_fiber(Launch& L, Fiber& f) {
   ++tl_switches;
   L.running = &f;
@@ -313,7 +348,7 @@ void push_runnable(Launch& L, Fiber* f) {
     L.error = what;
   }
   f.state = State::Done;
-  switch_to_scheduler(L, f);
+  switch_away(L, f);
   std::abort();  // the scheduler never resumes a fiber of a failed launch
 }
 
@@ -336,9 +371,9 @@ void fiber_main(void* arg) {
   Fiber& f = *static_cast<Fiber*>(arg);
   Launch& L = *tl_launch;
 #if DFEMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &L.sched_stack_bottom, &L.sched_stack_size);
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
-  dfemu_current = &f.info;
+  (void)f;
   L.kernel->entry(L.args);
   perform_copies(f, 0, true);  // the hardware completes outstanding cp.async copies
   f.state = State::Done;
@@ -355,7 +390,7 @@ void fiber_main(void* arg) {
                              "(mask 0x%08x)",
                              where(L, f).c_str(), l, o.op, o.mask));
   }
-  switch_to_scheduler(L, f);
+  switch_away(L, f);
   std::abort();  // a finished fiber is never resumed
 }
 
@@ -483,12 +518,7 @@ void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
       if (!resolve_idle(L)) return;
       continue;
     }
-    // Pick a random runnable fiber: the order of threads between barriers follows the seed.
-    const std::size_t k = rand_below(L.rng, L.runq.size());
-    Fiber* f = L.runq[k];
-    L.runq[k] = L.runq.back();
-    L.runq.pop_back();
-    switch_to_fiber(L, *f);
+    switch_to_fiber(L, *pick_runnable(L));
   }
 }
 
@@ -549,7 +579,7 @@ int block_barrier(int kind, int pred, const char* file, int line) {
   f.bar_file = file;
   f.bar_line = line;
   f.bar_pred = pred;
-  switch_to_scheduler(L, f);
+  switch_away(L, f);
   const int count = f.bar_result;
   switch (kind) {
     case 1:
@@ -621,7 +651,7 @@ void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const
       L.idle_yields = 0;
     }
   }
-  switch_to_scheduler(L, f);
+  switch_away(L, f);
 }
 
 void yield_point() {
@@ -634,7 +664,7 @@ void yield_point() {
                            static_cast<unsigned long long>(L.idle_yields), where(L, f).c_str()));
   if (next_rand(L.rng) & 1u) {
     push_runnable(L, &f);
-    switch_to_scheduler(L, f);
+    switch_away(L, f);
   }
 }
 
@@ -777,6 +807,20 @@ extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
   std::vector<Fiber> fibers(L.nthreads);
   for (unsigned int i = 0; i < L.nthreads; ++i) fibers[i].stack_lo = pool.stacks[i];
   L.fibers = fibers.data();
+#if DFEMU_ASAN
+  {
+    // The scheduler runs on this OS thread's stack; fibers switching back to it tell ASan so.
+    pthread_attr_t attr;
+    void* addr = nullptr;
+    std::size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &addr, &size);
+      pthread_attr_destroy(&attr);
+    }
+    L.sched_stack_bottom = addr;
+    L.sched_stack_size = size;
+  }
+#endif
   std::vector<WarpState> warps((L.nthreads + 31) / 32);
   L.warps = warps.data();
   tl_launch = &L;
