@@ -223,7 +223,7 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             budget_s: cfg.plan.budget_s.is_finite().then_some(cfg.plan.budget_s),
             cache_policy: format!(
                 "input sets rotated so together they exceed 2x the {} MiB last-level cache \
-                 (at most 4 sets)",
+                 (at most 12 sets, 2 GiB)",
                 llc >> 20
             ),
         },
@@ -245,7 +245,7 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                 r,
             };
             let set_bytes = layer_bytes(probe, cfg.dtype);
-            let n_sets = rotation_sets(set_bytes, llc, 4)
+            let n_sets = rotation_sets(set_bytes, llc, 12)
                 .min((CPU_ROTATION_BYTES / set_bytes.max(1)).max(1));
             // One layer per set; the inputs of every T are cut from the T_max inputs.
             let mut sets: Vec<InputSet> = (0..n_sets)
