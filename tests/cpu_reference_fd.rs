@@ -69,7 +69,7 @@ fn check(
     let fixed = s.layer.norm();
     let h = 1e-6;
     let mut worst: f64 = 0.0;
-    for i in 0..grad.len() {
+    for (i, &analytic) in grad.iter().enumerate() {
         let eval = |delta: f64| {
             let mut l = s.layer.clone();
             let mut x = s.x.clone();
@@ -78,11 +78,10 @@ fn check(
             loss(&l, &x, s.t, &s.dy, fixed)
         };
         let fd = (eval(h) - eval(-h)) / (2.0 * h);
-        let err = (fd - grad[i]).abs() / (1.0 + fd.abs());
+        let err = (fd - analytic).abs() / (1.0 + fd.abs());
         assert!(
             err < 1e-7,
-            "{what} {mode:?}: element {i}: analytic {} vs finite difference {fd}",
-            grad[i]
+            "{what} {mode:?}: element {i}: analytic {analytic} vs finite difference {fd}"
         );
         worst = worst.max(err);
     }

@@ -51,14 +51,14 @@ fn run_on(device: Device, case: &LayerCase, mode: GradMode) -> Result<Outputs> {
     let (layer, x, gy) = (&case.layer, &case.x, case.grad_y.as_ref());
     match device {
         Device::Cpu => dorafuse::cpu::run(layer, x, gy, mode),
-        Device::Emu => anyhow::bail!(
-            "--device emu is not available in this build yet (the kernel launchers and the \
-             emulator are not wired into replay); use --device cpu"
-        ),
-        Device::Cuda => anyhow::bail!(
-            "--device cuda is not available in this build yet (the CUDA path is not wired \
-             into replay); use --device cpu"
-        ),
+        Device::Emu => {
+            let b = dorafuse::emu::EmuBackend::from_env();
+            dorafuse::kernels::run_layer(&b, layer, x, gy, mode)
+        }
+        Device::Cuda => {
+            let b = dorafuse::cuda::CudaBackend::new(0)?;
+            dorafuse::kernels::run_layer(&b, layer, x, gy, mode)
+        }
     }
 }
 

@@ -52,29 +52,6 @@ impl<'a, T> View<'a, T> {
             cs: self.rs,
         }
     }
-
-    /// Rows `r0..r1` of the view.
-    pub(crate) fn rows(self, r0: usize, r1: usize) -> Self {
-        assert!(
-            r0 <= r1 && r1 <= self.rows,
-            "row range {r0}..{r1} of {}",
-            self.rows
-        );
-        if r0 == r1 {
-            return Self {
-                data: &self.data[..0],
-                rows: 0,
-                ..self
-            };
-        }
-        Self::strided(
-            &self.data[r0 * self.rs..],
-            r1 - r0,
-            self.cols,
-            self.rs,
-            self.cs,
-        )
-    }
 }
 
 impl<T: Copy> View<'_, T> {
@@ -270,7 +247,6 @@ mod tests {
             assert_eq!(&c[i * 6 + 4..i * 6 + 6], &[7.0, 7.0], "padding untouched");
         }
         assert_eq!(a.t().at(4, 2), at[4 * 3 + 2]);
-        assert_eq!(a.rows(1, 3).at(0, 2), at[2 * 3 + 1]);
     }
 
     #[test]
