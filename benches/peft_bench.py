@@ -13,6 +13,7 @@ Rows (impl / kind / op):
   peft_eager   dora  forward, forward_backward      PEFT DoRA layer, train mode (norm every call)
   peft_eager   dora  inference                      eval mode, no_grad, peft.helpers.DoraCaching
   peft_compile dora  forward, forward_backward      the same under torch.compile, where it works
+                                                    (first shape and rank; --compile-all for all)
 
 Timing: CUDA events around each run, the L2 cache flushed before every timed run (a memset of
 twice its size, outside the timed region), warm-up first, median and spread of many runs.
@@ -174,9 +175,12 @@ def main():
     ap.add_argument("--dtype", default=None, help="bf16 (GPU default), f16 or f32 (--cpu default)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--min-reps", type=int, default=20)
-    ap.add_argument("--max-reps", type=int, default=200)
-    ap.add_argument("--budget", type=float, default=0.2, help="seconds of timed runs per row")
+    ap.add_argument("--max-reps", type=int, default=100)
+    ap.add_argument("--budget", type=float, default=0.1, help="seconds of timed runs per row")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--compile-all", action="store_true",
+                    help="torch.compile rows at every shape and rank (default: the first shape and "
+                         "rank only, because each new shape recompiles, which takes tens of seconds)")
     ap.add_argument("--cpu", action="store_true",
                     help="no GPU: a tiny CPU smoke run that checks the script and schema (not a benchmark)")
     args = ap.parse_args()
@@ -288,7 +292,8 @@ def main():
                         p.data.copy_((torch.rand_like(p, dtype=torch.float32) - 0.5) / r ** 0.5)
                 models[kind] = m
             compiled = None
-            if compile_ok:
+            first = (d_in, d_out) == shapes[0] and r == ranks[0]
+            if compile_ok and (first or args.compile_all):
                 try:
                     compiled = torch.compile(models["dora"])
                 except Exception as e:  # noqa: BLE001 - any failure means "not available here"
