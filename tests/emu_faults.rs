@@ -230,3 +230,59 @@ fn launch_mistakes_are_errors() {
     let (r, _) = launch_out(&b, "emu_race_free", 1, 32, &[]);
     r.unwrap();
 }
+
+/// Runs `emu_oob` on a 64-float buffer.
+fn run_oob(idx: i32, widx: i32) -> Vec<f32> {
+    let b = EmuBackend::new(1);
+    let out = b.alloc_zeroed(64 * 4).unwrap();
+    // SAFETY: (float* out [64], int idx, int widx); in bounds for idx, widx < 64 (the
+    // out-of-bounds calls run only in the AddressSanitizer child process).
+    unsafe {
+        b.launch(
+            "emu_oob",
+            dims(1, 64),
+            &[
+                KernelArg::Ptr(out.ptr()),
+                KernelArg::I32(idx),
+                KernelArg::I32(widx),
+            ],
+        )
+        .unwrap();
+    }
+    let mut v = vec![0f32; 64];
+    b.download(&out, bytemuck::cast_slice_mut(&mut v)).unwrap();
+    v
+}
+
+/// The child of `out_of_bounds_accesses_fail_under_asan`: accesses out of bounds.
+#[test]
+#[ignore = "run by out_of_bounds_accesses_fail_under_asan in an AddressSanitizer build"]
+fn oob_child() {
+    match std::env::var("DFEMU_OOB_CHILD").as_deref() {
+        Ok("shared") => drop(run_oob(64 + 3, 0)),
+        Ok("global") => drop(run_oob(0, 64 + 1)),
+        _ => {}
+    }
+}
+
+#[test]
+fn out_of_bounds_accesses_fail_under_asan() {
+    // In bounds, the kernel works in every build.
+    assert_eq!(run_oob(5, 7)[7], 5.0);
+    if option_env!("DORAFUSE_EMU_ASAN") != Some("1") {
+        return; // only an AddressSanitizer build (kernels/emu/README.md) can see the rest
+    }
+    for what in ["shared", "global"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "oob_child", "--ignored", "--nocapture"])
+            .env("DFEMU_OOB_CHILD", what)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what} out-of-bounds access went unnoticed: {err}"
+        );
+        assert!(err.contains("AddressSanitizer"), "{what}: {err}");
+    }
+}

@@ -91,3 +91,13 @@ extern "C" __global__ void emu_switch_bench(float* __restrict__ out, int iters) 
   }
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
+
+// Reads s[idx] of a 64-element shared array and writes out[widx]: in bounds for idx < 64 and
+// widx < the buffer's length; beyond them only AddressSanitizer (DORAFUSE_EMU_ASAN=1) sees it.
+extern "C" __global__ void emu_oob(float* __restrict__ out,  // [n]
+                                   int idx, int widx) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) out[widx] = s[idx];
+}
