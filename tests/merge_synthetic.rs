@@ -3,7 +3,8 @@
 //! (each one line, naming the module, exit non-zero, leaving no output behind).
 
 use dorafuse::adapter::{
-    merge_model, read_unmerge, unmerge_module, AdaptedModel, Adapter, BaseModel, MergeOptions,
+    merge_model, read_unmerge, unmerge_module, AdaptedModel, Adapter, BaseModel, MergeDevice,
+    MergeOptions,
 };
 use dorafuse::dtype::DType;
 use dorafuse::tensor::{rel_l2, Tensor};
@@ -59,6 +60,7 @@ struct Spec {
     base_prefix: &'static str,
     adapter_prefix: &'static str,
     dora: bool,
+    device: MergeDevice,
 }
 
 impl Default for Spec {
@@ -70,6 +72,7 @@ impl Default for Spec {
             base_prefix: "",
             adapter_prefix: "",
             dora: true,
+            device: MergeDevice::Cpu,
         }
     }
 }
@@ -251,10 +254,20 @@ fn check_merge(spec: &Spec) {
     let adapter = Adapter::load(&ad).unwrap();
     let model = AdaptedModel::new(&base, &adapter).unwrap();
     let out = tmp.path().join("out");
-    let rep = merge_model(&base, &adapter, &out, &MergeOptions::default()).unwrap();
+    let opts = MergeOptions {
+        device: spec.device,
+        progress: false,
+    };
+    let rep = merge_model(&base, &adapter, &out, &opts).unwrap();
     let what = format!(
-        "{} dora={} fifo={} sharded={} prefixes {:?}/{:?}",
-        spec.dtype, spec.dora, spec.fifo, spec.sharded, spec.base_prefix, spec.adapter_prefix
+        "{:?} {} dora={} fifo={} sharded={} prefixes {:?}/{:?}",
+        spec.device,
+        spec.dtype,
+        spec.dora,
+        spec.fifo,
+        spec.sharded,
+        spec.base_prefix,
+        spec.adapter_prefix
     );
     assert_eq!(rep.modules, MODULES.len(), "{what}");
     // Nothing but the output beside it: the temporary directory is gone.
@@ -333,6 +346,26 @@ fn merges_single_and_sharded_in_every_dtype() {
             check_merge(&Spec {
                 dtype,
                 sharded,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// The GPU merge (the fused kernels) against the same float64 truth, when a GPU is usable.
+#[test]
+fn merges_on_the_gpu_when_present() {
+    if !MergeDevice::cuda_usable() {
+        eprintln!("skipped: no usable CUDA device (or kernels not compiled into this build)");
+        return;
+    }
+    for dtype in DType::ALL {
+        for (fifo, dora) in [(false, true), (true, true), (false, false)] {
+            check_merge(&Spec {
+                dtype,
+                fifo,
+                dora,
+                device: MergeDevice::Cuda,
                 ..Default::default()
             });
         }
