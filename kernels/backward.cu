@@ -7,9 +7,11 @@
 //   mag_reduce    c = Σ partials (fixed order); grad_m = c / max(n, ε); for the exact
 //                 gradient kcoef = −s·m⊙c/n³ (0 where n < ε).
 //   tn_{r16,r64}  part[split, i, k] = Σ_{t in split} L[t, i]·R[t, k]: the skinny products
-//                 with a long reduction (grad_B = s·dzᵀ·U, grad_A = s·(dz·B)ᵀ·x, and the
+//                 with a long reduction (grad_B = s·g⊙(dyᵀ·U), grad_A = s·(dz·B)ᵀ·x, and the
 //                 exact-gradient term (kcoef⊙B)ᵀ·V), T split across blocks.
-//   sum_partials  out (+)= alpha·Σ_split part, optionally transposed (fixed order).
+//   sum_partials  out (+)= alpha·colscale⊙Σ_split part, optionally transposed (fixed
+//                 order). grad_B = s·diag(g)·dyᵀ·U this way: from dy as given, not the
+//                 rounded dz, so it keeps f32 accuracy beside f32 adapters.
 //   scale_rows    out[j, i] = coef[j]·in[j, i] in f32 (kcoef⊙B for the exact gradient).
 // grad_x = dz·W0 goes to Backend::gemm; its low-rank term s·(dz·B)·A is forward.cu's
 // compose run in place.
@@ -32,12 +34,12 @@ namespace df {
 // U once (4·T·r), B ⌈T/tt⌉ times (L2), cpart 4·⌈T/tt⌉·d_out, dzb 4·T·r.
 // FLOPs: 2·T·d_out·r (z) + 2·T·d_out·r (dz·B) + 4·T·d_out; LoRA: 2·T·d_out·r.
 // ---------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename TA>
 __device__ __forceinline__ void bwd_dz(
     const T* __restrict__ dy,     // [T, d_out]
     const T* __restrict__ base,   // [T, d_out] x·W0ᵀ (DoRA only; may be null for LoRA)
     const float* __restrict__ u,  // [T, r]
-    const T* __restrict__ b,      // [d_out, r]
+    const TA* __restrict__ b,     // [d_out, r]
     const float* __restrict__ g,  // [d_out], or null: plain LoRA (dz = dy)
     float s, int t_rows, int d_out, int r, int tt, int jt,
     T* __restrict__ dz,           // [T, d_out] (DoRA)
@@ -179,19 +181,22 @@ __device__ __forceinline__ void tn(
 
 }  // namespace df
 
-#define DF_BACKWARD(sfx, T)                                                                 \
+#define DF_BWD_DZ(sfx, T, TA)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) dora_bwd_dz_##sfx(                    \
         const T* __restrict__ dy,     /* [T, d_out] */                                      \
         const T* __restrict__ base,   /* [T, d_out] or null (LoRA) */                       \
         const float* __restrict__ u,  /* [T, r] */                                          \
-        const T* __restrict__ b,      /* [d_out, r] */                                      \
+        const TA* __restrict__ b,     /* [d_out, r] */                                      \
         const float* __restrict__ g,  /* [d_out] or null (LoRA) */                          \
         float s, int t_rows, int d_out, int r, int tt, int jt,                              \
         T* __restrict__ dz,           /* [T, d_out] (DoRA) */                               \
         float* __restrict__ cpart,    /* [ceil(T/tt), d_out] (DoRA) */                      \
         float* __restrict__ dzb) {    /* [T, r] */                                          \
-        df::bwd_dz<T>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz, cpart, dzb);      \
-    }                                                                                       \
+        df::bwd_dz<T, TA>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz, cpart, dzb);      \
+    }
+DF_FOR_EACH_DTYPE_ADAPTER(DF_BWD_DZ)
+
+#define DF_BACKWARD(sfx, T)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) dora_tn_r16_##sfx(                    \
         const float* __restrict__ l, /* [rows, r] */                                        \
         const T* __restrict__ rm,    /* [rows, ncols] */                                    \
@@ -236,19 +241,22 @@ extern "C" __global__ void __launch_bounds__(256) dora_mag_reduce_f32(
     if (kcoef) kcoef[j] = nj < eps ? 0.f : neg_s * (m[j] / nj) * (c / nj) / nj;
 }
 
-// sum_partials: out[idx] (+)= alpha·Σ_split part[split, i, k], idx = i·ncols + k, or
-// k·r + i when transposed. Grid-stride over r·ncols. Bytes: 4·(splits + 1 (+1))·r·ncols.
+// sum_partials: out[idx] (+)= alpha·colscale[k]·Σ_split part[split, i, k], idx = i·ncols + k,
+// or k·r + i when transposed (colscale null: 1). Grid-stride over r·ncols.
+// Bytes: 4·(splits + 1 (+1))·r·ncols.
 extern "C" __global__ void __launch_bounds__(256) dora_sum_partials_f32(
-    const float* __restrict__ part,  // [splits, r, ncols]
-    int splits, int r, int ncols, float alpha, int transpose, int accumulate,
-    float* __restrict__ out) {       // [r, ncols], or [ncols, r] when transposed
+    const float* __restrict__ part,      // [splits, r, ncols]
+    int splits, int r, int ncols, float alpha,
+    const float* __restrict__ colscale,  // [ncols] or null
+    int transpose, int accumulate,
+    float* __restrict__ out) {           // [r, ncols], or [ncols, r] when transposed
     const long long n = (long long)r * ncols;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
          e += (long long)gridDim.x * blockDim.x) {
         float v = 0.f;
         for (int sp = 0; sp < splits; ++sp) v += part[(long long)sp * n + e];
-        v *= alpha;
         const long long i = e / ncols, k = e % ncols;
+        v *= colscale ? alpha * colscale[k] : alpha;
         const long long o = transpose ? k * r + i : e;
         out[o] = accumulate ? out[o] + v : v;
     }

@@ -73,5 +73,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Stamps one `extern "C"` entry point per storage dtype from a templated body:
 // DF_FOR_EACH_DTYPE(X) expands X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16).
 #define DF_FOR_EACH_DTYPE(X) X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16)
+// The (activation, adapter) pairs of the kernels that read A or B: the same dtype, or f32
+// adapters beside 16-bit activations (PEFT's default mix: bf16 base, f32 lora_A/lora_B),
+// suffixed `_a32`: X(sfx, T, TA).
+#define DF_FOR_EACH_DTYPE_ADAPTER(X)                                                        \
+    X(f32, float, float) X(f16, __half, __half) X(bf16, __nv_bfloat16, __nv_bfloat16)      \
+    X(f16_a32, __half, float) X(bf16_a32, __nv_bfloat16, float)
 // The same for the dtypes the tensor cores take (mma.sync m16n8k16 has bf16 and f16 forms).
 #define DF_FOR_EACH_MMA_DTYPE(X) X(f16, __half) X(bf16, __nv_bfloat16)

@@ -23,11 +23,11 @@ namespace df {
 // Bytes: X ⌈r/64⌉ times (rows·d_in·sz; once for r ≤ 64) + A once per row block
 // (⌈rows/16⌉·r·d_in·sz, L2) + out 4·rows·r.   FLOPs: 2·rows·d_in·r.
 // ---------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename TA>
 __device__ __forceinline__ void shrink(
     const T* __restrict__ x,         // [rows, d_in] at (t, k) -> x[t*ldx_t + k*ldx_k]
     long long ldx_t, long long ldx_k,
-    const T* __restrict__ a,         // [r, d_in]
+    const TA* __restrict__ a,        // [r, d_in]
     int rows, int d_in, int r,
     const float* __restrict__ coef,  // [rows] or null
     float* __restrict__ out) {       // [rows, r]: = acc (coef null) or += coef[t]·acc
@@ -96,12 +96,12 @@ __device__ __forceinline__ void shrink(
 // Bytes: base T·d_out·sz + y T·d_out·sz + U ⌈d_out/64⌉·4·T·r (L2) + B ⌈T/16⌉·d_out·r·sz
 // (L2) + g, b.   FLOPs: 2·T·d_out·r + 4·T·d_out.
 // ---------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename TA>
 __device__ __forceinline__ void compose(
     const T* base,                   // [T, d_out] (may alias y)
     T* y,                            // [T, d_out]
     const float* __restrict__ u,     // [T, r]
-    const T* __restrict__ bm,        // Bm [d_out, r] at (j, i) -> bm[j*ldb_j + i*ldb_i]
+    const TA* __restrict__ bm,        // Bm [d_out, r] at (j, i) -> bm[j*ldb_j + i*ldb_i]
     long long ldb_j, long long ldb_i,
     const float* __restrict__ g,     // [d_out] or null (g = 1: plain LoRA, grad_x)
     const float* __restrict__ bias,  // [d_out] or null
@@ -163,25 +163,25 @@ __device__ __forceinline__ void compose(
 
 }  // namespace df
 
-#define DF_FORWARD(sfx, T)                                                                  \
+#define DF_FORWARD(sfx, T, TA)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) dora_shrink_##sfx(                    \
         const T* __restrict__ x, /* [rows, d_in] via (ldx_t, ldx_k) */                      \
         long long ldx_t, long long ldx_k,                                                   \
-        const T* __restrict__ a,        /* [r, d_in] */                                     \
+        const TA* __restrict__ a,       /* [r, d_in] */                                     \
         int rows, int d_in, int r,                                                          \
         const float* __restrict__ coef, /* [rows] or null */                                \
         float* __restrict__ out) {      /* [rows, r] */                                     \
-        df::shrink<T>(x, ldx_t, ldx_k, a, rows, d_in, r, coef, out);                        \
+        df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, coef, out);                        \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dora_compose_##sfx(                   \
         const T* base,                  /* [T, d_out], may alias y */                       \
         T* y,                           /* [T, d_out] */                                    \
         const float* __restrict__ u,    /* [T, r] */                                        \
-        const T* __restrict__ bm,       /* [d_out, r] via (ldb_j, ldb_i) */                 \
+        const TA* __restrict__ bm,      /* [d_out, r] via (ldb_j, ldb_i) */                 \
         long long ldb_j, long long ldb_i,                                                   \
         const float* __restrict__ g,    /* [d_out] or null */                               \
         const float* __restrict__ bias, /* [d_out] or null */                               \
         float s, int t_rows, int d_out, int r) {                                            \
-        df::compose<T>(base, y, u, bm, ldb_j, ldb_i, g, bias, s, t_rows, d_out, r);         \
+        df::compose<T, TA>(base, y, u, bm, ldb_j, ldb_i, g, bias, s, t_rows, d_out, r);         \
     }
-DF_FOR_EACH_DTYPE(DF_FORWARD)
+DF_FOR_EACH_DTYPE_ADAPTER(DF_FORWARD)

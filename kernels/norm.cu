@@ -8,7 +8,8 @@
 // whichever stride is 1.
 //
 // Variants (all checked against the same f64 reference in tests/kernels_norm.rs):
-//   v1  CUDA cores, any dtype, any rank, any layout.           dora_norm_v1_{f32,f16,bf16}
+//   v1  CUDA cores, any dtype, any rank, any layout, and f32 adapters beside 16-bit
+//       W0 (`_a32`).                                     dora_norm_v1_{f32,f16,bf16,*_a32}
 //   v2  tensor cores (mma.sync m16n8k16) for the B·A tile;      dora_norm_v2_{f16,bf16}
 //       f16/bf16, any rank ≥ 1 (padded to 16 with zeros, so r % 16 == 0 wastes nothing),
 //       any layout.
@@ -31,12 +32,12 @@ namespace df {
 // FLOPs: 2·d_out·d_in·r (the B·A tile) + 3·d_out·d_in (add, square, sum).
 // merge adds a write of d_out·d_in·sizeof(OutT) and drops the reduction.
 // ---------------------------------------------------------------------------------------
-template <typename T, typename OutT, bool MERGE>
+template <typename T, typename TA, typename OutT, bool MERGE>
 __device__ __forceinline__ void vtile_pass(
     const T* __restrict__ w0,     // [d_out, d_in] at (j, k) -> w0[j*ldw_j + k*ldw_k]
     long long ldw_j, long long ldw_k,
-    const T* __restrict__ a,      // [r, d_in]
-    const T* __restrict__ b,      // [d_out, r]
+    const TA* __restrict__ a,     // [r, d_in]
+    const TA* __restrict__ b,     // [d_out, r]
     const float* __restrict__ m,  // [d_out] or null (norm only: then g is not written)
     const float* __restrict__ g,  // [d_out] or null (merge only: null means g = 1)
     float s, float eps, int d_out, int d_in, int r,
@@ -288,20 +289,20 @@ __device__ __forceinline__ void norm_v2(
 
 }  // namespace df
 
-#define DF_NORM_V1(sfx, T)                                                                  \
+#define DF_NORM_V1(sfx, T, TA)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) dora_norm_v1_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
-        const T* __restrict__ a,      /* [r, d_in] */                                       \
-        const T* __restrict__ b,      /* [d_out, r] */                                      \
+        const TA* __restrict__ a,     /* [r, d_in] */                                       \
+        const TA* __restrict__ b,     /* [d_out, r] */                                      \
         const float* __restrict__ m,  /* [d_out] or null */                                 \
         float s, float eps, int d_out, int d_in, int r,                                     \
         float* __restrict__ n_out,    /* [d_out] */                                         \
         float* __restrict__ g_out) {  /* [d_out] or null */                                 \
-        df::vtile_pass<T, float, false>(w0, ldw_j, ldw_k, a, b, m, nullptr, s, eps, d_out,  \
+        df::vtile_pass<T, TA, float, false>(w0, ldw_j, ldw_k, a, b, m, nullptr, s, eps, d_out,  \
                                         d_in, r, n_out, g_out, nullptr);                    \
     }
-DF_FOR_EACH_DTYPE(DF_NORM_V1)
+DF_FOR_EACH_DTYPE_ADAPTER(DF_NORM_V1)
 
 #define DF_NORM_V2(sfx, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(128) dora_norm_v2_##sfx(                   \
@@ -317,27 +318,27 @@ DF_FOR_EACH_DTYPE(DF_NORM_V1)
     }
 DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
 
-#define DF_MERGE(sfx, T)                                                                    \
+#define DF_MERGE(sfx, T, TA)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) dora_merge_##sfx(                     \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
-        const T* __restrict__ a,     /* [r, d_in] */                                        \
-        const T* __restrict__ b,     /* [d_out, r] */                                       \
+        const TA* __restrict__ a,    /* [r, d_in] */                                        \
+        const TA* __restrict__ b,    /* [d_out, r] */                                       \
         const float* __restrict__ g, /* [d_out] or null (g = 1) */                          \
         float s, int d_out, int d_in, int r,                                                \
         T* __restrict__ out) {       /* [d_out, d_in] */                                    \
-        df::vtile_pass<T, T, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out, d_in, \
+        df::vtile_pass<T, TA, T, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out, d_in, \
                                    r, nullptr, nullptr, out);                               \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dora_merge_f32out_##sfx(              \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
-        const T* __restrict__ a,     /* [r, d_in] */                                        \
-        const T* __restrict__ b,     /* [d_out, r] */                                       \
+        const TA* __restrict__ a,    /* [r, d_in] */                                        \
+        const TA* __restrict__ b,    /* [d_out, r] */                                       \
         const float* __restrict__ g, /* [d_out] or null (g = 1) */                          \
         float s, int d_out, int d_in, int r,                                                \
         float* __restrict__ out) {   /* [d_out, d_in] */                                    \
-        df::vtile_pass<T, float, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out,   \
+        df::vtile_pass<T, TA, float, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out,   \
                                        d_in, r, nullptr, nullptr, out);                     \
     }
-DF_FOR_EACH_DTYPE(DF_MERGE)
+DF_FOR_EACH_DTYPE_ADAPTER(DF_MERGE)

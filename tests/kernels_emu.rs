@@ -29,6 +29,8 @@ struct Case {
     dora: bool,
     bias: bool,
     fifo: bool,
+    /// lora_A / lora_B stored in f32 beside 16-bit W0 and x (PEFT's default mix).
+    a32: bool,
 }
 
 fn normal(rng: &mut impl Rng, n: usize, scale: f64) -> Vec<f64> {
@@ -45,6 +47,7 @@ fn normal(rng: &mut impl Rng, n: usize, scale: f64) -> Vec<f64> {
 fn make(c: Case, seed: u64) -> (Layer, Tensor, Tensor) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 7919 + c.r as u64);
     let dt = c.dtype;
+    let adt = if c.a32 { DType::F32 } else { dt };
     let w = normal(&mut rng, c.d_out * c.d_in, 1.0 / (c.d_in as f64).sqrt());
     let wshape = if c.fifo {
         vec![c.d_in, c.d_out]
@@ -57,7 +60,7 @@ fn make(c: Case, seed: u64) -> (Layer, Tensor, Tensor) {
             .bias
             .then(|| Tensor::from_f64(dt, vec![c.d_out], &normal(&mut rng, c.d_out, 0.5)).unwrap()),
         lora_a: Tensor::from_f64(
-            dt,
+            adt,
             vec![c.r, c.d_in],
             &normal(&mut rng, c.r * c.d_in, 1.0 / (c.d_in as f64).sqrt()),
         )
@@ -94,7 +97,7 @@ fn check(what: &str, c: &Case, seed: u64, got: &[f64], want: &[f64], tol: f64) {
             .iter()
             .zip(want)
             .enumerate()
-            .filter(|(_, (g, w))| !((*g - *w).abs() <= tol * (1.0 + w.abs())))
+            .filter(|(_, (g, w))| g.is_nan() || (*g - *w).abs() > tol * (1.0 + w.abs()))
             .take(5)
             .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
             .collect();
@@ -157,6 +160,7 @@ fn case(i: usize, dtype: DType, dora: bool) -> Case {
         dora,
         bias: i % 2 == 0,
         fifo: i % 3 == 1,
+        a32: false,
     }
 }
 
@@ -175,6 +179,30 @@ fn dora_exact_gradient() {
         for i in [0, 2, 3] {
             run_case(case(i, dt, true), GradMode::Exact);
         }
+    }
+}
+
+/// f32 lora_A / lora_B beside f16/bf16 W0 and x: the `_a32` kernels read the adapters as
+/// stored, so the adapter gradients keep f32 accuracy (PEFT computes that branch in f32).
+#[test]
+fn f32_adapters_beside_16_bit_activations() {
+    for dt in [DType::F16, DType::BF16] {
+        for i in [0, 2, 3, 4] {
+            for dora in [true, false] {
+                let c = Case {
+                    a32: true,
+                    ..case(i, dt, dora)
+                };
+                run_case(c, GradMode::Detached);
+            }
+        }
+        run_case(
+            Case {
+                a32: true,
+                ..case(1, dt, true)
+            },
+            GradMode::Exact,
+        );
     }
 }
 
@@ -205,9 +233,14 @@ fn fan_in_fan_out_and_bias_every_combination() {
 fn norm_every_variant_against_f64() {
     for dt in DType::ALL {
         for (i, &(_, d_in, d_out, r)) in SHAPES.iter().enumerate() {
-            for fifo in [false, true] {
+            for (fifo, a32) in [
+                (false, false),
+                (true, false),
+                (i % 2 == 0, dt != DType::F32),
+            ] {
                 let c = Case {
                     fifo,
+                    a32,
                     d_out: d_out + 64 * (i % 2), // also cross the 64-row tile of v2
                     ..case(i, dt, true)
                 };
@@ -219,7 +252,8 @@ fn norm_every_variant_against_f64() {
                     .zip(&want_n)
                     .map(|(m, n)| m / n.max(dorafuse::layer::NORM_EPS))
                     .collect();
-                let variants = spec::candidates(spec::Op::Norm, dt, r);
+                let adt = layer.lora_a.dtype();
+                let variants = spec::candidates(spec::Op::Norm, dt, adt, r);
                 assert!(!variants.is_empty());
                 for v in variants {
                     for seed in SEEDS {
@@ -259,7 +293,7 @@ fn zero_rows_give_finite_scale_not_nan() {
     layer.lora_b = Tensor::from_f32(c.dtype, vec![c.d_out, c.r], &b).unwrap();
     let m3 = layer.magnitude.as_ref().unwrap().to_f32()[3];
     let eps = dorafuse::layer::NORM_EPS as f32;
-    for v in spec::candidates(spec::Op::Norm, c.dtype, c.r) {
+    for v in spec::candidates(spec::Op::Norm, c.dtype, c.dtype, c.r) {
         let (n, g) = kernels::norm(&EmuBackend::new(1), &layer, Some(v)).unwrap();
         assert_eq!(n[3], 0.0, "{}", v.prefix);
         let g3 = g.unwrap()[3];
@@ -612,4 +646,67 @@ fn device_api_rejects_bad_buffers_naming_them() {
     let e = mk(DevTensor::of(&small, DType::BF16));
     assert!(e.starts_with("magnitude: dtype bf16"), "{e}");
     let _ = small.bytes();
+}
+
+/// The PEFT-generated layer cases (tests/fixtures/cases) through the fused kernels on the
+/// emulator, against float64 truth, held to the replay bar: f32 1e-5; otherwise twice
+/// PyTorch's own error on the same case (metadata `peft_rel_err.<output>`), capped at the
+/// dtype tolerance and floored at the output dtype's unit roundoff (the exact gradient, which
+/// PEFT does not compute, is held to the dtype tolerance).
+#[test]
+fn peft_fixture_cases_on_the_emulator() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cases");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 10, "fixtures missing from {dir}");
+    for p in paths {
+        let case = dorafuse::case::LayerCase::read(&p).unwrap();
+        let gy = case.grad_y.as_ref();
+        for mode in [GradMode::Detached, GradMode::Exact] {
+            if mode == GradMode::Exact && (!case.layer.is_dora() || gy.is_none()) {
+                continue;
+            }
+            let want = reference::run_f64(&case.layer, &case.x, gy, mode).unwrap();
+            let got = kernels::run_layer(&EmuBackend::new(7), &case.layer, &case.x, gy, mode)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            let comp = case.x.dtype();
+            let bar = |name: &str| {
+                if comp == DType::F32 {
+                    return DType::F32.tolerance();
+                }
+                let cap = comp.tolerance();
+                if mode == GradMode::Exact {
+                    return cap; // PEFT has no exact gradient: its recorded errors do not apply
+                }
+                match case.peft_rel_err(name) {
+                    Some(e) => (2.0 * e)
+                        .min(cap)
+                        .max(case.output_dtype(name).unit_roundoff()),
+                    None => cap,
+                }
+            };
+            let mut outs: Vec<(&str, Vec<f64>, &[f64])> = vec![("y", got.y.to_f64(), &want.y)];
+            if let Some(g) = &got.grads {
+                outs.push(("grad_x", g.grad_x.to_f64(), &want.grad_x));
+                outs.push(("grad_lora_A", g.grad_lora_a.to_f64(), &want.grad_lora_a));
+                outs.push(("grad_lora_B", g.grad_lora_b.to_f64(), &want.grad_lora_b));
+                if let (Some(gm), Some(wm)) = (&g.grad_magnitude, &want.grad_magnitude) {
+                    outs.push(("grad_magnitude", gm.to_f64(), wm));
+                }
+            }
+            for (name, got, want) in outs {
+                let e = rel_l2(&got, want);
+                let b = bar(name);
+                assert!(
+                    e <= b,
+                    "{} ({mode:?}) {name}: rel-L2 {e:e} over the bar {b:e}",
+                    p.file_name().unwrap().to_string_lossy()
+                );
+            }
+        }
+    }
 }

@@ -38,7 +38,10 @@ fn every_entry_point_is_defined_in_its_file() {
         let src = std::fs::read_to_string(format!("{root}/kernels/{file}.cu")).unwrap();
         // Stamped names appear as `<prefix>_##sfx(` in the macro; plain ones literally.
         let found = src.contains(&format!("{name}(")) || {
-            let stem = name.rsplit_once('_').map(|(p, _)| p).unwrap_or(name);
+            let stem = ["_f16_a32", "_bf16_a32", "_f32", "_f16", "_bf16"]
+                .iter()
+                .find_map(|sfx| name.strip_suffix(sfx))
+                .unwrap_or(name);
             src.contains(&format!("{stem}_##sfx("))
         };
         assert!(found, "{name} is not defined in kernels/{file}.cu");
@@ -84,19 +87,36 @@ fn tile_constants_match_common_cuh() {
 #[test]
 fn dispatcher_prefers_tensor_cores_and_falls_back() {
     use spec::{select, Op};
+    use DType::{BF16, F16, F32};
     for r in [1, 7, 15] {
         for dt in DType::ALL {
-            assert_eq!(select(Op::Norm, dt, r).unwrap().version, 1, "{dt} r={r}");
+            assert_eq!(
+                select(Op::Norm, dt, dt, r).unwrap().version,
+                1,
+                "{dt} r={r}"
+            );
         }
     }
     for r in [16, 17, 64, 256] {
-        assert_eq!(select(Op::Norm, DType::BF16, r).unwrap().version, 2);
-        assert_eq!(select(Op::Norm, DType::F16, r).unwrap().version, 2);
-        assert_eq!(select(Op::Norm, DType::F32, r).unwrap().version, 1);
+        assert_eq!(select(Op::Norm, BF16, BF16, r).unwrap().version, 2);
+        assert_eq!(select(Op::Norm, F16, F16, r).unwrap().version, 2);
+        assert_eq!(select(Op::Norm, F32, F32, r).unwrap().version, 1);
+        // f32 adapters: the CUDA-core v1 (its `_a32` form), never a rounding to 16 bits.
+        let v = select(Op::Norm, BF16, F32, r).unwrap();
+        assert_eq!(
+            (v.version, v.entry(BF16, F32).as_str()),
+            (1, "dora_norm_v1_bf16_a32")
+        );
     }
-    assert_eq!(select(Op::Tn, DType::F32, 16).unwrap().rank_tile, 16);
-    assert_eq!(select(Op::Tn, DType::F32, 17).unwrap().rank_tile, 64);
-    assert!(select(Op::Norm, DType::F32, spec::MAX_RANK + 1).is_none());
+    assert!(
+        select(Op::Norm, F32, BF16, 16).is_none(),
+        "no kernel reads bf16 adapters beside f32"
+    );
+    assert!(spec::suffix(F32, BF16).is_none());
+    assert_eq!(spec::suffix(F16, F32).as_deref(), Some("f16_a32"));
+    assert_eq!(select(Op::Tn, F32, F32, 16).unwrap().rank_tile, 16);
+    assert_eq!(select(Op::Tn, F32, F32, 17).unwrap().rank_tile, 64);
+    assert!(select(Op::Norm, F32, F32, spec::MAX_RANK + 1).is_none());
     // Every variant's shared memory fits without an opt-in at every rank it accepts.
     for r in 1..=spec::MAX_RANK {
         let (tt, jt) = spec::bwd_dz_tiles(r);
@@ -111,6 +131,25 @@ fn dispatcher_prefers_tensor_cores_and_falls_back() {
         assert!(
             spec::vtile_shared_bytes(r) <= spec::MAX_DYNAMIC_SHARED,
             "r={r}"
+        );
+    }
+}
+
+/// Every fused-kernel entry point is compiled into the emulator, with a parameter list the
+/// launch API can pass (no `?` codes), so `Backend::launch` finds each by name.
+#[test]
+fn every_entry_point_is_registered_on_the_emulator() {
+    let emu: std::collections::BTreeMap<String, String> = dorafuse::emu::kernels()
+        .into_iter()
+        .map(|k| (k.name, k.signature))
+        .collect();
+    for (file, name) in KERNELS.iter().filter(|(f, _)| FILES.contains(f)) {
+        let sig = emu
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} ({file}.cu) is not registered on the emulator"));
+        assert!(
+            !sig.is_empty() && !sig.contains('?'),
+            "{name}: signature {sig:?}"
         );
     }
 }

@@ -119,9 +119,9 @@ pub struct DoraWeights<'w> {
     pub fan_in_fan_out: bool,
     /// Optional bias `[d_out]` f32 (never scaled by g).
     pub bias: Option<DevTensor<'w>>,
-    /// A `[r, d_in]` in the layer dtype.
+    /// A `[r, d_in]`, in the layer dtype or f32 (with 16-bit layers: PEFT's default mix).
     pub lora_a: DevTensor<'w>,
-    /// B `[d_out, r]` in the layer dtype.
+    /// B `[d_out, r]`, in the same dtype as A.
     pub lora_b: DevTensor<'w>,
     /// m `[d_out]` f32; `None` for plain LoRA.
     pub magnitude: Option<DevTensor<'w>>,
@@ -139,6 +139,11 @@ impl DoraWeights<'_> {
     /// The layer dtype (W0's).
     pub fn dtype(&self) -> DType {
         self.weight.dtype()
+    }
+
+    /// The adapter dtype (A's and B's): the layer dtype, or f32.
+    pub fn adapter_dtype(&self) -> DType {
+        self.lora_a.dtype()
     }
 
     /// Checks every tensor's dtype, length and alignment against the dims.
@@ -167,8 +172,13 @@ impl DoraWeights<'_> {
             [d_out, d_in]
         };
         self.weight.check("weight", dt, &wshape)?;
-        self.lora_a.check("lora_A", dt, &[r, d_in])?;
-        self.lora_b.check("lora_B", dt, &[d_out, r])?;
+        let ad = self.adapter_dtype();
+        ensure!(
+            super::spec::suffix(dt, ad).is_some(),
+            "lora_A: dtype {ad} beside a {dt} weight; adapters must be {dt} or f32"
+        );
+        self.lora_a.check("lora_A", ad, &[r, d_in])?;
+        self.lora_b.check("lora_B", ad, &[d_out, r])?;
         if let Some(m) = &self.magnitude {
             m.check("magnitude", DType::F32, &[d_out])?;
         }
@@ -363,6 +373,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let w = &self.w;
         let args = launch::NormArgs {
             dtype: w.dtype(),
+            adapter: w.adapter_dtype(),
             w0: w.weight.ptr(),
             fan_in_fan_out: w.fan_in_fan_out,
             a: w.lora_a.ptr(),
@@ -475,6 +486,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let w = &self.w;
         let sh = launch::ShrinkArgs {
             dtype: w.dtype(),
+            adapter: w.adapter_dtype(),
             x: xp,
             ldx: w.d_in,
             a: w.lora_a.ptr(),
@@ -488,6 +500,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         unsafe { launch::shrink(b, &sh) }?;
         let co = launch::ComposeArgs {
             dtype: w.dtype(),
+            adapter: w.adapter_dtype(),
             base,
             y,
             u,
@@ -625,6 +638,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let g = dora.then(|| self.g_ptr());
         let a1 = launch::BwdDzArgs {
             dtype: dt,
+            adapter: w.adapter_dtype(),
             dy: dyp,
             base: dora.then_some(saved.base),
             u: saved.u,
@@ -655,22 +669,24 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             // SAFETY: cpart [parts, d_out] written by bwd_dz; n and m [d_out]; gm checked.
             unsafe { launch::mag_reduce(b, &a) }?;
         }
-        // grad_B = s·dzᵀ·U  -> [d_out, r] (transposed sum of [r, d_out] partials)
+        // grad_B = s·dzᵀ·U = s·diag(g)·(dyᵀ·U) -> [d_out, r] (transposed sum of [r, d_out]
+        // partials, scaled per column by g): from dy as given, not the rounded dz.
         let tb = launch::TnArgs {
             dtype: dt,
             l: saved.u,
-            rm: dz,
+            rm: dyp,
             rows: t,
             r,
             ncols: d_out,
             part,
             alpha: s,
+            col_scale: g,
             transpose: true,
             accumulate: false,
             out: gb,
         };
-        // SAFETY: U [t, r] f32, dz [t, d_out]; part holds the partials (sized above); gb
-        // [d_out, r] f32 checked.
+        // SAFETY: U [t, r] f32, dy [t, d_out]; part holds the partials (sized above); g
+        // [d_out]; gb [d_out, r] f32 checked.
         unsafe { launch::tn(b, &tb, None) }?;
         // grad_A = s·(dz·B)ᵀ·x -> [r, d_in]
         let ta = launch::TnArgs {
@@ -682,6 +698,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             ncols: d_in,
             part,
             alpha: s,
+            col_scale: None,
             transpose: false,
             accumulate: false,
             out: ga,
@@ -707,6 +724,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         unsafe { launch::gemm(b, &gg) }.context("grad_x = dz·W0")?;
         let co = launch::ComposeArgs {
             dtype: dt,
+            adapter: w.adapter_dtype(),
             base: gx,
             y: gx,
             u: dzb,
@@ -749,6 +767,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let bk = ws.offset(bk_off);
         let m = launch::MergeArgs {
             dtype: dt,
+            adapter: w.adapter_dtype(),
             w0: w.weight.ptr(),
             fan_in_fan_out: w.fan_in_fan_out,
             a: w.lora_a.ptr(),
@@ -765,6 +784,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         unsafe { launch::merge(b, &m) }?;
         let sh = launch::ShrinkArgs {
             dtype: dt,
+            adapter: w.adapter_dtype(),
             x: v,
             ldx: d_in,
             a: w.lora_a.ptr(),
@@ -777,8 +797,8 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         // SAFETY: V [d_out, d_in] written above, A [r, d_in]; kcoef [d_out]; gb [d_out, r]
         // f32 already holds the detached grad_B (accumulated into).
         unsafe { launch::shrink(b, &sh) }?;
-        // SAFETY: B [d_out, r] in dt, kcoef [d_out], bk [d_out, r] f32 carved above.
-        unsafe { launch::scale_rows(b, dt, w.lora_b.ptr(), kcoef, (d_out, r), bk) }?;
+        // SAFETY: B [d_out, r] in the adapter dtype, kcoef [d_out], bk [d_out, r] f32 carved above.
+        unsafe { launch::scale_rows(b, w.adapter_dtype(), w.lora_b.ptr(), kcoef, (d_out, r), bk) }?;
         let t = launch::TnArgs {
             dtype: dt,
             l: bk,
@@ -788,6 +808,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             ncols: d_in,
             part,
             alpha: 1.0,
+            col_scale: None,
             transpose: false,
             accumulate: true,
             out: ga,
@@ -814,6 +835,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let g = self.magnitude_scale(b)?;
         let m = launch::MergeArgs {
             dtype: dt,
+            adapter: w.adapter_dtype(),
             w0: w.weight.ptr(),
             fan_in_fan_out: w.fan_in_fan_out,
             a: w.lora_a.ptr(),

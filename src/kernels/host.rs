@@ -36,7 +36,19 @@ fn download<B: Backend>(
     Tensor::from_bytes(dtype, shape, &bytes).with_context(|| format!("reading back {name}"))
 }
 
-/// The layer's parameters uploaded in the computation dtype (m and bias in f32).
+/// The adapter dtype the kernels get for computation dtype `dt`: `dt` when A and B are both
+/// stored in it, else f32 (a lossless widening; PEFT's default keeps f32 adapters beside
+/// 16-bit base weights, and the `_a32` kernels read them as they are).
+fn adapter_dtype(layer: &Layer, dt: DType) -> DType {
+    if layer.lora_a.dtype() == dt && layer.lora_b.dtype() == dt {
+        dt
+    } else {
+        DType::F32
+    }
+}
+
+/// The layer's parameters uploaded in the computation dtype (adapters per
+/// [`adapter_dtype`], m and bias in f32).
 struct Uploaded<B: Backend> {
     weight: B::Buffer,
     bias: Option<B::Buffer>,
@@ -54,8 +66,8 @@ impl<B: Backend> Uploaded<B> {
                 .as_ref()
                 .map(|t| upload(b, t, DType::F32, "bias"))
                 .transpose()?,
-            a: upload(b, &layer.lora_a, dtype, "lora_A")?,
-            b: upload(b, &layer.lora_b, dtype, "lora_B")?,
+            a: upload(b, &layer.lora_a, adapter_dtype(layer, dtype), "lora_A")?,
+            b: upload(b, &layer.lora_b, adapter_dtype(layer, dtype), "lora_B")?,
             m: layer
                 .magnitude
                 .as_ref()
@@ -70,8 +82,8 @@ impl<B: Backend> Uploaded<B> {
             weight: DevTensor::of(&self.weight, dtype),
             fan_in_fan_out: layer.fan_in_fan_out,
             bias: self.bias.as_ref().map(|x| DevTensor::of(x, DType::F32)),
-            lora_a: DevTensor::of(&self.a, dtype),
-            lora_b: DevTensor::of(&self.b, dtype),
+            lora_a: DevTensor::of(&self.a, adapter_dtype(layer, dtype)),
+            lora_b: DevTensor::of(&self.b, adapter_dtype(layer, dtype)),
             magnitude: self.m.as_ref().map(|x| DevTensor::of(x, DType::F32)),
             scaling: layer.scaling as f32,
             d_in,
@@ -182,7 +194,7 @@ pub fn merged_weight<B: Backend>(b: &B, layer: &Layer) -> Result<Vec<f32>> {
 }
 
 /// The column norm `n` and, for DoRA, `g = m / max(n, ε)` (both `[d_out]` f32) of `layer`,
-/// computed on `b` in the weight's dtype by `variant` (or the dispatcher's choice when
+/// computed on `b` in the weight's dtype (adapters as stored when f32) by `variant` (or the dispatcher's choice when
 /// `None`; tests force each variant of [`super::spec::VARIANTS`] in turn).
 ///
 /// # Errors
@@ -203,6 +215,7 @@ pub fn norm<B: Backend>(
     let g_ptr = out.ptr().offset(4 * d_out);
     let args = launch::NormArgs {
         dtype: dt,
+        adapter: w.adapter_dtype(),
         w0: w.weight.ptr(),
         fan_in_fan_out: w.fan_in_fan_out,
         a: w.lora_a.ptr(),

@@ -14,6 +14,15 @@ use anyhow::{ensure, Context, Result};
 
 const NULL: DevPtr = DevPtr(0);
 
+/// `<prefix>_<suffix>` for the (activation, adapter) dtype pair, refusing pairs no kernel is
+/// stamped for.
+fn name(prefix: &str, act: DType, adapter: DType) -> Result<String> {
+    let sfx = spec::suffix(act, adapter).with_context(|| {
+        format!("{prefix}: no kernel for {act} activations with {adapter} adapters")
+    })?;
+    Ok(format!("{prefix}_{sfx}"))
+}
+
 fn ptr(p: DevPtr) -> KernelArg {
     KernelArg::Ptr(p)
 }
@@ -63,6 +72,8 @@ pub(crate) fn weight_strides(fan_in_fan_out: bool, d_in: usize, d_out: usize) ->
 pub(crate) struct NormArgs {
     /// Storage dtype of W0, A and B.
     pub dtype: DType,
+    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    pub adapter: DType,
     /// W0 `[d_out, d_in]` (or `[d_in, d_out]` with `fan_in_fan_out`).
     pub w0: DevPtr,
     /// W0 is stored `[d_in, d_out]`.
@@ -90,24 +101,27 @@ pub(crate) struct NormArgs {
 /// The norm variant to use: `forced` if given (tests), else the table's choice.
 fn norm_variant(
     dtype: DType,
+    adapter: DType,
     r: usize,
     forced: Option<&'static Variant>,
 ) -> Result<&'static Variant> {
     if let Some(v) = forced {
         ensure!(
-            v.op == Op::Norm && v.supports(dtype, r),
-            "{} cannot run dtype {dtype} at rank {r}",
+            v.op == Op::Norm && v.supports(dtype, adapter, r),
+            "{} cannot run {dtype} with {adapter} adapters at rank {r}",
             v.prefix
         );
         return Ok(v);
     }
-    let v = spec::select(Op::Norm, dtype, r)
-        .with_context(|| format!("no norm kernel for dtype {dtype} at rank {r}"))?;
+    let v = spec::select(Op::Norm, dtype, adapter, r).with_context(|| {
+        format!("no norm kernel for {dtype} with {adapter} adapters at rank {r}")
+    })?;
     // Fall back to v1 where v2's shared memory would not fit (it never should for r ≤ 256;
     // the assertion keeps a future table edit honest).
     if v.version == 2 && spec::norm_v2_shared_bytes(r) > spec::MAX_DYNAMIC_SHARED {
-        return spec::select(Op::Norm, DType::F32, r)
-            .filter(|v| v.version == 1)
+        return spec::candidates(Op::Norm, dtype, adapter, r)
+            .into_iter()
+            .find(|v| v.version == 1)
             .context("norm v1 missing from the table");
     }
     Ok(v)
@@ -128,7 +142,7 @@ pub(crate) unsafe fn norm<B: Backend>(
         x.r,
         spec::MAX_RANK
     );
-    let v = norm_variant(x.dtype, x.r, forced)?;
+    let v = norm_variant(x.dtype, x.adapter, x.r, forced)?;
     let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
     let (grid, threads, shared) = if v.version == 2 {
         let sh = spec::norm_v2_shared_bytes(x.r);
@@ -171,7 +185,7 @@ pub(crate) unsafe fn norm<B: Backend>(
         ptr(x.n_out),
         opt(x.g_out),
     ];
-    let name = v.entry(x.dtype);
+    let name = v.entry(x.dtype, x.adapter);
     // SAFETY: the argument list matches `dora_norm_v{1,2}_<dt>(w0, ldw_j, ldw_k, a, b, m, s,
     // eps, d_out, d_in, r, n_out, g_out)` in kernels/norm.cu in order and type; the caller
     // guarantees the extents; the grid covers every row (⌈d_out/rows per block⌉ blocks) and
@@ -184,6 +198,8 @@ pub(crate) unsafe fn norm<B: Backend>(
 pub(crate) struct MergeArgs {
     /// Storage dtype of W0, A, B.
     pub dtype: DType,
+    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    pub adapter: DType,
     /// W0 as in [`NormArgs`].
     pub w0: DevPtr,
     /// W0 is stored `[d_in, d_out]`.
@@ -220,11 +236,12 @@ pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
         spec::MAX_RANK
     );
     let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
-    let name = if x.f32_out {
-        format!("dora_merge_f32out_{}", x.dtype.name())
+    let prefix = if x.f32_out {
+        "dora_merge_f32out"
     } else {
-        format!("dora_merge_{}", x.dtype.name())
+        "dora_merge"
     };
+    let name = name(prefix, x.dtype, x.adapter)?;
     let d = dims(
         [blocks("merge rows", x.d_out, spec::VT_ROWS, GRID_X)?, 1, 1],
         spec::THREADS,
@@ -253,6 +270,8 @@ pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
 pub(crate) struct ShrinkArgs {
     /// Storage dtype of X and A.
     pub dtype: DType,
+    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    pub adapter: DType,
     /// X `[rows, d_in]` row-major (row stride `ldx`).
     pub x: DevPtr,
     /// Row stride of X in elements (≥ d_in).
@@ -282,7 +301,7 @@ pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<()> {
         x.ldx,
         x.d_in
     );
-    let name = format!("dora_shrink_{}", x.dtype.name());
+    let name = name("dora_shrink", x.dtype, x.adapter)?;
     let d = dims(
         [
             blocks("shrink rows", x.rows, spec::SH_ROWS, GRID_X)?,
@@ -313,6 +332,8 @@ pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<()> {
 pub(crate) struct ComposeArgs {
     /// Storage dtype of base, y and Bm.
     pub dtype: DType,
+    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    pub adapter: DType,
     /// base `[t, d_out]` (may equal `y`).
     pub base: DevPtr,
     /// y `[t, d_out]`.
@@ -342,7 +363,7 @@ pub(crate) struct ComposeArgs {
 /// # Safety
 /// See the module doc; extents are those of [`ComposeArgs`].
 pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
-    let name = format!("dora_compose_{}", x.dtype.name());
+    let name = name("dora_compose", x.dtype, x.adapter)?;
     let d = dims(
         [
             blocks("compose tokens", x.t, spec::CO_ROWS, GRID_X)?,
@@ -376,6 +397,8 @@ pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
 pub(crate) struct BwdDzArgs {
     /// Storage dtype of dy, base, B, dz.
     pub dtype: DType,
+    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    pub adapter: DType,
     /// dy `[t, d_out]`.
     pub dy: DevPtr,
     /// base `[t, d_out]` (DoRA).
@@ -430,7 +453,7 @@ pub(crate) unsafe fn bwd_dz<B: Backend>(b: &B, x: &BwdDzArgs) -> Result<()> {
         "bwd_dz: {sh} bytes of shared memory at rank {}",
         x.r
     );
-    let name = format!("dora_bwd_dz_{}", x.dtype.name());
+    let name = name("dora_bwd_dz", x.dtype, x.adapter)?;
     let d = dims(
         [blocks("bwd_dz tokens", x.t, tt, GRID_X)?, 1, 1],
         spec::THREADS,
@@ -526,6 +549,8 @@ pub(crate) struct TnArgs {
     pub part: DevPtr,
     /// Scale of the sum.
     pub alpha: f32,
+    /// Per-column scale `[ncols]` f32 of the sum (the g of grad_B), or `None`.
+    pub col_scale: Option<DevPtr>,
     /// Write `[ncols, r]` instead of `[r, ncols]`.
     pub transpose: bool,
     /// Add to `out` instead of overwriting it.
@@ -570,17 +595,17 @@ pub(crate) unsafe fn tn<B: Backend>(
     let v = match forced {
         Some(v) => {
             ensure!(
-                v.op == Op::Tn && v.supports(x.dtype, x.r),
+                v.op == Op::Tn && v.supports(x.dtype, x.dtype, x.r),
                 "{} cannot run rank {}",
                 v.prefix,
                 x.r
             );
             v
         }
-        None => spec::select(Op::Tn, x.dtype, x.r).context("no tn kernel")?,
+        None => spec::select(Op::Tn, x.dtype, x.dtype, x.r).context("no tn kernel")?,
     };
     let (splits, per) = tn_splits(x.rows, x.r, x.ncols);
-    let name = v.entry(x.dtype);
+    let name = v.entry(x.dtype, x.dtype);
     let d = dims(
         [
             blocks("tn columns", x.ncols, spec::TN_COLS, GRID_X)?,
@@ -620,12 +645,13 @@ pub(crate) unsafe fn tn<B: Backend>(
         int("r", x.r)?,
         int("ncols", x.ncols)?,
         KernelArg::F32(x.alpha),
+        opt(x.col_scale),
         KernelArg::I32(x.transpose as i32),
         KernelArg::I32(x.accumulate as i32),
         ptr(x.out),
     ];
-    // SAFETY: matches `dora_sum_partials_f32(part, splits, r, ncols, alpha, transpose,
-    // accumulate, out)`; grid-stride over all r·ncols outputs.
+    // SAFETY: matches `dora_sum_partials_f32(part, splits, r, ncols, alpha, colscale,
+    // transpose, accumulate, out)`; grid-stride over all r·ncols outputs.
     unsafe { b.launch("dora_sum_partials_f32", d, &args) }
         .context("launching dora_sum_partials_f32")
 }

@@ -15,7 +15,7 @@
 //! forward   base = x·W0ᵀ (Backend::gemm, or supplied)     norm  -> n, g (cached per adapter)
 //!           U = shrink(x, A)                              compose: y = g⊙(base + s·U·Bᵀ) + b
 //! backward  bwd_dz: dz = dy⊙g, c partials, dz·B           mag_reduce: grad_m (and k)
-//!           tn: grad_B = s·dzᵀ·U, grad_A = s·(dz·B)ᵀ·x    grad_x = dz·W0 (gemm) + compose
+//!           tn: grad_B = s·g⊙(dyᵀ·U), grad_A = s·(dz·B)ᵀ·x  grad_x = dz·W0 (gemm) + compose
 //!           exact: V = merge(g=1); grad_B += shrink(V, A)·(−s·k); grad_A += tn(−s·k⊙B, V)
 //! ```
 

@@ -65,18 +65,40 @@ pub struct Variant {
     pub max_rank: usize,
     /// Rank tile (ranks per block) for variants that tile the rank, else 0.
     pub rank_tile: usize,
+    /// Also stamped for f32 adapters beside 16-bit activations (`<dtype>_a32`).
+    pub mixed: bool,
+}
+
+/// The entry-point suffix for activations (W0, x, y, ...) in `act` and adapters (A, B) in
+/// `adapter`: `bf16` when they agree, `bf16_a32` for f32 adapters beside bf16 (PEFT's
+/// default mix); `None` for any other pair (the host path widens such adapters to f32).
+pub fn suffix(act: DType, adapter: DType) -> Option<String> {
+    if act == adapter {
+        Some(act.name().to_string())
+    } else if adapter == DType::F32 {
+        Some(format!("{}_a32", act.name()))
+    } else {
+        None
+    }
 }
 
 impl Variant {
-    /// The entry point for `dtype`, e.g. `dora_norm_v2_bf16`.
-    pub fn entry(&self, dtype: DType) -> String {
-        format!("{}_{}", self.prefix, dtype.name())
+    /// The entry point for activations in `act` and adapters in `adapter`, e.g.
+    /// `dora_norm_v2_bf16` or `dora_norm_v1_bf16_a32`.
+    pub fn entry(&self, act: DType, adapter: DType) -> String {
+        format!(
+            "{}_{}",
+            self.prefix,
+            suffix(act, adapter).unwrap_or_else(|| format!("{act}_{adapter}"))
+        )
     }
 
-    /// True when this variant is stamped for `dtype` and can run rank `r` (whether or not
-    /// the dispatcher would prefer it).
-    pub fn supports(&self, dtype: DType, r: usize) -> bool {
-        self.dtypes.contains(&dtype) && (1..=MAX_RANK).contains(&r)
+    /// True when this variant is stamped for the pair (`act`, `adapter`) and can run rank
+    /// `r` (whether or not the dispatcher would prefer it).
+    pub fn supports(&self, act: DType, adapter: DType, r: usize) -> bool {
+        self.dtypes.contains(&act)
+            && (adapter == act || (self.mixed && adapter == DType::F32 && act != DType::F32))
+            && (1..=MAX_RANK).contains(&r)
     }
 }
 
@@ -95,6 +117,7 @@ pub const VARIANTS: &[Variant] = &[
         min_rank: 16,
         max_rank: MAX_RANK,
         rank_tile: 0,
+        mixed: false,
     },
     Variant {
         op: Op::Norm,
@@ -104,6 +127,7 @@ pub const VARIANTS: &[Variant] = &[
         min_rank: 1,
         max_rank: MAX_RANK,
         rank_tile: 0,
+        mixed: true,
     },
     Variant {
         op: Op::Tn,
@@ -113,6 +137,7 @@ pub const VARIANTS: &[Variant] = &[
         min_rank: 1,
         max_rank: 16,
         rank_tile: 16,
+        mixed: false,
     },
     Variant {
         op: Op::Tn,
@@ -122,35 +147,39 @@ pub const VARIANTS: &[Variant] = &[
         min_rank: 17,
         max_rank: MAX_RANK,
         rank_tile: 64,
+        mixed: false,
     },
 ];
 
-/// The variant the dispatcher uses for `op` at `dtype` and rank `r`: the first in
-/// [`VARIANTS`] whose dtypes and rank range match, falling back to any that supports it.
-pub fn select(op: Op, dtype: DType, r: usize) -> Option<&'static Variant> {
+/// The variant the dispatcher uses for `op` with activations in `act`, adapters in
+/// `adapter`, at rank `r`: the first in [`VARIANTS`] that supports the pair and whose
+/// preferred rank range holds `r`, falling back to any that supports it.
+pub fn select(op: Op, act: DType, adapter: DType, r: usize) -> Option<&'static Variant> {
+    let ok = |v: &&Variant| v.op == op && v.supports(act, adapter, r);
     VARIANTS
         .iter()
-        .filter(|v| v.op == op && v.dtypes.contains(&dtype))
+        .filter(ok)
         .find(|v| (v.min_rank..=v.max_rank).contains(&r))
-        .or_else(|| VARIANTS.iter().find(|v| v.op == op && v.supports(dtype, r)))
+        .or_else(|| VARIANTS.iter().find(ok))
 }
 
-/// Every variant of `op` that can run `dtype` at rank `r` (for tests that force each one).
-pub fn candidates(op: Op, dtype: DType, r: usize) -> Vec<&'static Variant> {
+/// Every variant of `op` that can run the pair at rank `r` (for tests that force each one).
+pub fn candidates(op: Op, act: DType, adapter: DType, r: usize) -> Vec<&'static Variant> {
     VARIANTS
         .iter()
-        .filter(|v| v.op == op && v.supports(dtype, r))
+        .filter(|v| v.op == op && v.supports(act, adapter, r))
         .collect()
 }
 
-/// The dtype-stamped kernels with one variant each: `(prefix, stamped for)`.
-pub const SINGLE: &[(&str, &[DType])] = &[
-    ("dora_merge", ALL),
-    ("dora_merge_f32out", ALL),
-    ("dora_shrink", ALL),
-    ("dora_compose", ALL),
-    ("dora_bwd_dz", ALL),
-    ("dora_scale_rows", ALL),
+/// The dtype-stamped kernels with one variant each: `(prefix, stamped for, also for f32
+/// adapters beside 16-bit activations)`.
+pub const SINGLE: &[(&str, &[DType], bool)] = &[
+    ("dora_merge", ALL, true),
+    ("dora_merge_f32out", ALL, true),
+    ("dora_shrink", ALL, true),
+    ("dora_compose", ALL, true),
+    ("dora_bwd_dz", ALL, true),
+    ("dora_scale_rows", ALL, false),
 ];
 
 /// Kernels with one f32 entry point regardless of the layer dtype.
@@ -160,11 +189,26 @@ pub const F32_ONLY: &[&str] = &["dora_mag_reduce_f32", "dora_sum_partials_f32"];
 /// [`F32_ONLY`]; a test checks it equals `KERNELS`.
 pub fn all_entries() -> Vec<String> {
     let mut out = Vec::new();
+    let pairs = |ds: &[DType], mixed: bool| -> Vec<String> {
+        let mut v: Vec<String> = ds.iter().map(|d| d.name().to_string()).collect();
+        if mixed {
+            v.extend(
+                ds.iter()
+                    .filter(|&&d| d != DType::F32)
+                    .map(|d| format!("{d}_a32")),
+            );
+        }
+        v
+    };
     for v in VARIANTS {
-        out.extend(v.dtypes.iter().map(|&d| v.entry(d)));
+        out.extend(
+            pairs(v.dtypes, v.mixed)
+                .into_iter()
+                .map(|s| format!("{}_{s}", v.prefix)),
+        );
     }
-    for (p, ds) in SINGLE {
-        out.extend(ds.iter().map(|d| format!("{p}_{}", d.name())));
+    for (p, ds, mixed) in SINGLE {
+        out.extend(pairs(ds, *mixed).into_iter().map(|s| format!("{p}_{s}")));
     }
     out.extend(F32_ONLY.iter().map(|s| s.to_string()));
     out
