@@ -88,7 +88,7 @@ run_step() {
   note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
   # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
   grep -E '^test result:|skipped: no CUDA device|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2' "$tmp" \
-    | grep -v '^test .* ok$' | head -n 12 | sed 's/^/          /' >>"$summary"
+    | grep -v '^test .* ok$' | head -n 6 | sed 's/^/          /' >>"$summary"
   rm -f "$tmp"
 }
 

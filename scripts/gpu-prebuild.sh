@@ -67,7 +67,7 @@ if not kernels:
     sys.exit("gpu-prebuild: build.rs did not compile the kernels (no cfg dorafuse_kernels): see the cargo warnings")
 if "dorafuse" not in copied:
     sys.exit("gpu-prebuild: the dorafuse CLI was not built")
-print("gpu-prebuild: binaries:", " ".join(sorted(copied)), file=sys.stderr)
+print("gpu-prebuild: binaries:", " ".join(sorted(set(copied))), file=sys.stderr)
 EOF
 
 echo "$root" >"$bundle/manifest-dir"
