@@ -166,3 +166,55 @@ fn several_cases_need_a_directory_for_out() {
     assert!(stderr.contains("must be an existing directory"), "{stderr}");
     assert!(!f.exists());
 }
+
+#[test]
+fn exact_grad_flag_reaches_the_computation() {
+    // --exact-grad must change grad_lora_A/B to the exact gradient (checked against the f64
+    // reference in exact mode) and leave y, grad_x and grad_magnitude as they were.
+    let src = cases()
+        .into_iter()
+        .find(|p| p.ends_with("dora_f32_odd.safetensors"))
+        .expect("dora_f32_odd fixture");
+    let case = LayerCase::read(&src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exact.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+        .args(["replay", "--exact-grad", "--out"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // PEFT's expected gradients are the detached ones: A and B must now disagree with them.
+    assert!(!o.status.success(), "{stdout}");
+    for (name, verdict) in [
+        ("y ", "PASS"),
+        ("grad_x ", "PASS"),
+        ("grad_lora_A ", "FAIL"),
+        ("grad_lora_B ", "FAIL"),
+        ("grad_magnitude ", "PASS"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap();
+        assert!(line.ends_with(verdict), "{name}: {line}");
+    }
+    let want = dorafuse::cpu::reference::run_f64(
+        &case.layer,
+        &case.x,
+        case.grad_y.as_ref(),
+        GradMode::Exact,
+    )
+    .unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, truth) in [
+        ("grad_lora_A", &want.grad_lora_a),
+        ("grad_lora_B", &want.grad_lora_b),
+    ] {
+        let got = dorafuse::tensor::Tensor::from_view(name, &st.tensor(name).unwrap()).unwrap();
+        let e = rel_l2(&got.to_f64(), truth);
+        assert!(e < 1e-5, "{name} exact: {e:.2e}");
+    }
+}

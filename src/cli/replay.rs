@@ -62,6 +62,15 @@ fn run_on(device: Device, case: &LayerCase, mode: GradMode) -> Result<Outputs> {
     }
 }
 
+/// The device's name as the command line spells it.
+fn device_name(d: Device) -> &'static str {
+    match d {
+        Device::Cpu => "cpu",
+        Device::Emu => "emu",
+        Device::Cuda => "cuda",
+    }
+}
+
 /// The bar output `name` of `case` is held to, and a few words on where it comes from.
 pub(crate) fn bar(case: &LayerCase, name: &str) -> (f64, String) {
     let comp = case.x.dtype();
@@ -106,26 +115,26 @@ fn replay_one(args: &Args, path: &Path, out: Option<PathBuf>) -> Result<bool> {
     };
     let outputs = run_on(args.device, &case, mode).with_context(|| {
         format!(
-            "layer case {}: running on {:?}",
+            "layer case {}: running on {}",
             path.display(),
-            args.device
+            device_name(args.device)
         )
     })?;
     if let Some(o) = &out {
         let mut meta = BTreeMap::new();
         meta.insert("source_case".into(), path.display().to_string());
-        meta.insert("device".into(), format!("{:?}", args.device).to_lowercase());
+        meta.insert("device".into(), device_name(args.device).into());
         meta.insert("grad_mode".into(), format!("{mode:?}").to_lowercase());
         write_outputs(o, &outputs, &meta)?;
     }
     let kind = if case.layer.is_dora() { "DoRA" } else { "LoRA" };
     println!(
-        "{}: {kind} {shape}, x {}, device {:?}, {}{}",
+        "{}: {kind} {shape}, x {}, device {}, {}{}",
         path.display(),
         case.x.dtype(),
-        args.device,
+        device_name(args.device),
         if case.grad_y.is_some() {
-            format!("backward {mode:?}")
+            format!("backward {}", format!("{mode:?}").to_lowercase())
         } else {
             "forward only".into()
         },
