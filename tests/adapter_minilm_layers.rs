@@ -100,7 +100,7 @@ fn real_layers_match_peft_and_run() {
                 let e = rel_l2(&t.to_f64(), &want.to_f64());
                 // The bar: no worse than twice PEFT's own f32 error, and inside f32's 1e-5.
                 let peft = case.peft_rel_err(k).unwrap();
-                let bar = (2.0 * peft).max(1e-6).min(1e-5);
+                let bar = (2.0 * peft).clamp(1e-6, 1e-5);
                 println!("{what}: {k}: rel error {e:.2e} (PEFT f32 {peft:.2e})");
                 assert!(e < bar, "{what}: {k}: rel error {e:.3e}, bar {bar:.3e}");
             }

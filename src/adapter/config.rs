@@ -210,8 +210,7 @@ fn compile(full: &str, pattern: &str, what: &str) -> Result<Regex> {
         let why = text
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .next_back()
+            .rfind(|l| !l.is_empty())
             .unwrap_or("invalid")
             .trim_start_matches("error: ")
             .to_string();
