@@ -170,13 +170,18 @@ impl<'a> Params<'a> {
         let mut out = vec![0.0f32; d_out];
         if self.fan_in_fan_out {
             // Rows of W0 are columns of the storage: walk storage rows (contiguous) and
-            // accumulate each thread's range of columns.
-            par_rows(&mut out, d_in * d_out, |j0, acc| {
+            // accumulate each thread's range of columns. Each column is one long serial sum
+            // here (no lanes), so it is accumulated in f64: the pass is memory-bound anyway.
+            par_rows(&mut out, d_in * d_out, |j0, out| {
+                let mut acc = vec![0.0f64; out.len()];
                 for i in 0..d_in {
-                    let seg = &w[i * d_out + j0..i * d_out + j0 + acc.len()];
-                    for (a, v) in acc.iter_mut().zip(seg) {
-                        *a += v * v;
+                    let seg = &w[i * d_out + j0..i * d_out + j0 + out.len()];
+                    for (a, &v) in acc.iter_mut().zip(seg) {
+                        *a += (v as f64) * (v as f64);
                     }
+                }
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = a as f32;
                 }
             });
         } else {
