@@ -85,26 +85,29 @@ pub fn build(root: &Path, out: &Path, list: &[Entry]) {
         writeln!(t, "    &dfemu_entry_{},", e.name).unwrap();
     }
     writeln!(t, "    nullptr}};").unwrap();
+    // The table ends with a null entry, so it is never empty (an empty kernel list builds).
     writeln!(
         t,
-        "extern \"C\" std::size_t dfemu_kernel_count(void) {{ return {}; }}",
-        entries.len()
+        "static const std::size_t dfemu_table_len = sizeof(dfemu_table) / sizeof(dfemu_table[0]) - 1;"
+    )
+    .unwrap();
+    writeln!(
+        t,
+        "extern \"C\" std::size_t dfemu_kernel_count(void) {{ return dfemu_table_len; }}"
     )
     .unwrap();
     writeln!(
         t,
         "extern \"C\" const dfemu_kernel* dfemu_kernel_at(std::size_t i) {{\n  \
-         return i < {} ? dfemu_table[i] : nullptr;\n}}",
-        entries.len()
+         return i < dfemu_table_len ? dfemu_table[i] : nullptr;\n}}"
     )
     .unwrap();
     writeln!(
         t,
         "extern \"C\" const dfemu_kernel* dfemu_find_kernel(const char* name) {{\n  \
-         for (std::size_t i = 0; i < {}; ++i)\n    \
+         for (std::size_t i = 0; dfemu_table[i]; ++i)\n    \
          if (std::strcmp(dfemu_table[i]->name, name) == 0) return dfemu_table[i];\n  \
-         return nullptr;\n}}",
-        entries.len()
+         return nullptr;\n}}"
     )
     .unwrap();
     let table = gen.join("table.cpp");
