@@ -13,12 +13,13 @@
 namespace df {
 
 // ---------------------------------------------------------------------------------------
-// shrink v1: out[t, i] (+)= coef[t]·Σ_k X[t, k]·A[i, k]
+// shrink v1: out[z, t, i] (+)= coef[t]·Σ_{k in split z} X[t, k]·A[i, k]
 //
 // Block: 256 threads, SH_ROWS = 16 rows × SH_RANKS = 64 ranks of the output; the reduction
 // is walked in chunks of SH_KCHUNK = 32, both operands staged in shared memory (padded rows:
 // no bank conflicts). Thread (il = tid % 64, tq = tid / 64) owns rows tq + 4q, q = 0..3.
-// Grid: (⌈rows/16⌉, ⌈r/64⌉).
+// Grid: (⌈rows/16⌉, ⌈r/64⌉, splits). With few rows (decode) the launcher splits d_in so
+// that enough blocks stream A; compose then sums the splits' slabs in order.
 //
 // Bytes: X ⌈r/64⌉ times (rows·d_in·sz; once for r ≤ 64) + A once per row block
 // (⌈rows/16⌉·r·d_in·sz, L2) + out 4·rows·r.   FLOPs: 2·rows·d_in·r.
@@ -29,8 +30,9 @@ __device__ __forceinline__ void shrink(
     long long ldx_t, long long ldx_k,
     const TA* __restrict__ a,        // [r, d_in]
     int rows, int d_in, int r,
-    const float* __restrict__ coef,  // [rows] or null
-    float* __restrict__ out) {       // [rows, r]: = acc (coef null) or += coef[t]·acc
+    int k_per_split,                 // reduction columns per split (grid.z splits)
+    const float* __restrict__ coef,  // [rows] or null (then a single split)
+    float* __restrict__ out) {       // [splits, rows, r]: = acc, or += coef[t]·acc
     __shared__ float xs[SH_ROWS][SH_KCHUNK + 1];
     __shared__ float as[SH_RANKS][SH_KCHUNK + 1];
     const int tid = threadIdx.x;
@@ -39,12 +41,17 @@ __device__ __forceinline__ void shrink(
     const int il = tid % SH_RANKS;
     const int tq = tid / SH_RANKS;
     constexpr int Q = SH_ROWS / (THREADS / SH_RANKS);  // 4
+    // Split-K (decode: few rows, long d_in): split z reduces columns [kb, ke) into its own
+    // slab of `out`; the consumer (compose) sums the slabs in a fixed order.
+    const int kb = blockIdx.z * k_per_split;
+    const int ke = min(d_in, kb + k_per_split);
+    out += (long long)blockIdx.z * rows * r;
 
     float acc[Q];
 #pragma unroll
     for (int q = 0; q < Q; ++q) acc[q] = 0.f;
 
-    for (int k0 = 0; k0 < d_in; k0 += SH_KCHUNK) {
+    for (int k0 = kb; k0 < ke; k0 += SH_KCHUNK) {
         __syncthreads();  // readers of the previous chunk are done
         for (int f = tid; f < SH_ROWS * SH_KCHUNK; f += THREADS) {
             int tt, c;
@@ -56,15 +63,15 @@ __device__ __forceinline__ void shrink(
                 tt = f % SH_ROWS;
             }
             const int t = t0 + tt, k = k0 + c;
-            xs[tt][c] = (t < rows && k < d_in) ? to_f32(x[t * ldx_t + k * ldx_k]) : 0.f;
+            xs[tt][c] = (t < rows && k < ke) ? to_f32(x[t * ldx_t + k * ldx_k]) : 0.f;
         }
         for (int f = tid; f < SH_RANKS * SH_KCHUNK; f += THREADS) {
             const int ii = f / SH_KCHUNK, c = f % SH_KCHUNK;
             const int i = i0 + ii, k = k0 + c;
-            as[ii][c] = (i < r && k < d_in) ? to_f32(a[(long long)i * d_in + k]) : 0.f;
+            as[ii][c] = (i < r && k < ke) ? to_f32(a[(long long)i * d_in + k]) : 0.f;
         }
         __syncthreads();
-        const int nc = min(SH_KCHUNK, d_in - k0);
+        const int nc = min(SH_KCHUNK, ke - k0);
         for (int c = 0; c < nc; ++c) {
             const float av = as[il][c];
 #pragma unroll
@@ -91,6 +98,8 @@ __device__ __forceinline__ void shrink(
 // tq = tid / 64) owns tokens tq + 4q: consecutive threads touch consecutive columns of base
 // and y (coalesced). Each element of base is read once and y written once by the same
 // thread, so y may alias base (the in-place variant): base and y are not __restrict__.
+// Row strides ld_base, ld_y let base and y be column slices of a wider buffer (one
+// projection of a fused QKV GEMM's output), in place.
 // Grid: (⌈T/16⌉, ⌈d_out/64⌉).
 //
 // Bytes: base T·d_out·sz + y T·d_out·sz + U ⌈d_out/64⌉·4·T·r (L2) + B ⌈T/16⌉·d_out·r·sz
@@ -98,9 +107,12 @@ __device__ __forceinline__ void shrink(
 // ---------------------------------------------------------------------------------------
 template <typename T, typename TA>
 __device__ __forceinline__ void compose(
-    const T* base,                   // [T, d_out] (may alias y)
-    T* y,                            // [T, d_out]
-    const float* __restrict__ u,     // [T, r]
+    const T* base,                   // [T, d_out] rows ld_base apart (may alias y)
+    long long ld_base,
+    T* y,                            // [T, d_out] rows ld_y apart
+    long long ld_y,
+    const float* __restrict__ u,     // [u_splits, T, r]: U = Σ of the slabs
+    int u_splits,
     const TA* __restrict__ bm,        // Bm [d_out, r] at (j, i) -> bm[j*ldb_j + i*ldb_i]
     long long ldb_j, long long ldb_i,
     const float* __restrict__ g,     // [d_out] or null (g = 1: plain LoRA, grad_x)
@@ -124,7 +136,12 @@ __device__ __forceinline__ void compose(
         for (int f = tid; f < CO_ROWS * CO_RCHUNK; f += THREADS) {
             const int tt = f / CO_RCHUNK, ii = f % CO_RCHUNK;
             const int t = t0 + tt, i = i0 + ii;
-            us[tt][ii] = (t < t_rows && i < r) ? u[(long long)t * r + i] : 0.f;
+            float v = 0.f;
+            if (t < t_rows && i < r) {
+                for (int sp = 0; sp < u_splits; ++sp)
+                    v += u[((long long)sp * t_rows + t) * r + i];
+            }
+            us[tt][ii] = v;
         }
         for (int f = tid; f < CO_COLS * CO_RCHUNK; f += THREADS) {
             int jj, ii;
@@ -154,9 +171,8 @@ __device__ __forceinline__ void compose(
     for (int q = 0; q < Q; ++q) {
         const int t = t0 + tq + 4 * q;
         if (t < t_rows) {
-            const long long o = (long long)t * d_out + j;
-            const float z = to_f32(base[o]) + s * acc[q];
-            y[o] = from_f32<T>(gj * z + bj);
+            const float z = to_f32(base[(long long)t * ld_base + j]) + s * acc[q];
+            y[(long long)t * ld_y + j] = from_f32<T>(gj * z + bj);
         }
     }
 }
@@ -168,20 +184,24 @@ __device__ __forceinline__ void compose(
         const T* __restrict__ x, /* [rows, d_in] via (ldx_t, ldx_k) */                      \
         long long ldx_t, long long ldx_k,                                                   \
         const TA* __restrict__ a,       /* [r, d_in] */                                     \
-        int rows, int d_in, int r,                                                          \
+        int rows, int d_in, int r, int k_per_split,                                         \
         const float* __restrict__ coef, /* [rows] or null */                                \
-        float* __restrict__ out) {      /* [rows, r] */                                     \
-        df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, coef, out);                        \
+        float* __restrict__ out) {      /* [splits, rows, r] */                             \
+        df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef, out);       \
     }                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) dora_compose_##sfx(                   \
-        const T* base,                  /* [T, d_out], may alias y */                       \
-        T* y,                           /* [T, d_out] */                                    \
-        const float* __restrict__ u,    /* [T, r] */                                        \
+        const T* base,                  /* [T, d_out] rows ld_base apart, may alias y */    \
+        long long ld_base,                                                                  \
+        T* y,                           /* [T, d_out] rows ld_y apart */                    \
+        long long ld_y,                                                                     \
+        const float* __restrict__ u,    /* [u_splits, T, r] */                              \
+        int u_splits,                                                                       \
         const TA* __restrict__ bm,      /* [d_out, r] via (ldb_j, ldb_i) */                 \
         long long ldb_j, long long ldb_i,                                                   \
         const float* __restrict__ g,    /* [d_out] or null */                               \
         const float* __restrict__ bias, /* [d_out] or null */                               \
         float s, int t_rows, int d_out, int r) {                                            \
-        df::compose<T, TA>(base, y, u, bm, ldb_j, ldb_i, g, bias, s, t_rows, d_out, r);         \
+        df::compose<T, TA>(base, ld_base, y, ld_y, u, u_splits, bm, ldb_j, ldb_i, g, bias, s,   \
+                           t_rows, d_out, r);                                               \
     }
 DF_FOR_EACH_DTYPE_ADAPTER(DF_FORWARD)

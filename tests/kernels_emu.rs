@@ -66,7 +66,7 @@ fn make(c: Case, seed: u64) -> (Layer, Tensor, Tensor) {
         )
         .unwrap(),
         lora_b: Tensor::from_f64(
-            dt,
+            adt,
             vec![c.d_out, c.r],
             &normal(&mut rng, c.d_out * c.r, 0.3),
         )
@@ -708,5 +708,112 @@ fn peft_fixture_cases_on_the_emulator() {
                 );
             }
         }
+    }
+}
+
+/// Decode (T = 1, long d_in): shrink splits d_in across blocks and compose sums the slabs;
+/// and the engine case of a fused QKV output finished in place: y is the middle column
+/// slice of a `[T, 3·d_out]` buffer, the other columns must stay untouched.
+#[test]
+fn device_layer_decode_split_k_and_fused_qkv_slice() {
+    for (dt, t) in [(DType::BF16, 1), (DType::F32, 1), (DType::F16, 3)] {
+        let c = Case {
+            t,
+            d_in: 1000,
+            d_out: 65,
+            r: 16,
+            dtype: dt,
+            dora: true,
+            bias: true,
+            fifo: false,
+            a32: dt != DType::F32,
+        };
+        let emu = EmuBackend::new(5);
+        let (layer, x, _) = make(c, 21);
+        let want = reference::run_f64(&layer, &x, None, GradMode::Detached)
+            .unwrap()
+            .y;
+        let adt = layer.lora_a.dtype();
+        let wb = up(&emu, &layer.weight);
+        let ab = up(&emu, &layer.lora_a);
+        let bb = up(&emu, &layer.lora_b);
+        let mb = up(&emu, layer.magnitude.as_ref().unwrap());
+        let biasb = up(&emu, &layer.bias.as_ref().unwrap().cast(DType::F32));
+        let xb = up(&emu, &x);
+        let weights = DoraWeights {
+            weight: DevTensor::of(&wb, dt),
+            fan_in_fan_out: false,
+            bias: Some(DevTensor::of(&biasb, DType::F32)),
+            lora_a: DevTensor::of(&ab, adt),
+            lora_b: DevTensor::of(&bb, adt),
+            magnitude: Some(DevTensor::of(&mb, DType::F32)),
+            scaling: layer.scaling as f32,
+            d_in: c.d_in,
+            d_out: c.d_out,
+            r: c.r,
+        };
+        let mut dl = DoraLayer::new(&emu, weights).unwrap();
+        let xt = DevTensor::of(&xb, dt);
+        // The base slice: x·W0ᵀ from the f64 reference; the q and v slices: distinct values.
+        let refl = reference::RefLayer::from_layer(&layer).unwrap();
+        let mut plain = refl.clone();
+        plain.lora_b.iter_mut().for_each(|v| *v = 0.0);
+        plain.magnitude = None;
+        plain.bias = None;
+        let base = plain.forward(&x.to_f64(), c.t, None);
+        let ld = 3 * c.d_out;
+        let mut fused = vec![0.0f64; c.t * ld];
+        for tt in 0..c.t {
+            for j in 0..ld {
+                fused[tt * ld + j] = if (c.d_out..2 * c.d_out).contains(&j) {
+                    base[tt * c.d_out + j - c.d_out]
+                } else {
+                    (tt * ld + j) as f64 * 0.25 - 7.0
+                };
+            }
+        }
+        let fused_t = Tensor::from_f64(dt, vec![c.t, ld], &fused).unwrap();
+        let before = fused_t.to_f64();
+        let fb = up(&emu, &fused_t);
+        let view = DevTensor::of(&fb, dt)
+            .slice(c.d_out, (c.t - 1) * ld + c.d_out)
+            .unwrap();
+        dl.forward_rows(&emu, &xt, c.t, Base::InPlace, &view, ld)
+            .unwrap();
+        let after = down(&emu, &fb, dt, c.t * ld);
+        let mut got = Vec::new();
+        for tt in 0..c.t {
+            for j in 0..ld {
+                let k = tt * ld + j;
+                if (c.d_out..2 * c.d_out).contains(&j) {
+                    got.push(after[k]);
+                } else {
+                    assert_eq!(
+                        after[k], before[k],
+                        "{dt}: column {j} of row {tt} was touched"
+                    );
+                }
+            }
+        }
+        check(
+            "fused QKV slice (in place)",
+            &c,
+            5,
+            &got,
+            &want,
+            dt.tolerance(),
+        );
+        // The same through a computed base into a contiguous y (the split-K shrink again).
+        let y = emu.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
+        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
+            .unwrap();
+        check(
+            "decode (computed base)",
+            &c,
+            5,
+            &down(&emu, &y, dt, c.t * c.d_out),
+            &want,
+            dt.tolerance(),
+        );
     }
 }

@@ -60,7 +60,8 @@ fn tile_constants_match_common_cuh() {
         let rest = &src[at + pat.len()..];
         rest[..rest.find(';').unwrap()].trim().parse().unwrap()
     };
-    let pairs: [(&str, usize); 12] = [
+    let pairs: [(&str, usize); 13] = [
+        ("SH_KCHUNK", spec::SH_KCHUNK),
         ("THREADS", spec::THREADS as usize),
         ("SMALL_THREADS", spec::SMALL_THREADS as usize),
         ("VT_ROWS", spec::VT_ROWS),

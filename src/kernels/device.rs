@@ -86,6 +86,24 @@ impl<'a> DevTensor<'a> {
         self.dtype
     }
 
+    /// Checks a `[rows, cols]` matrix whose rows are `ld` elements apart (`ld ≥ cols`).
+    fn check_rows(
+        &self,
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<DevPtr> {
+        ensure!(
+            ld >= cols,
+            "{name}: row stride {ld} below its {cols} columns"
+        );
+        let span = (rows - 1) * ld + cols;
+        self.check(name, dtype, &[span])
+            .with_context(|| format!("{name} as [{rows}, {cols}] with row stride {ld}"))
+    }
+
     /// Checks dtype, length (`shape` elements at least) and alignment, naming `name`.
     fn check(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<DevPtr> {
         let n: usize = shape.iter().product();
@@ -194,9 +212,12 @@ impl DoraWeights<'_> {
 pub enum Base<'a> {
     /// Computed here with the backend's GEMM (cuBLAS on CUDA).
     Compute,
-    /// Supplied by the caller `[T, d_out]` in the layer dtype (e.g. one slice of a fused
-    /// QKV GEMM's output, made contiguous).
+    /// Supplied by the caller `[T, d_out]` contiguous, in the layer dtype.
     Supplied(DevTensor<'a>),
+    /// Supplied as a column slice of a wider row-major buffer, rows `ld` elements apart:
+    /// e.g. the q, k or v slice of a fused QKV GEMM's output (the view starts at the slice's
+    /// first column). Read in place, never copied.
+    Strided(DevTensor<'a>, usize),
     /// `y` already holds the base product and is overwritten (inference only).
     InPlace,
 }
@@ -264,8 +285,11 @@ struct FwdIo {
     x: DevPtr,
     t: usize,
     u: DevPtr,
+    split_k: bool,
     base: DevPtr,
+    ld_base: usize,
     y: DevPtr,
+    ld_y: usize,
     g: Option<DevPtr>,
 }
 
@@ -414,8 +438,8 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         x.check("x", self.w.dtype(), &[t, self.w.d_in])
     }
 
-    /// base = x·W0ᵀ into `c` (`[t, d_out]`).
-    fn base_gemm(&self, b: &B, x: DevPtr, t: usize, c: DevPtr) -> Result<()> {
+    /// base = x·W0ᵀ into `c` (`[t, d_out]`, rows `ldc` apart).
+    fn base_gemm(&self, b: &B, x: DevPtr, t: usize, c: DevPtr, ldc: usize) -> Result<()> {
         let w = &self.w;
         let g = launch::Gemm {
             dtype: w.dtype(),
@@ -426,6 +450,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             w: w.weight.ptr(),
             trans_w: !w.fan_in_fan_out,
             c,
+            ldc,
             alpha: 1.0,
             beta: 0.0,
         };
@@ -435,7 +460,9 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     }
 
     /// Inference forward `y = g ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b` with the cached g (recomputed
-    /// only after the adapter changed). `t` tokens; x `[t, d_in]`, y `[t, d_out]`.
+    /// only after the adapter changed). `t` tokens; x `[t, d_in]`, y `[t, d_out]`
+    /// contiguous. Three launches at most (GEMM, shrink, compose) once g is cached; with few
+    /// tokens (decode) shrink splits d_in across blocks.
     ///
     /// # Errors
     /// Shape, dtype or alignment mismatches (naming the tensor), or a launch failure.
@@ -447,27 +474,50 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         base: Base,
         y: &DevTensor,
     ) -> Result<()> {
+        self.forward_rows(b, x, t, base, y, self.w.d_out)
+    }
+
+    /// [`DoraLayer::forward`] with y a column slice of a wider buffer, rows `ld_y` elements
+    /// apart: with [`Base::InPlace`] and a fused QKV output, the engine's buffer is finished
+    /// in place.
+    ///
+    /// # Errors
+    /// As [`DoraLayer::forward`], or a row stride below d_out.
+    pub fn forward_rows(
+        &mut self,
+        b: &B,
+        x: &DevTensor,
+        t: usize,
+        base: Base,
+        y: &DevTensor,
+        ld_y: usize,
+    ) -> Result<()> {
         let xp = self.check_x(x, t)?;
-        let (d_out, r, dt) = (self.w.d_out, self.w.r, self.w.dtype());
-        let yp = y.check("y", dt, &[t, d_out])?;
+        let (d_in, d_out, r, dt) = (self.w.d_in, self.w.d_out, self.w.r, self.w.dtype());
+        let yp = y.check_rows("y", dt, t, d_out, ld_y)?;
         let g = self.magnitude_scale(b)?;
-        let base_p = match base {
+        let (base_p, ld_base) = match base {
             Base::Compute => {
-                self.base_gemm(b, xp, t, yp)?;
-                yp
+                self.base_gemm(b, xp, t, yp, ld_y)?;
+                (yp, ld_y)
             }
-            Base::InPlace => yp,
-            Base::Supplied(bt) => bt.check("base", dt, &[t, d_out])?,
+            Base::InPlace => (yp, ld_y),
+            Base::Supplied(bt) => (bt.check("base", dt, &[t, d_out])?, d_out),
+            Base::Strided(bt, ld) => (bt.check_rows("base", dt, t, d_out, ld)?, ld),
         };
-        let u = self.scratch.ensure(b, 4 * t * r, "shrink")?;
+        let (splits, _) = launch::shrink_splits(t, r, d_in, true);
+        let u = self.scratch.ensure(b, 4 * splits * t * r, "shrink")?;
         self.shrink_and_compose(
             b,
             FwdIo {
                 x: xp,
                 t,
                 u,
+                split_k: true,
                 base: base_p,
+                ld_base,
                 y: yp,
+                ld_y,
                 g,
             },
         )
@@ -475,46 +525,44 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
 
     /// U = shrink(x, A) into `u`, then y = compose(base, U) with g (None: LoRA).
     fn shrink_and_compose(&self, b: &B, io: FwdIo) -> Result<()> {
-        let FwdIo {
-            x: xp,
-            t,
-            u,
-            base,
-            y,
-            g,
-        } = io;
         let w = &self.w;
         let sh = launch::ShrinkArgs {
             dtype: w.dtype(),
             adapter: w.adapter_dtype(),
-            x: xp,
+            x: io.x,
             ldx: w.d_in,
             a: w.lora_a.ptr(),
-            rows: t,
+            rows: io.t,
             d_in: w.d_in,
             r: w.r,
+            split_k: io.split_k,
             coef: None,
-            out: u,
+            out: io.u,
         };
-        // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds t·r f32.
-        unsafe { launch::shrink(b, &sh) }?;
+        // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds shrink_splits(..).0 slabs of
+        // t·r f32 (sized by the caller with the same rule).
+        let splits = unsafe { launch::shrink(b, &sh) }?;
         let co = launch::ComposeArgs {
             dtype: w.dtype(),
             adapter: w.adapter_dtype(),
-            base,
-            y,
-            u,
+            base: io.base,
+            ld_base: io.ld_base,
+            y: io.y,
+            ld_y: io.ld_y,
+            u: io.u,
+            u_splits: splits,
             bm: w.lora_b.ptr(),
             bm_strides: (w.r as i64, 1),
-            g,
+            g: io.g,
             bias: w.bias.map(|x| x.ptr()),
             s: w.scaling,
-            t,
+            t: io.t,
             d_out: w.d_out,
             r: w.r,
         };
-        // SAFETY: base, y [t, d_out] checked (possibly the same buffer, which compose
-        // allows); u [t, r] written above; B [d_out, r], g and bias [d_out] checked.
+        // SAFETY: base, y [t, d_out] with their row strides checked (possibly the same
+        // memory, which compose allows); u's slabs written above; B [d_out, r], g and bias
+        // [d_out] checked.
         unsafe { launch::compose(b, &co) }
     }
 
@@ -549,10 +597,11 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let base_p = match base {
             Base::Compute => {
                 let p = act.offset(base_off);
-                self.base_gemm(b, xp, t, p)?;
+                self.base_gemm(b, xp, t, p, d_out)?;
                 p
             }
             Base::Supplied(bt) => bt.check("base", dt, &[t, d_out])?,
+            Base::Strided(..) => anyhow::bail!("forward_train: a strided base is for inference; pass a contiguous Base::Supplied or Base::Compute"),
             Base::InPlace => anyhow::bail!("forward_train: an in-place base cannot be kept for the backward; use Base::Compute or Base::Supplied"),
         };
         self.shrink_and_compose(
@@ -561,8 +610,11 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
                 x: xp,
                 t,
                 u,
+                split_k: false, // the backward reads U itself: keep one slab
                 base: base_p,
+                ld_base: d_out,
                 y: yp,
+                ld_y: d_out,
                 g,
             },
         )?;
@@ -716,6 +768,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             w: w.weight.ptr(),
             trans_w: w.fan_in_fan_out,
             c: gx,
+            ldc: d_in,
             alpha: 1.0,
             beta: 0.0,
         };
@@ -726,8 +779,11 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             dtype: dt,
             adapter: w.adapter_dtype(),
             base: gx,
+            ld_base: d_in,
             y: gx,
+            ld_y: d_in,
             u: dzb,
+            u_splits: 1,
             bm: w.lora_a.ptr(),
             bm_strides: (1, d_in as i64),
             g: None,
@@ -791,6 +847,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             rows: d_out,
             d_in,
             r,
+            split_k: false,
             coef: Some(kcoef),
             out: gb,
         };

@@ -266,11 +266,11 @@ pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
 }
 
-/// Arguments of shrink: `out[t, i] (+)= coef[t]·Σ_k X[t, k]·A[i, k]`.
+/// Arguments of shrink: `out[z, t, i] (+)= coef[t]·Σ_{k in split z} X[t, k]·A[i, k]`.
 pub(crate) struct ShrinkArgs {
-    /// Storage dtype of X and A.
+    /// Storage dtype of X.
     pub dtype: DType,
-    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    /// Storage dtype of A: `dtype` or f32.
     pub adapter: DType,
     /// X `[rows, d_in]` row-major (row stride `ldx`).
     pub x: DevPtr,
@@ -284,29 +284,53 @@ pub(crate) struct ShrinkArgs {
     pub d_in: usize,
     /// Rank.
     pub r: usize,
-    /// `None`: out = acc. `Some(coef [rows] f32)`: out += coef[t]·acc.
+    /// Allow splitting d_in across blocks ([`shrink_splits`]); the output then holds one
+    /// `[rows, r]` slab per split, summed by compose.
+    pub split_k: bool,
+    /// `None`: out = acc. `Some(coef [rows] f32)`: out += coef[t]·acc (never split).
     pub coef: Option<DevPtr>,
-    /// Output `[rows, r]` f32.
+    /// Output `[splits, rows, r]` f32.
     pub out: DevPtr,
 }
 
-/// Launches shrink.
+/// `(splits, columns per split)` of shrink: one split unless allowed; otherwise enough to
+/// fill [`spec::TARGET_BLOCKS`] when the rows alone do not (decode), each split at least
+/// 128 columns and a whole number of 32-column chunks.
+pub(crate) fn shrink_splits(rows: usize, r: usize, d_in: usize, allow: bool) -> (usize, usize) {
+    let chunks = d_in.div_ceil(spec::SH_KCHUNK).max(1);
+    if !allow {
+        return (1, chunks * spec::SH_KCHUNK);
+    }
+    let base = rows.div_ceil(spec::SH_ROWS) * r.div_ceil(spec::SH_RANKS);
+    let max = d_in.div_ceil(128).clamp(1, GRID_YZ as usize);
+    let want = spec::TARGET_BLOCKS.div_ceil(base).clamp(1, max);
+    let per = chunks.div_ceil(want) * spec::SH_KCHUNK;
+    (d_in.div_ceil(per).max(1), per)
+}
+
+/// Launches shrink; returns the number of splits (slabs written).
 ///
 /// # Safety
-/// See the module doc; extents are those of [`ShrinkArgs`].
-pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<()> {
+/// See the module doc; extents are those of [`ShrinkArgs`], with `out` holding
+/// [`shrink_splits`]`(rows, r, d_in, split_k).0` slabs.
+pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<usize> {
     ensure!(
         x.ldx >= x.d_in,
         "shrink: row stride {} < d_in {}",
         x.ldx,
         x.d_in
     );
+    ensure!(
+        !(x.split_k && x.coef.is_some()),
+        "shrink: an accumulating shrink cannot be split"
+    );
+    let (splits, per) = shrink_splits(x.rows, x.r, x.d_in, x.split_k);
     let name = name("dora_shrink", x.dtype, x.adapter)?;
     let d = dims(
         [
             blocks("shrink rows", x.rows, spec::SH_ROWS, GRID_X)?,
             blocks("shrink ranks", x.r, spec::SH_RANKS, GRID_YZ)?,
-            1,
+            splits as u32,
         ],
         spec::THREADS,
         0,
@@ -319,27 +343,36 @@ pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<()> {
         int("rows", x.rows)?,
         int("d_in", x.d_in)?,
         int("r", x.r)?,
+        int("columns per split", per)?,
         opt(x.coef),
         ptr(x.out),
     ];
-    // SAFETY: matches `dora_shrink_<dt>(x, ldx_t, ldx_k, a, rows, d_in, r, coef, out)` in
-    // kernels/forward.cu; the grid covers ⌈rows/16⌉ × ⌈r/64⌉ tiles, each writing all of its
-    // in-range outputs.
-    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+    // SAFETY: matches `dora_shrink_<dt>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef,
+    // out)` in kernels/forward.cu; the grid covers ⌈rows/16⌉ × ⌈r/64⌉ tiles of every split,
+    // each writing all of its in-range outputs into its split's slab (every split is
+    // non-empty: splits = ⌈d_in/per⌉).
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))?;
+    Ok(splits)
 }
 
 /// Arguments of compose: `y = g ⊙ (base + s·U·Bmᵀ) + bias`.
 pub(crate) struct ComposeArgs {
-    /// Storage dtype of base, y and Bm.
+    /// Storage dtype of base and y.
     pub dtype: DType,
-    /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
+    /// Storage dtype of Bm (B, or A for grad_x): `dtype` or f32.
     pub adapter: DType,
-    /// base `[t, d_out]` (may equal `y`).
+    /// base `[t, d_out]`, rows `ld_base` apart (may equal `y`).
     pub base: DevPtr,
-    /// y `[t, d_out]`.
+    /// Row stride of base (≥ d_out).
+    pub ld_base: usize,
+    /// y `[t, d_out]`, rows `ld_y` apart.
     pub y: DevPtr,
-    /// U `[t, r]` f32.
+    /// Row stride of y (≥ d_out).
+    pub ld_y: usize,
+    /// U as `u_splits` slabs `[t, r]` f32, summed in order.
     pub u: DevPtr,
+    /// Slabs of U (shrink's splits).
+    pub u_splits: usize,
     /// Bm: element (j, i) at `bm[j*ld_j + i*ld_i]`.
     pub bm: DevPtr,
     /// Strides of Bm: `(r, 1)` for B `[d_out, r]`, `(1, d_out)` for Aᵀ with A `[r, d_out]`.
@@ -363,6 +396,13 @@ pub(crate) struct ComposeArgs {
 /// # Safety
 /// See the module doc; extents are those of [`ComposeArgs`].
 pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
+    ensure!(
+        x.ld_base >= x.d_out && x.ld_y >= x.d_out && x.u_splits >= 1,
+        "compose: row strides {}/{} below d_out {} or no U",
+        x.ld_base,
+        x.ld_y,
+        x.d_out
+    );
     let name = name("dora_compose", x.dtype, x.adapter)?;
     let d = dims(
         [
@@ -375,8 +415,11 @@ pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
     );
     let args = [
         ptr(x.base),
+        KernelArg::I64(x.ld_base as i64),
         ptr(x.y),
+        KernelArg::I64(x.ld_y as i64),
         ptr(x.u),
+        int("U splits", x.u_splits)?,
         ptr(x.bm),
         KernelArg::I64(x.bm_strides.0),
         KernelArg::I64(x.bm_strides.1),
@@ -387,9 +430,10 @@ pub(crate) unsafe fn compose<B: Backend>(b: &B, x: &ComposeArgs) -> Result<()> {
         int("d_out", x.d_out)?,
         int("r", x.r)?,
     ];
-    // SAFETY: matches `dora_compose_<dt>(base, y, u, bm, ldb_j, ldb_i, g, bias, s, t_rows,
-    // d_out, r)` in kernels/forward.cu; base and y may alias (each element is read and then
-    // written by one thread); the grid covers every (token, column).
+    // SAFETY: matches `dora_compose_<dt>(base, ld_base, y, ld_y, u, u_splits, bm, ldb_j,
+    // ldb_i, g, bias, s, t_rows, d_out, r)` in kernels/forward.cu; base and y may alias
+    // (each element is read and then written by one thread); the grid covers every
+    // (token, column).
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
 }
 
@@ -713,8 +757,10 @@ pub(crate) struct Gemm {
     pub w: DevPtr,
     /// Use Wᵀ.
     pub trans_w: bool,
-    /// C `[m, n]`.
+    /// C `[m, n]`, rows `ldc` apart.
     pub c: DevPtr,
+    /// Row stride of C (≥ n).
+    pub ldc: usize,
     /// Scale of the product.
     pub alpha: f32,
     /// Scale of the existing C.
@@ -740,7 +786,7 @@ pub(crate) unsafe fn gemm<B: Backend>(b: &B, g: &Gemm) -> Result<()> {
         trans_b: g.trans_w,
         c: g.c,
         c_dtype: g.dtype,
-        ldc: g.n,
+        ldc: g.ldc,
         alpha: g.alpha,
         beta: g.beta,
     };

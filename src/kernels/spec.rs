@@ -22,6 +22,8 @@ pub const NT_COLS: usize = 64;
 pub const SH_ROWS: usize = 16;
 /// Ranks per block of shrink (`df::SH_RANKS`).
 pub const SH_RANKS: usize = 64;
+/// Reduction chunk of shrink (`df::SH_KCHUNK`); a split of d_in holds a whole number.
+pub const SH_KCHUNK: usize = 32;
 /// Tokens per block of compose (`df::CO_ROWS`).
 pub const CO_ROWS: usize = 16;
 /// Columns per block of compose (`df::CO_COLS`).
