@@ -415,6 +415,45 @@ fn check_operand(name: &str, rows: usize, cols: usize, ld: usize) -> Result<()> 
     Ok(())
 }
 
+/// The column-major cuBLAS call that computes a row-major [`GemmDesc`].
+///
+/// Row-major `C[m×n] = op(A)·op(B)` is column-major `Cᵀ[n×m] = op(B)ᵀ·op(A)ᵀ`, and a row-major
+/// matrix with row stride `ld`, read column-major with the same `ld`, is its transpose. So
+/// cuBLAS gets B first and A second, each transposed exactly when the row-major description
+/// transposes it, with m and n swapped; C keeps its pointer and `ldc`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ColMajorGemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    first: DevPtr,
+    first_dtype: DType,
+    ld_first: usize,
+    trans_first: bool,
+    second: DevPtr,
+    second_dtype: DType,
+    ld_second: usize,
+    trans_second: bool,
+}
+
+impl ColMajorGemm {
+    fn of(g: &GemmDesc) -> ColMajorGemm {
+        ColMajorGemm {
+            m: g.n,
+            n: g.m,
+            k: g.k,
+            first: g.b,
+            first_dtype: g.b_dtype,
+            ld_first: g.ldb,
+            trans_first: g.trans_b,
+            second: g.a,
+            second_dtype: g.a_dtype,
+            ld_second: g.lda,
+            trans_second: g.trans_a,
+        }
+    }
+}
+
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
 
@@ -556,10 +595,7 @@ impl Backend for CudaBackend {
         }
         self.with_blas(|blas| {
             self.bind()?;
-            // Row-major C[m×n] = op(A)·op(B) is column-major Cᵀ[n×m] = op(B)ᵀ·op(A)ᵀ. A row-major
-            // matrix with row stride ld is, read column-major with the same ld, its transpose;
-            // so cuBLAS gets B first and A second, each transposed exactly when the row-major
-            // description transposes it, with m and n swapped.
+            let cm = ColMajorGemm::of(g);
             let op = |t: bool| {
                 if t {
                     cublas::sys::cublasOperation_t::CUBLAS_OP_T
@@ -576,18 +612,18 @@ impl Backend for CudaBackend {
             unsafe {
                 cublas::result::gemm_ex(
                     *blas.handle(),
-                    op(g.trans_b),
-                    op(g.trans_a),
-                    g.n as i32,
-                    g.m as i32,
-                    g.k as i32,
+                    op(cm.trans_first),
+                    op(cm.trans_second),
+                    cm.m as i32,
+                    cm.n as i32,
+                    cm.k as i32,
                     &alpha as *const f32 as *const c_void,
-                    g.b.0 as *const c_void,
-                    cuda_dtype(g.b_dtype),
-                    g.ldb as i32,
-                    g.a.0 as *const c_void,
-                    cuda_dtype(g.a_dtype),
-                    g.lda as i32,
+                    cm.first.0 as *const c_void,
+                    cuda_dtype(cm.first_dtype),
+                    cm.ld_first as i32,
+                    cm.second.0 as *const c_void,
+                    cuda_dtype(cm.second_dtype),
+                    cm.ld_second as i32,
                     &beta as *const f32 as *const c_void,
                     g.c.0 as *mut c_void,
                     cuda_dtype(g.c_dtype),
@@ -619,5 +655,117 @@ impl Backend for CudaBackend {
         self.context()
             .check_err()
             .context("a deferred CUDA error (from a drop)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BLAS `gemm` as its reference documentation defines it (column-major, element (i, j) of
+    /// X at `x[i + j·ld]`): `C = alpha·op(A)·op(B) + beta·C`, op(A) `m×k`, op(B) `k×n`.
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm_col_major(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        a: &[f64],
+        lda: usize,
+        b: &[f64],
+        ldb: usize,
+        beta: f64,
+        c: &mut [f64],
+        ldc: usize,
+    ) {
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    let av = if ta { a[p + i * lda] } else { a[i + p * lda] };
+                    let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] };
+                    acc += av * bv;
+                }
+                c[i + j * ldc] = alpha * acc + beta * c[i + j * ldc];
+            }
+        }
+    }
+
+    /// The mapping handed to a column-major BLAS computes exactly the row-major product the
+    /// descriptor asks for, for every transpose combination and padded strides (distinct
+    /// values everywhere, so a swapped operand or stride cannot pass).
+    #[test]
+    fn col_major_mapping_computes_the_row_major_product() {
+        let (m, n, k) = (5usize, 3usize, 4usize);
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+            let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+            let (lda, ldb, ldc) = (a_cols + 2, b_cols + 1, n + 3);
+            let a: Vec<f64> = (0..a_rows * lda).map(|i| 1.0 + i as f64 * 0.37).collect();
+            let b: Vec<f64> = (0..b_rows * ldb).map(|i| -2.0 + i as f64 * 0.11).collect();
+            let c0: Vec<f64> = (0..m * ldc).map(|i| 0.5 - i as f64 * 0.07).collect();
+            // Row-major truth.
+            let at = |i: usize, p: usize| {
+                if trans_a {
+                    a[p * lda + i]
+                } else {
+                    a[i * lda + p]
+                }
+            };
+            let bt = |p: usize, j: usize| {
+                if trans_b {
+                    b[j * ldb + p]
+                } else {
+                    b[p * ldb + j]
+                }
+            };
+            let mut want = c0.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                    want[i * ldc + j] = 0.75 * dot + 0.5 * c0[i * ldc + j];
+                }
+            }
+            // The mapped column-major call; pointers 1 and 2 stand for A and B.
+            let g = GemmDesc {
+                m,
+                n,
+                k,
+                a: DevPtr(1),
+                a_dtype: DType::F32,
+                lda,
+                trans_a,
+                b: DevPtr(2),
+                b_dtype: DType::F32,
+                ldb,
+                trans_b,
+                c: DevPtr(3),
+                c_dtype: DType::F32,
+                ldc,
+                alpha: 0.75,
+                beta: 0.5,
+            };
+            let cm = ColMajorGemm::of(&g);
+            let pick = |p: DevPtr| if p == DevPtr(1) { &a } else { &b };
+            let mut got = c0.clone();
+            blas_gemm_col_major(
+                cm.trans_first,
+                cm.trans_second,
+                cm.m,
+                cm.n,
+                cm.k,
+                0.75,
+                pick(cm.first),
+                cm.ld_first,
+                pick(cm.second),
+                cm.ld_second,
+                0.5,
+                &mut got,
+                ldc,
+            );
+            assert_eq!(got, want, "trans_a={trans_a} trans_b={trans_b}");
+        }
     }
 }
