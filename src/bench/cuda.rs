@@ -99,6 +99,9 @@ pub fn copy_bandwidth(b: &CudaBackend, bytes: usize, reps: usize) -> Result<f64>
     let src = b.alloc_zeroed(bytes).context("copy ceiling: source")?;
     let dst = b.alloc_zeroed(bytes).context("copy ceiling: destination")?;
     let mut clock = CudaClock::new(b, 0)?;
+    b.context()
+        .bind_to_thread()
+        .context("binding the CUDA context")?;
     let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| {
         // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
         // stream work (dropped after the final synchronising event read).

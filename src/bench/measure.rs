@@ -154,6 +154,48 @@ pub fn measure_with_setup(
     Stats::from_samples(&samples)
 }
 
+/// Times `n_ops` operations interleaved: each round runs every operation once (`op(k, i)`
+/// for operation `k` on input set `i`), so a load change on a shared machine hits all of them
+/// alike and their ratios stay meaningful. Rounds continue until every operation has
+/// `min_reps` samples and the round time has passed `budget_s` (or `max_reps` rounds).
+/// Returns one summary per operation.
+///
+/// # Errors
+/// The first error of `op` or of the clock, naming the operation and round.
+pub fn measure_interleaved(
+    clock: &mut dyn Clock,
+    plan: &Plan,
+    sets: usize,
+    n_ops: usize,
+    mut op: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<Vec<Stats>> {
+    let sets = sets.max(1);
+    for w in 0..plan.warmup {
+        for k in 0..n_ops {
+            clock.prepare()?;
+            clock
+                .time(&mut || op(k, w % sets))
+                .with_context(|| format!("operation {k}, warm-up round {w}"))?;
+        }
+    }
+    let mut samples = vec![Vec::with_capacity(plan.min_reps); n_ops];
+    let mut total = 0.0;
+    let mut round = 0usize;
+    while round < plan.max_reps && (round < plan.min_reps || total < plan.budget_s) {
+        for (k, v) in samples.iter_mut().enumerate() {
+            clock.prepare()?;
+            let i = (plan.warmup + round) % sets;
+            let s = clock
+                .time(&mut || op(k, i))
+                .with_context(|| format!("operation {k}, timed round {round}"))?;
+            v.push(s);
+            total += s / n_ops.max(1) as f64;
+        }
+        round += 1;
+    }
+    samples.iter().map(|v| Stats::from_samples(v)).collect()
+}
+
 /// How many input sets to cycle so that together they exceed twice the last-level cache:
 /// `ceil(2·cache / set_bytes)`, at least 1 and at most `max_sets`.
 pub fn rotation_sets(set_bytes: usize, cache_bytes: usize, max_sets: usize) -> usize {
@@ -263,6 +305,38 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{e:#}").contains("warm-up run 0"), "{e:#}");
+    }
+
+    #[test]
+    fn interleaved_runs_every_op_each_round() {
+        let mut clock = Scripted {
+            next: 0.0,
+            prepared: 0,
+        };
+        let mut seen = Vec::new();
+        let st = measure_interleaved(&mut clock, &Plan::fixed(1, 3), 2, 2, |k, i| {
+            seen.push((k, i));
+            Ok(())
+        })
+        .unwrap();
+        // Warm-up round on set 0, then three rounds on sets 1, 0, 1.
+        assert_eq!(
+            seen,
+            vec![
+                (0, 0),
+                (1, 0),
+                (0, 1),
+                (1, 1),
+                (0, 0),
+                (1, 0),
+                (0, 1),
+                (1, 1)
+            ]
+        );
+        assert_eq!(st.len(), 2);
+        // Op 0 got times 3, 5, 7; op 1 got 4, 6, 8.
+        assert_eq!((st[0].median_s, st[1].median_s), (5.0, 6.0));
+        assert_eq!(st[0].runs, 3);
     }
 
     #[test]

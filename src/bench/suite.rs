@@ -4,7 +4,9 @@
 use super::cpu::{self as cb, Workspace};
 use super::formula::{LayerKind, Op};
 use super::inputs::{random_set, InputSet};
-use super::measure::{host_llc_bytes, measure, rotation_sets, Clock, HostClock, Plan};
+use super::measure::{
+    host_llc_bytes, measure, measure_interleaved, rotation_sets, Clock, HostClock, Plan,
+};
 use super::report::{host_cpu, imp, Ceilings, Report, Row, Settings};
 use crate::dtype::DType;
 use crate::layer::{GradMode, Shape};
@@ -223,13 +225,14 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             max_reps: cfg.plan.max_reps,
             budget_s: cfg.plan.budget_s.is_finite().then_some(cfg.plan.budget_s),
             cache_policy: format!(
-                "input sets rotated so together they exceed 2x the {} MiB last-level cache \
-                 (at most 12 sets, 2 GiB)",
+                "the rows of each shape and T interleaved round by round; input sets rotated so \
+                 together they exceed 2x the {} MiB last-level cache (at most 12 sets, 2 GiB)",
                 llc >> 20
             ),
         },
         Some(ceilings.clone()),
     );
+    let load_before = load_average();
     report.notes.push(
         "CPU timings: the CPU path and the GEMM crate (matrixmultiply) in f32 arithmetic; \
          they say nothing about GPU speed"
@@ -319,16 +322,21 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                     .collect::<Result<_>>()?;
                 let mut ws = Workspace::new(t, d_in, d_out, r);
                 for &(implementation, kind, op) in &rows {
-                    let label = format!(
+                    progress(&format!(
                         "cpu {} {} {d_in}x{d_out} r={r} T={t}",
                         super::report::series_label(implementation, kind),
                         op.name()
-                    );
-                    progress(&label);
-                    let st = measure(&mut HostClock, &cfg.plan, n_sets, |i| {
+                    ));
+                }
+                // All rows of this T interleaved round by round: on a shared machine a load
+                // change hits every implementation alike, so their ratios stay meaningful.
+                let stats =
+                    measure_interleaved(&mut HostClock, &cfg.plan, n_sets, rows.len(), |k, i| {
+                        let (implementation, kind, op) = rows[k];
                         cpu_call(implementation, kind, op, &mut sets[i], gs.get(i), &mut ws)
                     })
-                    .with_context(|| label.clone())?;
+                    .with_context(|| format!("cpu rows at {shape}"))?;
+                for (&(implementation, kind, op), st) in rows.iter().zip(stats) {
                     let mut row = Row::new(
                         implementation,
                         kind,
@@ -352,7 +360,29 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             drop(sets);
         }
     }
+    if let (Some(a), Some(b)) = (load_before, load_average()) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        report.notes.push(format!(
+            "load average {a:.1} before and {b:.1} after the run on {cores} cores{}",
+            if a.max(b) > 0.5 * cores as f64 + 1.0 {
+                ": other processes competed for the cores, so spreads are wide and single rows \
+                 can be off by tens of percent"
+            } else {
+                ""
+            }
+        ));
+    }
     Ok(report)
+}
+
+/// The 1-minute load average from /proc/loadavg, when readable.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Bytes of one rotated set: the layer's weights and the T_max inputs.

@@ -6,7 +6,7 @@
 
 use super::cpu::{sgemm, w0_pass};
 use super::inputs::{random_set, InputSet};
-use super::measure::{host_llc_bytes, measure, rotation_sets, HostClock, Plan};
+use super::measure::{host_llc_bytes, measure_interleaved, rotation_sets, HostClock, Plan};
 use super::report::{git_commit, host_cpu, utc_now_rfc3339, DeviceInfo};
 use super::stats::{fmt_time, Stats};
 use super::table::Table;
@@ -88,48 +88,41 @@ pub fn measure_target(
             .iter()
             .map(|s| Ok((cut(&s.x)?, cut(&s.dy)?)))
             .collect::<Result<_>>()?;
-        progress(&format!("DoRA forward+backward, {shape}"));
-        let dora = measure(&mut HostClock, plan, n_sets, |i| {
-            let o = crate::cpu::run(
-                &sets[i].layer,
-                &inputs[i].0,
-                Some(&inputs[i].1),
-                GradMode::Detached,
-            )?;
-            black_box(o);
-            Ok(())
-        })
-        .context("DoRA forward+backward")?;
+        progress(&format!(
+            "DoRA forward+backward, x·W0ᵀ, dz·W0 and a W0 pass, interleaved, {shape}"
+        ));
         let mut c_fwd = vec![0f32; t * d_out];
         let mut c_bwd = vec![0f32; t * d_in];
-        progress(&format!("GEMM crate x·W0ᵀ, {shape}"));
-        let gemm_fwd = measure(&mut HostClock, plan, n_sets, |i| {
-            // Borrowed f32 views: no copy inside the timed region.
-            let (w, x) = (
-                super::cpu::f32_of(&sets[i].layer.weight),
-                super::cpu::f32_of(&inputs[i].0),
-            );
-            sgemm(t, d_in, d_out, 1.0, &x, false, &w, true, 0.0, &mut c_fwd)?;
-            black_box(&mut c_fwd);
-            Ok(())
-        })?;
-        progress(&format!("GEMM crate dz·W0, {shape}"));
-        let gemm_bwd = measure(&mut HostClock, plan, n_sets, |i| {
-            let (w, dz) = (
-                super::cpu::f32_of(&sets[i].layer.weight),
-                super::cpu::f32_of(&inputs[i].1),
-            );
-            sgemm(t, d_out, d_in, 1.0, &dz, false, &w, false, 0.0, &mut c_bwd)?;
-            black_box(&mut c_bwd);
-            Ok(())
-        })?;
-        progress(&format!("one pass over W0, {shape}"));
         let mut sums = vec![0f32; d_out];
-        let w0 = measure(&mut HostClock, plan, n_sets, |i| {
-            w0_pass(&sets[i], &mut sums)?;
-            black_box(&mut sums);
+        // Interleaved rounds: on a shared machine a load change hits all four alike, so the
+        // ratio stays meaningful even when the absolute times move.
+        let st = measure_interleaved(&mut HostClock, plan, n_sets, 4, |k, i| {
+            let (layer, x, dy) = (&sets[i].layer, &inputs[i].0, &inputs[i].1);
+            // Borrowed f32 views: no copy inside the timed region.
+            let w = super::cpu::f32_of(&layer.weight);
+            match k {
+                0 => {
+                    black_box(crate::cpu::run(layer, x, Some(dy), GradMode::Detached)?);
+                }
+                1 => {
+                    let x = super::cpu::f32_of(x);
+                    sgemm(t, d_in, d_out, 1.0, &x, false, &w, true, 0.0, &mut c_fwd)?;
+                    black_box(&mut c_fwd);
+                }
+                2 => {
+                    let dz = super::cpu::f32_of(dy);
+                    sgemm(t, d_out, d_in, 1.0, &dz, false, &w, false, 0.0, &mut c_bwd)?;
+                    black_box(&mut c_bwd);
+                }
+                _ => {
+                    w0_pass(&sets[i], &mut sums)?;
+                    black_box(&mut sums);
+                }
+            }
             Ok(())
-        })?;
+        })
+        .with_context(|| format!("CPU target at {shape}"))?;
+        let [dora, gemm_fwd, gemm_bwd, w0] = [st[0], st[1], st[2], st[3]];
         rows.push(TargetRow {
             shape,
             dora,
@@ -198,7 +191,7 @@ pub fn target_markdown(
         ));
     }
     out.push_str(&format!(
-        "- machine: {} ({} cores), {:.1} GiB memory\n- date: {date}\n- commit: {}\n- timing: median of timed runs after warm-up (± half the p10–p90 spread), host clock, input sets rotated over twice the last-level cache\n\n",
+        "- machine: {} ({} cores), {:.1} GiB memory\n- date: {date}\n- commit: {}\n- timing: median of timed runs after warm-up (± half the p10–p90 spread), host clock, the four measurements interleaved round by round, input sets rotated over twice the last-level cache\n\n",
         device.name,
         device.units.unwrap_or(0),
         device.memory_bytes.unwrap_or(0) as f64 / (1u64 << 30) as f64,
@@ -217,13 +210,21 @@ pub fn run_target(
     plan: &Plan,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Vec<TargetRow>, String)> {
+    let before = super::suite::load_average();
     let rows = measure_target(4096, 4096, 16, tokens, plan, progress)?;
-    let md = target_markdown(
+    let mut md = target_markdown(
         &rows,
         &host_cpu(),
         &utc_now_rfc3339(),
         git_commit().as_deref(),
     );
+    if let (Some(a), Some(b)) = (before, super::suite::load_average()) {
+        md.push_str(&format!(
+            "\nLoad average {a:.1} before and {b:.1} after the run on {} cores (above the core \
+             count, other processes competed for the CPU and the spreads show it).\n",
+            host_cpu().units.unwrap_or(0)
+        ));
+    }
     Ok((rows, md))
 }
 
