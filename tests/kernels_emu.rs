@@ -817,3 +817,26 @@ fn device_layer_decode_split_k_and_fused_qkv_slice() {
         );
     }
 }
+
+/// One larger case per dtype: several tiles in every direction at once (two rank tiles of
+/// shrink and tn r64, four rank chunks of compose, v2's rank padding at r = 100, multi-split
+/// reductions over 129 tokens, bwd_dz walking five column chunks), DoRA detached and exact.
+#[test]
+fn larger_case_crosses_every_tile_at_once() {
+    for dt in DType::ALL {
+        for (mode, fifo) in [(GradMode::Detached, false), (GradMode::Exact, true)] {
+            let c = Case {
+                t: 129,
+                d_in: 257,
+                d_out: 131,
+                r: 100,
+                dtype: dt,
+                dora: true,
+                bias: true,
+                fifo,
+                a32: false,
+            };
+            run_case(c, mode);
+        }
+    }
+}
