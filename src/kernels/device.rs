@@ -2,9 +2,21 @@
 //! training loops. Everything is ordered on the backend's stream; nothing here synchronises
 //! with the host or allocates once the workspaces have grown to the largest call seen.
 //!
-//! Dtypes: W0, A, B, x, base, y, dy and grad_x share the layer dtype (f32, f16 or bf16);
+//! Dtypes: W0, x, base, y, dy and grad_x share the layer dtype (f32, f16 or bf16); A and B
+//! are in the layer dtype or in f32 (PEFT's default beside a 16-bit base: read as stored);
 //! m, bias, n, g and the parameter gradients (grad_A, grad_B, grad_m) are f32, accumulated in
 //! f32 (cast them where the optimiser wants another dtype).
+//!
+//! Typical use:
+//! - inference: [`DoraLayer::new`] once per layer; per call [`DoraLayer::forward`] (or
+//!   [`DoraLayer::forward_rows`] to finish a column slice of a fused QKV output in place);
+//!   g is computed at the first call and reused until [`DoraLayer::set_adapter`] or
+//!   [`DoraLayer::invalidate`];
+//! - training: [`DoraLayer::forward_train`] then [`DoraLayer::backward`] per step, and
+//!   [`DoraLayer::invalidate`] after the optimiser has updated A, B, m in place.
+//!
+//! The only allocations are workspace growth (the first call at a new largest size); a
+//! workspace is freed and reallocated only then, never in the steady state.
 
 use super::launch::{self, weight_strides};
 use crate::backend::{Backend, DevPtr, DeviceBuffer};

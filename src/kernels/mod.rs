@@ -2,8 +2,8 @@
 //! [`Backend`](crate::backend::Backend): CUDA or the CPU emulator run the very same sources.
 //!
 //! Layers:
-//! - [`spec`]: the one table of specialisations (dtype × rank tile × variant) and the tile
-//!   constants shared with `kernels/common.cuh`;
+//! - [`spec`]: the one table of specialisations (dtype × adapter dtype × rank tile ×
+//!   variant) and the tile constants shared with `kernels/common.cuh`;
 //! - `launch` (private): launch math and one thin `unsafe fn` per kernel;
 //! - [`DoraLayer`]: the device-level API over [`DevTensor`] views, with reusable
 //!   workspaces, a cached g for inference, and a training forward/backward pair;
@@ -13,7 +13,8 @@
 //!
 //! ```text
 //! forward   base = x·W0ᵀ (Backend::gemm, or supplied)     norm  -> n, g (cached per adapter)
-//!           U = shrink(x, A)                              compose: y = g⊙(base + s·U·Bᵀ) + b
+//!           U = shrink(x, A) (split over d_in at decode)  compose: y = g⊙(base + s·U·Bᵀ) + b
+//!                                                         (in place; row strides for slices)
 //! backward  bwd_dz: dz = dy⊙g, c partials, dz·B           mag_reduce: grad_m (and k)
 //!           tn: grad_B = s·g⊙(dyᵀ·U), grad_A = s·(dz·B)ᵀ·x  grad_x = dz·W0 (gemm) + compose
 //!           exact: V = merge(g=1); grad_B += shrink(V, A)·(−s·k); grad_A += tn(−s·k⊙B, V)
