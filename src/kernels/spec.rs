@@ -1,6 +1,6 @@
 //! The one source of truth for kernel specialisations: which entry points exist for which
 //! dtype and rank, the tile constants of `kernels/common.cuh`, and the rules that pick a
-//! variant. The dispatcher ([`super::launch`]) and the tests both read this table, and a
+//! variant. The dispatcher (`launch.rs`) and the tests both read this table, and a
 //! test checks every name against `KERNELS` (from `kernels/kernels.list`) and every tile
 //! constant against `kernels/common.cuh`.
 
