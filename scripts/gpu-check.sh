@@ -26,7 +26,10 @@
 #   6. hook for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
 #      `--device cuda --json $OUT/bench.json --plot $OUT/bench.svg`) if the CLI has `bench`;
 #   7. hook: `python3 benches/peft_bench.py $GPU_CHECK_PEFT_ARGS` (default `--json
-#      $OUT/peft_bench.json`) if that file exists.
+#      $OUT/peft_bench.json`) if that file exists; then both JSONs in one table and plot
+#      (`dorafuse bench --from ... --plot $OUT/bench_vs_peft.svg --markdown $OUT/bench.md`).
+# $OUT receives at most 7 files (the device tool returns 8): summary.txt, gpu-check.log,
+# bench.json, bench.svg, peft_bench.json, bench_vs_peft.svg, bench.md.
 # A missing tool or binary is reported as SKIP with the reason, never silently.
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 set -uo pipefail
@@ -207,6 +210,12 @@ if [ -f benches/peft_bench.py ]; then
   run_step "peft_bench.py" 180 env PYTHONUNBUFFERED=1 python3 benches/peft_bench.py ${GPU_CHECK_PEFT_ARGS:---json $out/peft_bench.json}
 else
   note "SKIP      benches/peft_bench.py: not in this checkout"
+fi
+
+# Both benchmarks in one table and plot (no GPU work: reads the two JSON files).
+if [ -s "$out/bench.json" ] && [ -s "$out/peft_bench.json" ]; then
+  run_step "bench tables: dorafuse vs PEFT" 60 "$bin/dorafuse" bench --from "$out/bench.json" \
+    --from "$out/peft_bench.json" --plot "$out/bench_vs_peft.svg" --markdown "$out/bench.md"
 fi
 
 # The device tool returns files up to 16 MiB: keep the log's head and tail.
