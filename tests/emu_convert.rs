@@ -148,3 +148,74 @@ fn conversions_round_to_nearest_even_like_the_half_crate() {
         );
     }
 }
+
+#[test]
+fn sixteen_bit_arithmetic_rounds_once() {
+    // Values exactly representable in f16 and bf16 (8 significant bits, moderate exponents),
+    // chosen so sums, products and quotients land on and between ties.
+    let vals: Vec<f32> = (0..48)
+        .map(|i| {
+            let m = 129 + ((i * 37) % 127) as i32; // 8-bit significand
+            let e = (i % 9) as i32 - 4;
+            let s = if i % 5 == 0 { -1.0 } else { 1.0 };
+            s * m as f32 * 2f32.powi(e - 7)
+        })
+        .collect();
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut c = Vec::new();
+    for (i, &x) in vals.iter().enumerate() {
+        for (j, &y) in vals.iter().enumerate() {
+            a.push(x);
+            b.push(y);
+            c.push(vals[(i * 7 + j * 3) % vals.len()]);
+        }
+    }
+    let n = a.len();
+    let be = EmuBackend::new(2);
+    let up = |v: &[f32]| {
+        let mut buf = be.alloc_zeroed(v.len() * 4).unwrap();
+        be.upload(&mut buf, bytemuck::cast_slice(v)).unwrap();
+        buf
+    };
+    let (ab, bb, cb) = (up(&a), up(&b), up(&c));
+    let ob = be.alloc_zeroed(14 * n * 2).unwrap();
+    let dims = LaunchDims {
+        grid: [n.div_ceil(256) as u32, 1, 1],
+        block: [256, 1, 1],
+        shared_bytes: 0,
+    };
+    // SAFETY: (a, b, c [n] f32, out16 [14 n] u16, n).
+    unsafe {
+        be.launch(
+            "emu_half_arith",
+            dims,
+            &[
+                KernelArg::Ptr(ab.ptr()),
+                KernelArg::Ptr(bb.ptr()),
+                KernelArg::Ptr(cb.ptr()),
+                KernelArg::Ptr(ob.ptr()),
+                KernelArg::I32(n as i32),
+            ],
+        )
+        .unwrap();
+    }
+    let mut out = vec![0u16; 14 * n];
+    be.download(&ob, bytemuck::cast_slice_mut(&mut out))
+        .unwrap();
+    for i in 0..n {
+        let (x, y, z) = (a[i] as f64, b[i] as f64, c[i] as f64);
+        // Exact in f64 for these operands (quotients: correctly rounded), then one RNE rounding.
+        let exact = [x + y, x - y, x * y, x / y, x * y + z, x + y, x * y];
+        for (k, &e) in exact.iter().enumerate() {
+            let want_h = half::f16::from_f64(e).to_bits();
+            let want_b = half::bf16::from_f64(e).to_bits();
+            assert_eq!(out[k * n + i], want_h, "f16 op {k} on ({x}, {y}, {z})");
+            assert_eq!(
+                out[(7 + k) * n + i],
+                want_b,
+                "bf16 op {k} on ({x}, {y}, {z})"
+            );
+        }
+    }
+}
