@@ -840,3 +840,37 @@ fn larger_case_crosses_every_tile_at_once() {
         }
     }
 }
+
+/// Many more schedules at one shape that runs every kernel (norm v2, shrink, compose,
+/// bwd_dz, mag_reduce, tn r16 with several splits, sum_partials, merge, scale_rows): a race
+/// that two or three schedules miss shows up as a moving error here.
+#[test]
+fn twelve_schedules_one_shape() {
+    let c = case(2, DType::BF16, true);
+    let (layer, x, gy) = make(c, 99);
+    let mut first: Option<Vec<f64>> = None;
+    for seed in 1..=12u64 {
+        let got = kernels::run_layer(
+            &EmuBackend::new(seed),
+            &layer,
+            &x,
+            Some(&gy),
+            GradMode::Exact,
+        )
+        .unwrap();
+        let g = got.grads.unwrap();
+        let mut all = got.y.to_f64();
+        all.extend(g.grad_x.to_f64());
+        all.extend(g.grad_lora_a.to_f64());
+        all.extend(g.grad_lora_b.to_f64());
+        all.extend(g.grad_magnitude.unwrap().to_f64());
+        // Deterministic reductions: every schedule gives the same bits.
+        match &first {
+            None => first = Some(all),
+            Some(f) => assert!(
+                f.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "seed {seed} changed the result: a schedule-dependent kernel"
+            ),
+        }
+    }
+}
