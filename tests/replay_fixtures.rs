@@ -185,13 +185,12 @@ fn exact_grad_flag_reaches_the_computation() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
-    // PEFT's expected gradients are the detached ones: A and B must now disagree with them.
-    assert!(!o.status.success(), "{stdout}");
+    // PEFT's expected gradients are the detached ones: A and B are not comparable with the
+    // exact ones, so replay says so instead of failing them; the rest must still pass.
+    assert!(o.status.success(), "{stdout}");
     for (name, verdict) in [
         ("y ", "PASS"),
         ("grad_x ", "PASS"),
-        ("grad_lora_A ", "FAIL"),
-        ("grad_lora_B ", "FAIL"),
         ("grad_magnitude ", "PASS"),
     ] {
         let line = stdout
@@ -199,6 +198,16 @@ fn exact_grad_flag_reaches_the_computation() {
             .find(|l| l.trim_start().starts_with(name))
             .unwrap();
         assert!(line.ends_with(verdict), "{name}: {line}");
+    }
+    for name in ["grad_lora_A ", "grad_lora_B "] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap();
+        assert!(
+            line.contains("not compared: the case expects the detached gradient"),
+            "{name}: {line}"
+        );
     }
     let want = dorafuse::cpu::reference::run_f64(
         &case.layer,
