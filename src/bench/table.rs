@@ -180,6 +180,17 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
     Some(Table { header, rows })
 }
 
+/// `12.3 MiB`, `4.0 KiB`, `0 B`.
+fn fmt_bytes(b: u64) -> String {
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{:.0}%", 100.0 * v))
 }
@@ -229,13 +240,155 @@ pub fn ceiling_table(rep: &Report) -> Table {
                 pct(r.frac_copy),
                 pct(r.frac_gemm),
                 pct(r.frac_floor),
-                r.extra_mem_bytes.map_or("–".into(), |b| {
-                    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
-                }),
+                r.extra_mem_bytes.map_or("–".into(), fmt_bytes),
             ]
         })
         .collect();
     Table { header, rows }
+}
+
+/// The issue-5 targets (H200-class GPU, bf16, 4096×4096 and 4096×11008, r = 16), checked
+/// against the rows: one line per target and shape with the figure and met/missed. `None`
+/// unless the report is a CUDA run with rows at those shapes.
+pub fn targets_table(rep: &Report) -> Option<Table> {
+    if rep.device.kind != "cuda" {
+        return None;
+    }
+    let mut rows = Vec::new();
+    let dora = |op: Op, s: Shape| rep.find(imp::DORAFUSE, LayerKind::Dora, op, s);
+    let ratio_of = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.time.median_s / b.time.median_s),
+        _ => None,
+    };
+    for (d_in, d_out) in [(4096, 4096), (4096, 11008)] {
+        let r = 16;
+        let at = |t: usize| Shape { t, d_in, d_out, r };
+        let shape = format!("{d_in}×{d_out}");
+        let tokens: Vec<usize> = {
+            let set: BTreeSet<usize> = rep
+                .rows
+                .iter()
+                .filter(|x| {
+                    (x.d_in, x.d_out, x.r) == (d_in, d_out, r) && x.dtype == "bf16" && x.t > 0
+                })
+                .map(|x| x.t)
+                .collect();
+            set.into_iter().collect()
+        };
+        if tokens.is_empty() {
+            continue;
+        }
+        let t_big = *tokens.iter().max().expect("non-empty");
+        let mut line = |what: String,
+                        fig: Option<f64>,
+                        fmt: &dyn Fn(f64) -> String,
+                        ok: &dyn Fn(f64) -> bool| {
+            rows.push(vec![
+                what,
+                shape.clone(),
+                fig.map_or("not measured".into(), fmt),
+                fig.map_or("–".into(), |v| {
+                    if ok(v) {
+                        "met".into()
+                    } else {
+                        "missed".into()
+                    }
+                }),
+            ]);
+        };
+        let pctf = |v: f64| format!("{:.0}% of copy bandwidth", 100.0 * v);
+        let times = |v: f64| format!("{v:.2}×");
+        line(
+            "norm ≥ 85% of copy bandwidth".into(),
+            dora(Op::Norm, at(0)).and_then(|x| x.frac_copy),
+            &pctf,
+            &|v| v >= 0.85,
+        );
+        line(
+            format!("forward epilogue ≥ 80% of copy bandwidth (T = {t_big})"),
+            dora(Op::Epilogue, at(t_big)).and_then(|x| x.frac_copy),
+            &pctf,
+            &|v| v >= 0.80,
+        );
+        line(
+            format!("training forward ≤ 1.10× base GEMM (T = {t_big})"),
+            ratio_of(
+                dora(Op::Forward, at(t_big)),
+                rep.find(imp::BASE, LayerKind::Base, Op::Forward, at(t_big)),
+            ),
+            &times,
+            &|v| v <= 1.10,
+        );
+        line(
+            format!("forward+backward ≤ 1.15× base forward+backward (T = {t_big})"),
+            ratio_of(
+                dora(Op::ForwardBackward, at(t_big)),
+                rep.find(imp::BASE, LayerKind::Base, Op::ForwardBackward, at(t_big)),
+            ),
+            &times,
+            &|v| v <= 1.15,
+        );
+        // Inference: the worst T.
+        let worst_inf = tokens
+            .iter()
+            .filter_map(|&t| {
+                ratio_of(
+                    dora(Op::Inference, at(t)),
+                    rep.find(imp::BASE, LayerKind::Base, Op::Forward, at(t)),
+                )
+                .map(|v| (v, t))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        line(
+            format!(
+                "inference (cached g) ≤ 1.05× base GEMM (worst T{})",
+                worst_inf.map_or(String::new(), |(_, t)| format!(" = {t}"))
+            ),
+            worst_inf.map(|x| x.0),
+            &times,
+            &|v| v <= 1.05,
+        );
+        // Fused over unfused: the worst T ≤ 512, forward and forward+backward.
+        let worst_gain = tokens
+            .iter()
+            .filter(|&&t| t <= 512)
+            .flat_map(|&t| [Op::Forward, Op::ForwardBackward].map(move |op| (op, t)))
+            .filter_map(|(op, t)| {
+                ratio_of(
+                    rep.find(imp::UNFUSED, LayerKind::Dora, op, at(t)),
+                    dora(op, at(t)),
+                )
+                .map(|v| (v, op, t))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        line(
+            format!(
+                "fused ≥ 2× faster than unfused at T ≤ 512 (worst{})",
+                worst_gain.map_or(String::new(), |(_, op, t)| format!(
+                    ": {} T = {t}",
+                    op.name()
+                ))
+            ),
+            worst_gain.map(|x| x.0),
+            &times,
+            &|v| v >= 2.0,
+        );
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(Table {
+        header: [
+            "target (issue 5, bf16, r = 16)",
+            "shape",
+            "measured",
+            "verdict",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        rows,
+    })
 }
 
 /// The heading lines of a report: device, dtype, date, commit, ceilings, notes.
@@ -303,6 +456,10 @@ pub fn render_text(rep: &Report) -> String {
             out.push_str(&t.to_text());
         }
     }
+    if let Some(t) = targets_table(rep) {
+        out.push_str("\nTargets\n");
+        out.push_str(&t.to_text());
+    }
     out.push_str("\nAgainst the ceilings (bytes and FLOPs by formula, src/bench/formula.rs)\n");
     out.push_str(&ceiling_table(rep).to_text());
     out
@@ -324,6 +481,10 @@ pub fn render_markdown(rep: &Report) -> String {
             out.push_str(&format!("\n**{}**\n\n", op_title(op)));
             out.push_str(&t.to_markdown());
         }
+    }
+    if let Some(t) = targets_table(rep) {
+        out.push_str("\n**Targets** (issue 5; measured on this device, not a timed test)\n\n");
+        out.push_str(&t.to_markdown());
     }
     out.push_str(
         "\n**Against the ceilings** (bytes and FLOPs by formula, `src/bench/formula.rs`)\n\n",
@@ -502,6 +663,51 @@ pub(crate) mod tests {
         write_section(&p, "cpu", "two").unwrap();
         let s = std::fs::read_to_string(&p).unwrap();
         assert!(s.contains("two") && !s.contains("one"), "{s}");
+    }
+
+    #[test]
+    fn targets_are_checked_on_cuda_runs_only() {
+        let mut rep = report();
+        assert!(targets_table(&rep).is_none());
+        rep.device.kind = "cuda".into();
+        // No rows at the target shapes: nothing to say.
+        assert!(targets_table(&rep).is_none());
+        let st = |s: f64| Stats::from_samples(&[s]).unwrap();
+        for (im, k, op, t, s) in [
+            (imp::BASE, LayerKind::Base, Op::Forward, 4096, 1.0),
+            (imp::DORAFUSE, LayerKind::Dora, Op::Forward, 4096, 1.05),
+            (imp::BASE, LayerKind::Base, Op::Forward, 16, 1.0),
+            (imp::DORAFUSE, LayerKind::Dora, Op::Inference, 16, 1.2),
+            (imp::DORAFUSE, LayerKind::Dora, Op::Inference, 4096, 1.0),
+            (imp::UNFUSED, LayerKind::Dora, Op::Forward, 16, 3.0),
+            (imp::DORAFUSE, LayerKind::Dora, Op::Forward, 16, 1.0),
+        ] {
+            let shape = Shape {
+                t,
+                d_in: 4096,
+                d_out: 4096,
+                r: 16,
+            };
+            rep.rows.push(
+                Row::new(im, k, op, shape, DType::BF16, st(s), rep.ceilings.as_ref()).unwrap(),
+            );
+        }
+        let t = targets_table(&rep).unwrap();
+        let find = |prefix: &str| {
+            t.rows
+                .iter()
+                .find(|r| r[0].starts_with(prefix))
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(find("training forward")[2], "1.05×");
+        assert_eq!(find("training forward")[3], "met");
+        let inf = find("inference");
+        assert!(inf[0].contains("T = 16"), "{inf:?}");
+        assert_eq!((inf[2].as_str(), inf[3].as_str()), ("1.20×", "missed"));
+        assert_eq!(find("fused ≥ 2×")[2], "3.00×");
+        assert_eq!(find("norm")[2], "not measured");
+        assert!(render_markdown(&rep).contains("**Targets**"));
     }
 
     #[test]
