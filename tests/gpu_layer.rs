@@ -2,7 +2,8 @@
 //! entry points (`kernels::run_layer` forward + detached and exact backward, `merged_weight`)
 //! and the device-level API (`DoraLayer` inference forward with a cached g, supplied and
 //! in-place base, adapter changes). Random inputs at sizes off every tile, every dtype, ranks
-//! 1..=256, DoRA and plain LoRA, with and without bias, both weight layouts.
+//! 1..=256, DoRA and plain LoRA, with and without bias, both weight layouts, and f32 adapters
+//! beside 16-bit activations.
 //!
 //! Without a device these tests print "skipped: no CUDA device" and pass (the same paths run on
 //! the emulator in tests/kernels_*.rs); with `DORAFUSE_REQUIRE_GPU=1` they fail instead.
@@ -34,6 +35,8 @@ struct Case {
     dora: bool,
     bias: bool,
     fan_in_fan_out: bool,
+    /// A and B in f32 beside 16-bit activations and W0 (PEFT's upcast adapters).
+    adapter_f32: bool,
 }
 
 /// The cases: every dtype × DoRA/LoRA, sizes that are multiples of no tile (1, 7, 33, 129,
@@ -68,6 +71,7 @@ fn cases() -> Vec<Case> {
                     dora,
                     bias: (i + dora as usize) % 2 == 0,
                     fan_in_fan_out: i % 3 == 1,
+                    adapter_f32: dtype != DType::F32 && (i + dora as usize) % 2 == 1,
                 });
             }
         }
@@ -84,13 +88,14 @@ fn layer_for(r: &mut StdRng, c: &Case) -> Layer {
     } else {
         [c.d_out, c.d_in]
     };
+    let adapter_dtype = if c.adapter_f32 { DType::F32 } else { c.dtype };
     Layer {
         weight: random_tensor(r, c.dtype, &wshape, w_scale * 1.7),
         bias: c
             .bias
             .then(|| random_tensor(r, DType::F32, &[c.d_out], 0.5)),
-        lora_a: random_tensor(r, c.dtype, &[c.r, c.d_in], w_scale * 1.7),
-        lora_b: random_tensor(r, c.dtype, &[c.d_out, c.r], 0.5),
+        lora_a: random_tensor(r, adapter_dtype, &[c.r, c.d_in], w_scale * 1.7),
+        lora_b: random_tensor(r, adapter_dtype, &[c.d_out, c.r], 0.5),
         magnitude: c.dora.then(|| {
             let m: Vec<f32> = (0..c.d_out).map(|_| r.gen_range(0.5f32..1.5)).collect();
             Tensor::from_f32(DType::F32, vec![c.d_out], &m).unwrap()
@@ -102,7 +107,7 @@ fn layer_for(r: &mut StdRng, c: &Case) -> Layer {
 
 fn name(c: &Case) -> String {
     format!(
-        "{} {} T={} d_in={} d_out={} r={}{}{}",
+        "{} {} T={} d_in={} d_out={} r={}{}{}{}",
         if c.dora { "DoRA" } else { "LoRA" },
         c.dtype.name(),
         c.t,
@@ -114,7 +119,8 @@ fn name(c: &Case) -> String {
             " fan_in_fan_out"
         } else {
             ""
-        }
+        },
+        if c.adapter_f32 { " f32-adapter" } else { "" }
     )
 }
 
@@ -259,6 +265,7 @@ fn gpu_device_api_inference_forward() {
                 dora: true,
                 bias: true,
                 fan_in_fan_out: false,
+                adapter_f32: false,
             };
             let what = name(&c);
             let mut layer = layer_for(&mut r, &c);
