@@ -170,6 +170,9 @@ pub fn measure_interleaved(
     mut op: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<Stats>> {
     let sets = sets.max(1);
+    if n_ops == 0 {
+        return Ok(Vec::new());
+    }
     for w in 0..plan.warmup {
         for k in 0..n_ops {
             clock.prepare()?;

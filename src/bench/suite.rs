@@ -305,7 +305,9 @@ pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             } else {
                 Vec::new()
             };
-            for &t in &cfg.tokens {
+            // Only the norm was asked for: no per-T rows.
+            let tokens: &[usize] = if rows.is_empty() { &[] } else { &cfg.tokens };
+            for &t in tokens {
                 let shape = Shape { t, d_in, d_out, r };
                 // The first t tokens of each set's T_max inputs; the full ones are put back
                 // after this T.
