@@ -153,10 +153,10 @@ fn conversions_round_to_nearest_even_like_the_half_crate() {
 fn sixteen_bit_arithmetic_rounds_once() {
     // Values exactly representable in f16 and bf16 (8 significant bits, moderate exponents),
     // chosen so sums, products and quotients land on and between ties.
-    let vals: Vec<f32> = (0..48)
+    let vals: Vec<f32> = (0..48i32)
         .map(|i| {
-            let m = 129 + ((i * 37) % 127) as i32; // 8-bit significand
-            let e = (i % 9) as i32 - 4;
+            let m = 129 + ((i * 37) % 127); // 8-bit significand
+            let e = (i % 9) - 4;
             let s = if i % 5 == 0 { -1.0 } else { 1.0 };
             s * m as f32 * 2f32.powi(e - 7)
         })

@@ -23,7 +23,7 @@ enum Command {
     /// Run layer cases (safetensors from PyTorch) and compare with their expected outputs.
     Replay(replay::Args),
     /// Benchmark DoRA against the base layer, LoRA and unfused DoRA (the main job).
-    Bench(bench::Args),
+    Bench(Box<bench::Args>),
     /// Show a PEFT adapter's modules: rank, scaling, norms, and DoRA's ΔM/ΔD against a base.
     Inspect(inspect::Args),
     /// Merge a PEFT adapter into a base model's safetensors weights.
@@ -45,7 +45,7 @@ pub enum Device {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Replay(a) => replay::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
     }
