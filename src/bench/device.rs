@@ -187,8 +187,10 @@ impl<B: Backend> Scratch<B> {
     /// the inputs and outputs).
     fn unfused_extra(s: Shape, dt: DType, backward: bool) -> usize {
         let e = dt.size();
-        let fwd = 2 * s.d_out * s.d_in * e + 8 * s.d_out + s.t * s.r * e + 3 * s.t * s.d_out * e;
-        let bwd = 3 * s.t * s.d_out * e + s.t * s.r * e;
+        // Forward: B·A and V, n and g, U, and lora, (g − 1)·base, g·s·lora, result_dora.
+        let fwd = 2 * s.d_out * s.d_in * e + 8 * s.d_out + s.t * s.r * e + 4 * s.t * s.d_out * e;
+        // Backward: d(lora) and dU (the other [T, d_out] temporaries are reused).
+        let bwd = s.t * s.d_out * e + s.t * s.r * e;
         fwd + if backward { bwd } else { 0 }
     }
 }
@@ -456,16 +458,25 @@ fn unfused_forward<B: Backend>(
     )?;
     k.scale_cols(b, sc.tmp.ptr(), sc.base.ptr(), sc.g.ptr(), -1.0, 1.0, t, o)?;
     k.scale_cols(b, sc.tmp2.ptr(), sc.lora.ptr(), sc.g.ptr(), 0.0, 2.0, t, o)?;
+    // result_dora into its own buffer (the kernel's pointers are __restrict__: no aliasing).
     k.axpby(
         b,
-        sc.tmp.ptr(),
+        sc.dbase.ptr(),
         sc.tmp.ptr(),
         sc.tmp2.ptr(),
         1.0,
         1.0,
         t * o,
     )?;
-    k.axpby(b, sc.y.ptr(), sc.base.ptr(), sc.tmp.ptr(), 1.0, 1.0, t * o)
+    k.axpby(
+        b,
+        sc.y.ptr(),
+        sc.base.ptr(),
+        sc.dbase.ptr(),
+        1.0,
+        1.0,
+        t * o,
+    )
 }
 
 /// The backward autograd runs for PEFT's graph (norm detached), after `unfused_forward`.
