@@ -219,10 +219,14 @@ pub fn run_target(
         git_commit().as_deref(),
     );
     if let (Some(a), Some(b)) = (before, super::suite::load_average()) {
+        let cores = host_cpu().units.unwrap_or(1) as f64;
         md.push_str(&format!(
-            "\nLoad average {a:.1} before and {b:.1} after the run on {} cores (above the core \
-             count, other processes competed for the CPU and the spreads show it).\n",
-            host_cpu().units.unwrap_or(0)
+            "\nLoad average {a:.1} before and {b:.1} after the run on {cores} cores{}.\n",
+            if a.max(b) > 0.5 * cores + 1.0 {
+                ": other processes competed for the CPU, and the spreads show it"
+            } else {
+                ""
+            }
         ));
     }
     Ok((rows, md))
