@@ -70,8 +70,9 @@ impl Table {
 }
 
 /// The columns of the comparison tables: (implementation, kind), in order.
-const COLUMNS: [(&str, LayerKind); 7] = [
+const COLUMNS: [(&str, LayerKind); 8] = [
     (imp::BASE, LayerKind::Base),
+    (imp::PEFT_EAGER, LayerKind::Base),
     (imp::DORAFUSE, LayerKind::Lora),
     (imp::UNFUSED, LayerKind::Dora),
     (imp::DORAFUSE, LayerKind::Dora),
