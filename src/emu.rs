@@ -153,15 +153,16 @@ impl EmuBackend {
 
     /// A backend seeded from `DORAFUSE_EMU_SEED` (decimal or `0x` hex), or [`DEFAULT_SEED`].
     ///
-    /// # Panics
+    /// # Errors
     /// If `DORAFUSE_EMU_SEED` is set but is not a number: a pinned schedule that silently
-    /// falls back to another would make a failure irreproducible.
-    pub fn from_env() -> EmuBackend {
+    /// fell back to another would make a failure irreproducible.
+    pub fn from_env() -> anyhow::Result<EmuBackend> {
         match std::env::var("DORAFUSE_EMU_SEED") {
-            Ok(s) => EmuBackend::new(parse_seed(&s).unwrap_or_else(|| {
-                panic!("DORAFUSE_EMU_SEED={s:?} is not a u64 (decimal or 0x hex)")
-            })),
-            Err(_) => EmuBackend::new(DEFAULT_SEED),
+            Ok(s) => match parse_seed(&s) {
+                Some(seed) => Ok(EmuBackend::new(seed)),
+                None => anyhow::bail!("DORAFUSE_EMU_SEED={s:?} is not a u64 (decimal or 0x hex)"),
+            },
+            Err(_) => Ok(EmuBackend::new(DEFAULT_SEED)),
         }
     }
 

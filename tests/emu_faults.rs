@@ -6,7 +6,13 @@ use dorafuse::backend::{Backend, DeviceBuffer, KernelArg, LaunchDims};
 use dorafuse::emu::EmuBackend;
 
 fn seeds() -> Vec<u64> {
-    vec![1, 2, 3, 0xC0FFEE, EmuBackend::from_env().seed()]
+    vec![
+        1,
+        2,
+        3,
+        0xC0FFEE,
+        EmuBackend::from_env().expect("DORAFUSE_EMU_SEED").seed(),
+    ]
 }
 
 fn dims(grid: u32, block: u32) -> LaunchDims {

@@ -6,7 +6,13 @@ use dorafuse::emu::{EmuBackend, EmuBuffer};
 
 /// Schedules every test runs under, plus the one `DORAFUSE_EMU_SEED` pins.
 fn seeds() -> Vec<u64> {
-    vec![1, 2, 3, 0xDEAD_BEEF, EmuBackend::from_env().seed()]
+    vec![
+        1,
+        2,
+        3,
+        0xDEAD_BEEF,
+        EmuBackend::from_env().expect("DORAFUSE_EMU_SEED").seed(),
+    ]
 }
 
 fn upload<T: bytemuck::Pod>(b: &EmuBackend, v: &[T]) -> EmuBuffer {

@@ -5,7 +5,12 @@ use dorafuse::backend::{Backend, DeviceBuffer, KernelArg, LaunchDims};
 use dorafuse::emu::EmuBackend;
 
 fn seeds() -> Vec<u64> {
-    vec![1, 2, 3, EmuBackend::from_env().seed()]
+    vec![
+        1,
+        2,
+        3,
+        EmuBackend::from_env().expect("DORAFUSE_EMU_SEED").seed(),
+    ]
 }
 
 fn run(kernel: &str, rows: usize, cols: usize, shared_bytes: u32, seed: u64) {

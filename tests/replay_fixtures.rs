@@ -227,3 +227,25 @@ fn exact_grad_flag_reaches_the_computation() {
         assert!(e < 1e-5, "{name} exact: {e:.2e}");
     }
 }
+
+#[test]
+fn a_malformed_emulator_seed_is_a_one_line_error() {
+    let src = cases()
+        .into_iter()
+        .find(|p| p.ends_with("dora_f32_r1.safetensors"))
+        .expect("dora_f32_r1 fixture");
+    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+        .env("DORAFUSE_EMU_SEED", "twelve")
+        .args(["replay", "--device", "emu"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("DORAFUSE_EMU_SEED=\"twelve\" is not a u64"),
+        "{stderr}"
+    );
+}

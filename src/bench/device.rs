@@ -871,7 +871,7 @@ pub fn run_backend<B: Backend>(
 /// # Errors
 /// A failure in any row, naming it.
 pub fn run_emu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
-    let b = crate::emu::EmuBackend::from_env();
+    let b = crate::emu::EmuBackend::from_env()?;
     let mut clock = SyncClock::new(|| b.synchronize());
     let cpu = super::report::host_cpu();
     run_backend(

@@ -56,7 +56,7 @@ fn run_on(device: Device, case: &LayerCase, mode: GradMode) -> Result<Outputs> {
     match device {
         Device::Cpu => dorafuse::cpu::run(layer, x, gy, mode),
         Device::Emu => {
-            let b = dorafuse::emu::EmuBackend::from_env();
+            let b = dorafuse::emu::EmuBackend::from_env()?;
             dorafuse::kernels::run_layer(&b, layer, x, gy, mode)
         }
         Device::Cuda => {
