@@ -158,6 +158,11 @@ if [ -z "$bin" ] || [ ! -x "$bin/dorafuse" ]; then
   exit 1
 fi
 sed 's/^/bundle: /' "$bundle/manifest.txt" >>"$summary" 2>/dev/null
+# The GPU machine has no git history: the bench rows take their commit from the bundle.
+if [ -z "${DORAFUSE_GIT_COMMIT:-}" ] && [ -f "$bundle/manifest.txt" ]; then
+  DORAFUSE_GIT_COMMIT=$(sed -n 's/^commit //p' "$bundle/manifest.txt" | head -n1)
+  export DORAFUSE_GIT_COMMIT
+fi
 # Tests that locate fixtures through the CARGO_MANIFEST_DIR baked in at build time find this
 # checkout through a link at that path (when the path does not exist here).
 baked=$(cat "$bundle/manifest-dir" 2>/dev/null || true)
