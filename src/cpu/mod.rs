@@ -30,7 +30,7 @@
 //! Inputs are not checked for NaN/Inf here (that is a pass over W0); [`crate::case`] checks
 //! every input it reads, and [`Layer::check_finite`] does it for other callers.
 
-mod gemm;
+pub mod gemm;
 pub mod reference;
 
 use crate::dtype::DType;
@@ -398,16 +398,7 @@ fn compose(p: &Params<'_>, shape: Shape, z: &[f32], g: Option<&[f32]>) -> Vec<f3
 /// # Errors
 /// An invalid layer, `x` or `grad_y` shape, naming the tensor.
 pub fn run(layer: &Layer, x: &Tensor, grad_y: Option<&Tensor>, mode: GradMode) -> Result<Outputs> {
-    let shape = layer.shape_for(x)?;
-    if let Some(gy) = grad_y {
-        ensure!(
-            gy.shape() == [shape.t, shape.d_out],
-            "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
-            gy.shape(),
-            shape.t,
-            shape.d_out
-        );
-    }
+    let shape = layer.call_shape(x, grad_y)?;
     let p = Params::new(layer)?;
     let Shape { t, d_in, d_out, r } = shape;
     let dora = p.m.is_some();

@@ -13,7 +13,7 @@
 use super::gemm::{gemm, View, ViewMut};
 use crate::layer::{GradMode, Layer, NORM_EPS};
 use crate::tensor::Tensor;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
 /// A layer's parameters in f64, weight kept in its stored layout. Public so that tests can
 /// perturb single parameters for finite differences.
@@ -264,16 +264,7 @@ pub fn run_f64(
     grad_y: Option<&Tensor>,
     mode: GradMode,
 ) -> Result<RefOutputs> {
-    let shape = layer.shape_for(x)?;
-    if let Some(gy) = grad_y {
-        ensure!(
-            gy.shape() == [shape.t, shape.d_out],
-            "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
-            gy.shape(),
-            shape.t,
-            shape.d_out
-        );
-    }
+    let shape = layer.call_shape(x, grad_y)?;
     let l = RefLayer::from_layer(layer)?;
     let gy = grad_y.map(Tensor::to_f64);
     Ok(l.run(&x.to_f64(), shape.t, gy.as_deref(), mode, None))

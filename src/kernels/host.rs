@@ -9,7 +9,7 @@ use crate::backend::{Backend, DeviceBuffer};
 use crate::dtype::DType;
 use crate::layer::{GradMode, Grads, Layer, Outputs};
 use crate::tensor::Tensor;
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 
 /// Uploads `t` cast to `dtype`.
 fn upload<B: Backend>(b: &B, t: &Tensor, dtype: DType, name: &str) -> Result<B::Buffer> {
@@ -108,17 +108,8 @@ pub fn run_layer<B: Backend>(
     grad_y: Option<&Tensor>,
     mode: GradMode,
 ) -> Result<Outputs> {
-    let shape = layer.shape_for(x)?;
+    let shape = layer.call_shape(x, grad_y)?;
     let dt = x.dtype();
-    if let Some(gy) = grad_y {
-        ensure!(
-            gy.shape() == [shape.t, shape.d_out],
-            "grad_y is {:?}, expected [{}, {}] ([T, d_out])",
-            gy.shape(),
-            shape.t,
-            shape.d_out
-        );
-    }
     let up = Uploaded::new(b, layer, dt)?;
     let mut dl = DoraLayer::new(b, up.weights(layer, dt)?)?;
     let xb = upload(b, x, dt, "x")?;
