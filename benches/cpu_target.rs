@@ -1,10 +1,10 @@
 //! The CPU path's target (issue 2): forward + backward of a 4096×4096, r = 16, f32 DoRA layer
 //! at T = 1 and T = 256 beside the GEMM crate alone for `x·W0ᵀ` and `dz·W0` and one pass over
 //! W0. Prints the table and writes it, with the machine, date and commit, to
-//! `docs/cpu-bench.md` and to the generated `cpu-target` section of README.md (generated here;
-//! never typed by hand).
+//! `docs/cpu-bench.md` and to the generated `cpu-target` section of README.md when asked with
+//! `--write` (generated here; never typed by hand): a plain `cargo bench` leaves the tree alone.
 //!
-//! `cargo bench --bench cpu_target` (about a minute on two cores).
+//! `cargo bench --bench cpu_target -- --write` (about a minute on two cores).
 
 use anyhow::Result;
 use dorafuse::bench::measure::Plan;
@@ -25,6 +25,10 @@ fn main() -> Result<()> {
             r.shape.t,
             r.ratio()
         );
+    }
+    if !std::env::args().any(|a| a == "--write") {
+        println!("(pass --write to update docs/cpu-bench.md and the README section)");
+        return Ok(());
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cpu-bench.md");
     std::fs::create_dir_all(path.parent().expect("docs/"))?;
