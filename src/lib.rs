@@ -19,6 +19,8 @@
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
 //! - [`bench`]: the benchmark behind `dorafuse bench`.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod backend;
 pub mod bench;
