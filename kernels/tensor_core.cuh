@@ -230,6 +230,11 @@ inline void ldmatrix_fn(unsigned int mask, const LaneIO* lanes) {
       if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0)
         fault_lane(src_lane, "ldmatrix: lane %u passes row address %p, not 16-byte aligned",
                    src_lane, p);
+      if (!in_shared(p, 16))
+        fault_lane(src_lane,
+                   "ldmatrix: lane %u passes row address %p, which is not in this block's shared "
+                   "memory",
+                   src_lane, p);
       std::memcpy(M[m][row], p, 16);
     }
   for (unsigned int l = 0; l < 32; ++l) {

@@ -292,3 +292,23 @@ fn out_of_bounds_accesses_fail_under_asan() {
         assert!(err.contains("AddressSanitizer"), "{what}: {err}");
     }
 }
+
+#[test]
+fn ldmatrix_from_global_memory_fails_naming_the_lane() {
+    let b = EmuBackend::new(5);
+    let m = b.alloc_zeroed(64 * 2).unwrap();
+    let out = b.alloc_zeroed(32 * 4).unwrap();
+    // SAFETY: (const unsigned short* m [8, 8], unsigned int* out [32]).
+    let r = unsafe {
+        b.launch(
+            "emu_ldmatrix_global",
+            dims(1, 32),
+            &[KernelArg::Ptr(m.ptr()), KernelArg::Ptr(out.ptr())],
+        )
+    };
+    let e = error_text(r);
+    assert!(
+        e.contains("not in this block's shared memory") && e.contains("emu_ldmatrix_global"),
+        "{e}"
+    );
+}

@@ -194,6 +194,10 @@ void yield_point();
 [[noreturn]] void fault_lane(unsigned int lane, const char* fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/// True when `[p, p + bytes)` lies inside one of the calling block's shared-memory
+/// allocations (the dynamic area or a static `__shared__` variable).
+bool in_shared(const void* p, std::size_t bytes);
+
 /// Mask of the lanes of the calling thread's warp that exist and have not exited.
 unsigned int active_mask();
 

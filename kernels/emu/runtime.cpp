@@ -706,6 +706,15 @@ void* shared_static_alloc(const void* key, std::size_t bytes, std::size_t align,
   return L.arena + off;
 }
 
+bool in_shared(const void* p, std::size_t bytes) {
+  const Launch& L = *tl_launch;
+  const char* c = static_cast<const char*>(p);
+  if (c >= L.arena && c + bytes <= L.arena + L.dyn_bytes) return true;
+  for (const StaticAlloc& a : L.statics)
+    if (c >= L.arena + a.offset && c + bytes <= L.arena + a.offset + a.bytes) return true;
+  return false;
+}
+
 void* shared_dynamic_base(const char* name) {
   (void)current_fiber(name);
   return tl_launch->arena;
@@ -715,6 +724,8 @@ void cp_async(void* dst, const void* src, unsigned int bytes, unsigned int src_b
   Fiber& f = current_fiber("cp.async");
   if (reinterpret_cast<std::uintptr_t>(dst) % bytes || reinterpret_cast<std::uintptr_t>(src) % bytes)
     fault("cp.async of %u bytes with a misaligned address (dst %p, src %p)", bytes, dst, src);
+  if (!in_shared(dst, bytes))
+    fault("cp.async of %u bytes to %p, which is not in this block's shared memory", bytes, dst);
   f.copies.push_back(Copy{dst, src, bytes, src_bytes, f.groups_committed});
 }
 

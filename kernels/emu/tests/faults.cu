@@ -101,3 +101,12 @@ extern "C" __global__ void emu_oob(float* __restrict__ out,  // [n]
   __syncthreads();
   if (threadIdx.x == 0) out[widx] = s[idx];
 }
+
+// ldmatrix on a row address in global memory: the .shared state space needs a shared address
+// (on a GPU this reads the wrong bytes or faults), so the emulator fails the launch.
+extern "C" __global__ void emu_ldmatrix_global(const unsigned short* __restrict__ m,  // [8, 8]
+                                               unsigned int* __restrict__ out) {      // [32]
+  uint32_t r[1];
+  ldmatrix_x1(r, &m[8 * (threadIdx.x % 8)]);
+  out[threadIdx.x] = r[0];
+}
