@@ -145,7 +145,8 @@ pub trait Backend {
     /// Out of memory or a driver error.
     fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
 
-    /// Copies `src` into the start of `dst`, ordered on the backend's stream.
+    /// Copies `src` into the start of `dst`, ordered on the backend's stream; returns when `src`
+    /// may be reused (the copy has left it).
     ///
     /// # Errors
     /// `src` longer than `dst`, or a driver error.

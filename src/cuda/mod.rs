@@ -485,9 +485,14 @@ impl Backend for CudaBackend {
         }
         self.bind()?;
         // SAFETY: dst holds at least src.len() bytes (checked) and stays allocated until its
-        // drop frees it on this same stream, after this copy. `src` is pageable host memory:
-        // the driver stages it before returning, so it may be freed as soon as we return.
+        // drop frees it on this same stream, after this copy. `src` is only borrowed for this
+        // call: the driver returns early for pageable memory but not for pinned memory, so the
+        // stream is synchronised below before the borrow ends.
         unsafe { driver::result::memcpy_htod_async(dst.ptr.0, src, self.stream.cu_stream()) }
+            .with_context(|| format!("upload of {} bytes", src.len()))?;
+        // Uploads are set-up work (weights, host-tensor entry points), never the steady-state
+        // path, which works on device buffers the caller owns.
+        self.synchronize()
             .with_context(|| format!("upload of {} bytes", src.len()))
     }
 
