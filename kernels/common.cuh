@@ -58,6 +58,31 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(v);
 }
 
+// ---- W0 tile staging (norm v1, merge, norm v2) ---------------------------------------
+
+// Reads the W0 tile rows [j0, j0 + ROWS) x columns [k0, k0 + COLS), W0 element (j, k) at
+// w0[j*ldw_j + k*ldw_k], and hands each element to put(jj, c, value), with `zero` outside W0.
+// The thread-to-element order follows the stored layout (ldw_k == 1: along a row;
+// fan_in_fan_out: along consecutive j), so the global reads coalesce either way. The caller
+// places the barriers around it.
+template <int ROWS, int COLS, int NTH, typename T, typename Put>
+__device__ __forceinline__ void stage_w0_tile(const T* __restrict__ w0, long long ldw_j,
+                                              long long ldw_k, int j0, int k0, int d_out,
+                                              int d_in, T zero, Put put) {
+    for (int f = threadIdx.x; f < ROWS * COLS; f += NTH) {
+        int jj, c;
+        if (ldw_k == 1) {
+            jj = f / COLS;
+            c = f % COLS;
+        } else {  // fan_in_fan_out: consecutive j are consecutive in memory
+            c = f / ROWS;
+            jj = f % ROWS;
+        }
+        const int j = j0 + jj, k = k0 + c;
+        put(jj, c, (j < d_out && k < d_in) ? w0[j * ldw_j + k * ldw_k] : zero);
+    }
+}
+
 // ---- reductions -----------------------------------------------------------------------
 
 // Butterfly sum over the 32 lanes of a full warp: every lane gets the same value, and the

@@ -69,18 +69,9 @@ __device__ __forceinline__ void vtile_pass(
         // Every reader of the previous chunk's ws/as (and, first time, the writers of bs)
         // must be done before they are overwritten.
         __syncthreads();
-        for (int f = tid; f < VT_ROWS * VT_COLS; f += THREADS) {
-            int jj, c;
-            if (ldw_k == 1) {
-                jj = f / VT_COLS;
-                c = f % VT_COLS;
-            } else {  // fan_in_fan_out: consecutive j are consecutive in memory
-                c = f / VT_ROWS;
-                jj = f % VT_ROWS;
-            }
-            const int j = j0 + jj, k = k0 + c;
-            ws[jj][c] = (j < d_out && k < d_in) ? to_f32(w0[j * ldw_j + k * ldw_k]) : 0.f;
-        }
+        stage_w0_tile<VT_ROWS, VT_COLS, THREADS>(
+            w0, ldw_j, ldw_k, j0, k0, d_out, d_in, from_f32<T>(0.f),
+            [&](int jj, int c, T v) { ws[jj][c] = to_f32(v); });
         float acc[Q];
 #pragma unroll
         for (int q = 0; q < Q; ++q) acc[q] = 0.f;
@@ -210,18 +201,8 @@ __device__ __forceinline__ void norm_v2(
 
     for (int k0 = 0; k0 < d_in; k0 += NT_COLS) {
         __syncthreads();  // readers of the previous ws/as (first time: writers of bs) done
-        for (int f = tid; f < NT_ROWS * NT_COLS; f += NTH) {
-            int jj, c;
-            if (ldw_k == 1) {
-                jj = f / NT_COLS;
-                c = f % NT_COLS;
-            } else {  // fan_in_fan_out: consecutive j are consecutive in memory
-                c = f / NT_ROWS;
-                jj = f % NT_ROWS;
-            }
-            const int j = j0 + jj, k = k0 + c;
-            ws[jj * NT_LD + c] = (j < d_out && k < d_in) ? w0[j * ldw_j + k * ldw_k] : zero;
-        }
+        stage_w0_tile<NT_ROWS, NT_COLS, NTH>(w0, ldw_j, ldw_k, j0, k0, d_out, d_in, zero,
+                                             [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
         float acc[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
