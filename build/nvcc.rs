@@ -239,7 +239,7 @@ pub fn build(root: &Path, out: &Path, list: &[Entry]) {
             }
         } else {
             panic!(
-                "register spills or local memory in CUDA kernels (DESIGN.md §4: none allowed):\n  \
+                "register spills or local memory in CUDA kernels (docs/design.md §4: none allowed):\n  \
                  {msg}\nfull report: {}\n(set DORAFUSE_ALLOW_SPILLS=1 to build anyway for an \
                  experiment)",
                 report_path.display()

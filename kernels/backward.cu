@@ -1,4 +1,4 @@
-// The backward of a DoRA/LoRA layer (DESIGN.md §1), everything deterministic: no float
+// The backward of a DoRA/LoRA layer (docs/design.md §1), everything deterministic: no float
 // atomics; every reduction is per-block partials summed afterwards in a fixed order.
 //
 //   bwd_dz        one pass over dy: z = base + s·U·Bᵀ recomputed on the fly,

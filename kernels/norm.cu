@@ -1,5 +1,5 @@
 // Passes over V = W0 + s·B·A, one tile at a time, never writing B·A:
-//   norm   n_j = ‖V_j‖₂ and g_j = m_j / max(n_j, ε)          (DESIGN.md §1)
+//   norm   n_j = ‖V_j‖₂ and g_j = m_j / max(n_j, ε)          (docs/design.md §1)
 //   merge  W'  = diag(g)·V, written out (g = 1 gives V itself)
 //
 // Both read W0 exactly once. W0 is addressed through two strides, so the same body serves

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a machine with an NVIDIA GPU (DESIGN.md §4, rung 4): runs the
+# The GPU check, in one call on a machine with an NVIDIA GPU (docs/design.md §4, rung 4): runs the
 # binaries that scripts/gpu-prebuild.sh built elsewhere (that machine needs no Rust toolchain and
 # no network) and writes a short summary.
 #

@@ -28,7 +28,7 @@ dest=${1:-${DORAFUSE_TOOLCHAIN:-$root/.toolchain/cuda}}
 mkdir -p "$(dirname "$dest")"
 dest=$(cd "$(dirname "$dest")" && pwd)/$(basename "$dest")
 
-# The pins (DESIGN.md §6). The runtime wheel carries cuda_runtime.h and the crt wheel the
+# The pins (docs/design.md §6). The runtime wheel carries cuda_runtime.h and the crt wheel the
 # crt/*.h that every .cu includes; nvvm carries cicc (the device front end), cccl the C++ headers.
 pkgs=(
   nvidia-cuda-nvcc==13.0.88

@@ -1,4 +1,4 @@
-//! The layer-case format (DESIGN.md §2): one safetensors file holding one layer's inputs and,
+//! The layer-case format (docs/design.md §2): one safetensors file holding one layer's inputs and,
 //! optionally, what is expected of it. It is how a layer is carried out of PyTorch and
 //! replayed here, and how golden tests are stored.
 //!
@@ -98,7 +98,7 @@ fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |f| Ok(f.write_all(bytes)?))
 }
 
-/// Writes a layer call's outputs to `path` under the names of DESIGN.md §2 (`y` and
+/// Writes a layer call's outputs to `path` under the names of docs/design.md §2 (`y` and
 /// `grad_x` in x's dtype, each parameter gradient in its parameter's dtype, as
 /// [`crate::cpu::run`] and the kernels produce them), with `metadata`, atomically (a temporary
 /// file in the destination directory, then a rename: a failed write leaves nothing).

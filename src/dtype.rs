@@ -80,7 +80,7 @@ impl DType {
         }
     }
 
-    /// Relative L2 tolerance against a float64 truth (DESIGN.md §4): f32 1e-5, f16 1e-3,
+    /// Relative L2 tolerance against a float64 truth (docs/design.md §4): f32 1e-5, f16 1e-3,
     /// bf16 8e-3. A result computed in this dtype (inputs rounded to it, output rounded to
     /// it, f32 accumulation) lands well inside these bounds.
     pub const fn tolerance(self) -> f64 {

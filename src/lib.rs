@@ -2,7 +2,7 @@
 //! with a CPU reference path, a CPU emulator that runs the same `.cu` sources, and PEFT's
 //! adapter format.
 //!
-//! The math (DESIGN.md §1, PEFT semantics), with `W0 [d_out, d_in]`, `A [r, d_in]`,
+//! The math (docs/design.md §1, PEFT semantics), with `W0 [d_out, d_in]`, `A [r, d_in]`,
 //! `B [d_out, r]`, `m [d_out]`, `x [T, d_in]`:
 //!
 //! ```text

@@ -4,7 +4,7 @@
 //!
 //! Both paths see the same (already rounded) inputs, so the only differences are f32
 //! accumulation and the rounding of each output to its dtype: each output is held to its own
-//! dtype's tolerance (f32 1e-5, f16 1e-3, bf16 8e-3, DESIGN.md §4).
+//! dtype's tolerance (f32 1e-5, f16 1e-3, bf16 8e-3, docs/design.md §4).
 
 use dorafuse::cpu;
 use dorafuse::cpu::reference;

@@ -1,5 +1,5 @@
 //! Bytes and FLOPs of every benchmarked operation, by formula: the one place they are
-//! written down (DESIGN.md §5: "for each kernel write down two numbers before tuning").
+//! written down (docs/design.md §5: "for each kernel write down two numbers before tuning").
 //!
 //! Conventions, with `e` the activation/weight element size (2 for bf16/f16, 4 for f32),
 //! `T` tokens, `I = d_in`, `O = d_out`, `r` the rank:
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn norm_reads_w0_once() {
-        // DESIGN.md §5: the norm reads W0 once, 2·d_out·d_in bytes in bf16 (32 MiB at
+        // docs/design.md §5: the norm reads W0 once, 2·d_out·d_in bytes in bf16 (32 MiB at
         // 4096×4096), plus A, B, m and g, which are small beside it.
         let s = shape(1, 4096, 4096, 16);
         let c = cost(LayerKind::Dora, Op::Norm, s, DType::BF16).unwrap();

@@ -1,6 +1,6 @@
 //! The benchmark behind `dorafuse bench` and `cargo bench`: what DoRA costs over the frozen
 //! base layer and over LoRA, and how close each operation runs to the machine's measured
-//! ceilings (DESIGN.md §5, STYLE.md "Benchmarks that tell the truth").
+//! ceilings (docs/design.md §5).
 //!
 //! - [`formula`]: bytes and FLOPs of every operation, by formula (the one place);
 //! - [`measure`]: warm-up, many timed runs cycling input sets, a clock per device;

@@ -111,7 +111,7 @@ impl Config {
     }
 }
 
-/// Parses `4096x4096,4096x11008` (`d_in`x`d_out`, as DESIGN.md §5 lists them).
+/// Parses `4096x4096,4096x11008` (`d_in`x`d_out`, as docs/design.md §5 lists them).
 ///
 /// # Errors
 /// A malformed item, quoting it.

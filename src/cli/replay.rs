@@ -35,7 +35,7 @@ use std::process::ExitCode;
 /// Arguments of `dorafuse replay`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Layer-case files (safetensors, DESIGN.md §2) to run.
+    /// Layer-case files (safetensors, docs/design.md §2) to run.
     #[arg(required = true, value_name = "CASE")]
     cases: Vec<PathBuf>,
     /// Where to compute: the CPU path, the kernels on the CPU emulator, or the kernels on a GPU.

@@ -1,4 +1,4 @@
-//! The CPU path of a DoRA layer (DESIGN.md §1, PEFT semantics): the norm, the forward and
+//! The CPU path of a DoRA layer (docs/design.md §1, PEFT semantics): the norm, the forward and
 //! the backward, in f32 arithmetic with every product through `matrixmultiply`.
 //!
 //! Precision and dtypes: each tensor keeps its own storage dtype and is widened to f32 once
@@ -387,7 +387,7 @@ fn compose(p: &Params<'_>, shape: Shape, z: &[f32], g: Option<&[f32]>) -> Vec<f3
 /// sum of squares. The backward computes `dz·W0` (with `GradMode::Exact`, stacked with the
 /// `r` rows `(diag(k)·B)ᵀ` so the exact term's product with W0 shares the same pass).
 ///
-/// Gradients (DESIGN.md §1): `Detached` treats the norm as a constant, as PEFT does;
+/// Gradients (docs/design.md §1): `Detached` treats the norm as a constant, as PEFT does;
 /// `Exact` adds the norm's dependence on A and B through `k = m ⊙ c / n³`. Where
 /// `n_j < ε`, `g_j = m_j/ε` does not depend on A or B, so `k_j` is defined as 0 there: a
 /// zero row gets finite gradients (PEFT's 0/0 would give NaN).

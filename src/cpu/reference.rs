@@ -1,4 +1,4 @@
-//! The float64 truth: DESIGN.md §1 written as plainly as possible, used as the oracle by the
+//! The float64 truth: docs/design.md §1 written as plainly as possible, used as the oracle by the
 //! tests of every path (CPU, emulator, CUDA).
 //!
 //! Unlike the f32 path it **materialises** `V = W0 + s·B·A` (`d_out × d_in` doubles) and

@@ -640,7 +640,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     }
 
     /// Backward of the last [`DoraLayer::forward_train`] (same x, same t, adapter unchanged):
-    /// grad_x, grad_A, grad_B (and grad_m for DoRA), detached or exact (DESIGN.md §1).
+    /// grad_x, grad_A, grad_B (and grad_m for DoRA), detached or exact (docs/design.md §1).
     /// Deterministic: the same inputs give the same bits.
     ///
     /// # Errors
@@ -813,7 +813,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         Ok(())
     }
 
-    /// Adds the exact-gradient terms (DESIGN.md §1), written through V = W0 + s·B·A:
+    /// Adds the exact-gradient terms (docs/design.md §1), written through V = W0 + s·B·A:
     /// grad_B −= s·diag(k)·V·Aᵀ and grad_A −= s·Bᵀ·diag(k)·V, with kcoef = −s·k. V is
     /// materialised in the exact workspace (d_out·d_in elements); the detached path never
     /// does.

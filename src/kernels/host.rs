@@ -96,7 +96,7 @@ impl<B: Backend> Uploaded<B> {
 /// Runs `layer` on `x` (forward, and backward when `grad_y` is given) through the fused
 /// kernels on `b`. The computation dtype is x's (weights are cast to it, m and bias to f32);
 /// y and grad_x come back in x's dtype, each parameter gradient in its parameter's dtype
-/// (DESIGN.md §2).
+/// (docs/design.md §2).
 ///
 /// # Errors
 /// An invalid layer or input (naming the tensor and shape), or a device failure naming the
