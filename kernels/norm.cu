@@ -149,7 +149,6 @@ __device__ __forceinline__ void vtile_pass(
 // FLOPs: 2·d_out·d_in·rp on tensor cores + 3·d_out·d_in on CUDA cores.
 // Shared: 2·(64·(rp+8) + 32·72 + 64·72) bytes ≤ 47 616 for r ≤ 256.
 // ---------------------------------------------------------------------------------------
-constexpr int NT_RK = 32;
 constexpr int NT_LD = NT_COLS + 8;
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
@@ -270,7 +269,7 @@ __device__ __forceinline__ void norm_v2(
 
 }  // namespace df
 
-#define DF_NORM_V1(sfx, T, TA)                                                                  \
+#define DF_NORM_V1(sfx, T, TA)                                                              \
     extern "C" __global__ void __launch_bounds__(256) dora_norm_v1_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -283,9 +282,9 @@ __device__ __forceinline__ void norm_v2(
         df::vtile_pass<T, TA, float, false>(w0, ldw_j, ldw_k, a, b, m, nullptr, s, eps, d_out,  \
                                         d_in, r, n_out, g_out, nullptr);                    \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_NORM_V1)
+DF_STAMP(dora_norm_v1, DF_NORM_V1)
 
-#define DF_NORM_V2(sfx, T)                                                                  \
+#define DF_NORM_V2(sfx, T, TA)                                                              \
     extern "C" __global__ void __launch_bounds__(128) dora_norm_v2_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -297,9 +296,9 @@ DF_FOR_EACH_DTYPE_ADAPTER(DF_NORM_V1)
         float* __restrict__ g_out) {  /* [d_out] or null */                                 \
         df::norm_v2<T>(w0, ldw_j, ldw_k, a, b, m, s, eps, d_out, d_in, r, n_out, g_out);    \
     }
-DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
+DF_STAMP(dora_norm_v2, DF_NORM_V2)
 
-#define DF_MERGE(sfx, T, TA)                                                                    \
+#define DF_MERGE(sfx, T, TA)                                                                \
     extern "C" __global__ void __launch_bounds__(256) dora_merge_##sfx(                     \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -310,7 +309,10 @@ DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
         T* __restrict__ out) {       /* [d_out, d_in] */                                    \
         df::vtile_pass<T, TA, T, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out, d_in, \
                                    r, nullptr, nullptr, out);                               \
-    }                                                                                       \
+    }
+DF_STAMP(dora_merge, DF_MERGE)
+
+#define DF_MERGE_F32OUT(sfx, T, TA)                                                         \
     extern "C" __global__ void __launch_bounds__(256) dora_merge_f32out_##sfx(              \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -322,4 +324,4 @@ DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
         df::vtile_pass<T, TA, float, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out,   \
                                        d_in, r, nullptr, nullptr, out);                     \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_MERGE)
+DF_STAMP(dora_merge_f32out, DF_MERGE_F32OUT)
