@@ -17,11 +17,11 @@ namespace df {
 // start of a line into `pub const NAME: usize` of `dorafuse::kernels::spec`, with the comment
 // as its doc.
 
-constexpr int THREADS = 256;  // Threads per block of the tiled kernels (not norm v2 nor 1-D helpers)
+constexpr int THREADS = 256;  // Threads per block of the tiled kernels (not norm v2, 1-D helpers)
 constexpr int SMALL_THREADS = 256;  // Threads per block of mag_reduce, sum_partials, scale_rows
 constexpr int WARP_SIZE = 32;  // Threads per warp
 
-constexpr int VT_ROWS = 16;  // Rows of W0 per block of the V-tile pass (norm v1, merge)
+constexpr int VT_ROWS = 16;  // Rows of W0 per block of the V-tile pass (norm v1, merged_weight)
 constexpr int VT_COLS = 64;  // Columns per chunk of the V-tile pass
 constexpr int VT_RCHUNK = 32;  // Rank chunk of the V-tile pass
 
@@ -55,7 +55,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(v);
 }
 
-// ---- W0 tile staging (norm v1, merge, norm v2) ---------------------------------------
+// ---- W0 tile staging (norm v1, merged_weight, norm v2) ---------------------------------------
 
 // Reads the W0 tile rows [j0, j0 + ROWS) x columns [k0, k0 + COLS), W0 element (j, k) at
 // w0[j*ldw_j + k*ldw_k], and hands each element to put(jj, c, value), with `zero` outside W0.

@@ -1,5 +1,5 @@
 //! Every kernel path on a real GPU against the float64 reference (`cpu::reference`): the host
-//! entry points (`kernels::run_layer` forward + detached and exact backward, `merged_weight`)
+//! entry points (`kernels::run` forward + detached and exact backward, `merged_weight`)
 //! and the device-level API (`DoraLayer` inference forward with a cached g, supplied and
 //! in-place base, adapter changes). Random inputs at sizes off every tile, every dtype, ranks
 //! 1..=256, DoRA and plain LoRA, with and without bias, both weight layouts, and f32 adapters
@@ -124,7 +124,7 @@ fn name(c: &Case) -> String {
     )
 }
 
-/// Forward and both backward modes through `kernels::run_layer` on the GPU against
+/// Forward and both backward modes through `kernels::run` on the GPU against
 /// `cpu::reference::run_f64`, each output against the tolerance of its dtype.
 #[test]
 fn gpu_run_layer_matches_f64_reference() {
@@ -145,7 +145,7 @@ fn gpu_run_layer_matches_f64_reference() {
         };
         for &mode in modes {
             let what = format!("{} {mode:?}", name(c));
-            let got = kernels::run_layer(&b, &layer, &x, Some(&gy), mode)
+            let got = kernels::run(&b, &layer, &x, Some(&gy), mode)
                 .unwrap_or_else(|e| panic!("{what}: {e:#}"));
             let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
             let tol = c.dtype.tolerance();
@@ -184,7 +184,7 @@ fn gpu_run_layer_matches_f64_reference() {
             }
         }
         // Forward only (no grad_y) must give the same y and no gradients.
-        let fwd = kernels::run_layer(&b, &layer, &x, None, GradMode::Detached).unwrap();
+        let fwd = kernels::run(&b, &layer, &x, None, GradMode::Detached).unwrap();
         assert!(fwd.grads.is_none());
         let want = reference::run_f64(&layer, &x, None, GradMode::Detached).unwrap();
         assert_close(

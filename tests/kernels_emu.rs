@@ -110,7 +110,7 @@ fn run_case(c: Case, mode: GradMode) {
         let emu = EmuBackend::new(seed);
         let (layer, x, gy) = make(c, seed);
         let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
-        let got = kernels::run_layer(&emu, &layer, &x, Some(&gy), mode)
+        let got = kernels::run(&emu, &layer, &x, Some(&gy), mode)
             .unwrap_or_else(|e| panic!("{c:?} seed {seed}: {e:#}"));
         let tol = c.dtype.tolerance();
         check("y", &c, seed, &got.y.to_f64(), &want.y, tol);
@@ -306,7 +306,7 @@ fn zero_rows_give_finite_scale_not_nan() {
     }
     for mode in [GradMode::Detached, GradMode::Exact] {
         let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
-        let got = kernels::run_layer(&EmuBackend::new(2), &layer, &x, Some(&gy), mode).unwrap();
+        let got = kernels::run(&EmuBackend::new(2), &layer, &x, Some(&gy), mode).unwrap();
         let tol = c.dtype.tolerance();
         check("y (zero row)", &c, 2, &got.y.to_f64(), &want.y, tol);
         let g = got.grads.unwrap();
@@ -671,7 +671,7 @@ fn peft_fixture_cases_on_the_emulator() {
                 continue;
             }
             let want = reference::run_f64(&case.layer, &case.x, gy, mode).unwrap();
-            let got = kernels::run_layer(&EmuBackend::new(7), &case.layer, &case.x, gy, mode)
+            let got = kernels::run(&EmuBackend::new(7), &case.layer, &case.x, gy, mode)
                 .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             let comp = case.x.dtype();
             let bar = |name: &str| {
@@ -850,7 +850,7 @@ fn twelve_schedules_one_shape() {
     let (layer, x, gy) = make(c, 99);
     let mut first: Option<Vec<f64>> = None;
     for seed in 1..=12u64 {
-        let got = kernels::run_layer(
+        let got = kernels::run(
             &EmuBackend::new(seed),
             &layer,
             &x,

@@ -104,7 +104,7 @@ impl<B: Backend> Uploaded<B> {
 /// # Errors
 /// An invalid layer or input (naming the tensor and shape), or a device failure naming the
 /// kernel.
-pub fn run_layer<B: Backend>(
+pub fn run<B: Backend>(
     b: &B,
     layer: &Layer,
     x: &Tensor,

@@ -196,8 +196,8 @@ pub(crate) unsafe fn norm<B: Backend>(
         .with_context(|| format!("launching {name}"))
 }
 
-/// Arguments of the merge kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
-pub(crate) struct MergeArgs {
+/// Arguments of the merged_weight kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
+pub(crate) struct MergedWeightArgs {
     /// Storage dtype of W0, A, B.
     pub dtype: DType,
     /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
@@ -226,26 +226,30 @@ pub(crate) struct MergeArgs {
     pub f32_out: bool,
 }
 
-/// Launches merge.
+/// Launches merged_weight (W' = g ⊙ V, in the weight dtype or f32).
 ///
 /// # Safety
-/// See the module doc; extents are those of [`MergeArgs`].
-pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
+/// See the module doc; extents are those of [`MergedWeightArgs`].
+pub(crate) unsafe fn merged_weight<B: Backend>(b: &B, x: &MergedWeightArgs) -> Result<()> {
     ensure!(
         (1..=spec::MAX_RANK).contains(&x.r),
-        "merge: rank {} outside 1..={}",
+        "merged_weight: rank {} outside 1..={}",
         x.r,
         spec::MAX_RANK
     );
     let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
     let prefix = if x.f32_out {
-        "dora_merge_f32out"
+        "dora_merged_weight_f32out"
     } else {
-        "dora_merge"
+        "dora_merged_weight"
     };
     let name = name(prefix, x.dtype, x.adapter)?;
     let d = dims(
-        [blocks("merge rows", x.d_out, spec::VT_ROWS, GRID_X)?, 1, 1],
+        [
+            blocks("merged_weight rows", x.d_out, spec::VT_ROWS, GRID_X)?,
+            1,
+            1,
+        ],
         spec::THREADS,
         spec::vtile_shared_bytes(x.r),
     );
@@ -262,8 +266,8 @@ pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
         int("r", x.r)?,
         ptr(x.out),
     ];
-    // SAFETY: matches `dora_merge[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out, d_in, r,
-    // out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
+    // SAFETY: matches `dora_merged_weight[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out,
+    // d_in, r, out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
     // column of its rows.
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
 }

@@ -9,7 +9,7 @@
 //! - `launch` (private): launch math and one thin `unsafe fn` per kernel;
 //! - [`DoraLayer`]: the device-level API over [`DevTensor`] views, with reusable
 //!   workspaces, a cached g for inference, and a training forward/backward pair;
-//! - [`run_layer`], [`merged_weight`]: host tensors in and out (replay, tests, merge).
+//! - [`run`], [`merged_weight`]: host tensors in and out (replay, tests, merge).
 //!
 //! The kernel set and the pipeline (see `kernels/README.md` for tiling and byte/FLOP counts):
 //!
@@ -19,7 +19,7 @@
 //!                                                         (in place; row strides for slices)
 //! backward  bwd_dz: dz = dy⊙g, c partials, dz·B           mag_reduce: grad_m (and k)
 //!           tn: grad_B = s·g⊙(dyᵀ·U), grad_A = s·(dz·B)ᵀ·x  grad_x = dz·W0 (gemm) + compose
-//!           exact: V = merge(g=1); grad_B += shrink(V, A)·(−s·k); grad_A += tn(−s·k⊙B, V)
+//!           exact: V = merged_weight(g=1); grad_B += shrink(V, A)·(−s·k); grad_A += tn(−s·k⊙B, V)
 //! ```
 
 mod device;
@@ -28,7 +28,7 @@ mod launch;
 pub mod spec;
 
 pub use device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
-pub use host::{merged_weight, norm, run_layer};
+pub use host::{merged_weight, norm, run};
 
 include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));
 include!(concat!(env!("OUT_DIR"), "/kernel_families.rs"));

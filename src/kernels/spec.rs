@@ -170,7 +170,7 @@ pub const fn bwd_dz_shared_bytes(tt: usize, jt: usize, r: usize) -> usize {
     F32_BYTES * (2 * tt * r + jt * (r + 1) + 2 * tt * (jt + 1))
 }
 
-/// Dynamic shared bytes of norm v1 / merge: the block's B rows in f32.
+/// Dynamic shared bytes of norm v1 / merged_weight: the block's B rows in f32.
 pub const fn vtile_shared_bytes(r: usize) -> usize {
     F32_BYTES * VT_ROWS * r
 }
