@@ -7,7 +7,7 @@
 // ([d_in, d_out]: ldw_j = 1, ldw_k = d_out); the tile loaders pick the coalesced order for
 // whichever stride is 1.
 //
-// Variants (all checked against the same f64 reference in tests/kernels_norm.rs):
+// Variants (all checked against the same f64 reference in tests/kernels/layer.rs):
 //   v1  CUDA cores, any dtype, any rank, any layout, and f32 adapters beside 16-bit
 //       W0 (`_a32`).                                     dora_norm_v1_{f32,f16,bf16,*_a32}
 //   v2  tensor cores (mma.sync m16n8k16) for the B·A tile;      dora_norm_v2_{f16,bf16}
