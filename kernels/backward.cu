@@ -181,7 +181,7 @@ __device__ __forceinline__ void tn(
 
 }  // namespace df
 
-#define DF_BWD_DZ(sfx, T, TA)                                                                 \
+#define DF_BWD_DZ(sfx, T, TA)                                                               \
     extern "C" __global__ void __launch_bounds__(256) dora_bwd_dz_##sfx(                    \
         const T* __restrict__ dy,     /* [T, d_out] */                                      \
         const T* __restrict__ base,   /* [T, d_out] or null (LoRA) */                       \
@@ -194,23 +194,29 @@ __device__ __forceinline__ void tn(
         float* __restrict__ dzb) {    /* [T, r] */                                          \
         df::bwd_dz<T, TA>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz, cpart, dzb);      \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_BWD_DZ)
+DF_STAMP(dora_bwd_dz, DF_BWD_DZ)
 
-#define DF_BACKWARD(sfx, T)                                                                 \
+#define DF_TN_R16(sfx, T, TA)                                                               \
     extern "C" __global__ void __launch_bounds__(256) dora_tn_r16_##sfx(                    \
         const float* __restrict__ l, /* [rows, r] */                                        \
         const T* __restrict__ rm,    /* [rows, ncols] */                                    \
         int rows, int r, int ncols, int rows_per_split,                                     \
         float* __restrict__ part) {  /* [splits, r, ncols] */                               \
         df::tn<T, 16>(l, rm, rows, r, ncols, rows_per_split, part);                         \
-    }                                                                                       \
+    }
+DF_STAMP(dora_tn_r16, DF_TN_R16)
+
+#define DF_TN_R64(sfx, T, TA)                                                               \
     extern "C" __global__ void __launch_bounds__(256) dora_tn_r64_##sfx(                    \
         const float* __restrict__ l, /* [rows, r] */                                        \
         const T* __restrict__ rm,    /* [rows, ncols] */                                    \
         int rows, int r, int ncols, int rows_per_split,                                     \
         float* __restrict__ part) {  /* [splits, r, ncols] */                               \
         df::tn<T, 64>(l, rm, rows, r, ncols, rows_per_split, part);                         \
-    }                                                                                       \
+    }
+DF_STAMP(dora_tn_r64, DF_TN_R64)
+
+#define DF_SCALE_ROWS(sfx, T, TA)                                                           \
     extern "C" __global__ void __launch_bounds__(256) dora_scale_rows_##sfx(                \
         const T* __restrict__ in,      /* [rows, cols] */                                   \
         const float* __restrict__ coef, /* [rows] */                                        \
@@ -221,7 +227,7 @@ DF_FOR_EACH_DTYPE_ADAPTER(DF_BWD_DZ)
              e += (long long)gridDim.x * blockDim.x)                                        \
             out[e] = coef[e / cols] * df::to_f32(in[e]);                                    \
     }
-DF_FOR_EACH_DTYPE(DF_BACKWARD)
+DF_STAMP(dora_scale_rows, DF_SCALE_ROWS)
 
 // mag_reduce: one thread per column. Bytes: 4·(parts + 4)·d_out. FLOPs: parts·d_out.
 extern "C" __global__ void __launch_bounds__(256) dora_mag_reduce_f32(

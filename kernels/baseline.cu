@@ -79,21 +79,27 @@ __device__ __forceinline__ void col_dot(const T* __restrict__ a, const T* __rest
 
 }  // namespace df
 
-#define DF_BASELINE(sfx, T)                                                                  \
+#define DF_BASELINE_AXPBY(sfx, T, TA)                                                        \
     extern "C" __global__ void __launch_bounds__(256) baseline_axpby_##sfx(                  \
         T* __restrict__ out,          /* [n] */                                              \
         const T* __restrict__ a,      /* [n] */                                              \
         const T* __restrict__ b,      /* [n] */                                              \
         float alpha, float beta, long long n) {                                              \
         df::axpby<T>(out, a, b, alpha, beta, n);                                             \
-    }                                                                                        \
+    }
+DF_STAMP(baseline_axpby, DF_BASELINE_AXPBY)
+
+#define DF_BASELINE_SCALE_COLS(sfx, T, TA)                                                   \
     extern "C" __global__ void __launch_bounds__(256) baseline_scale_cols_##sfx(             \
         T* __restrict__ out,          /* [rows, cols] */                                     \
         const T* __restrict__ a,      /* [rows, cols] */                                     \
         const float* __restrict__ g,  /* [cols] */                                           \
         float shift, float alpha, long long rows, int cols) {                                \
         df::scale_cols<T>(out, a, g, shift, alpha, rows, cols);                              \
-    }                                                                                        \
+    }
+DF_STAMP(baseline_scale_cols, DF_BASELINE_SCALE_COLS)
+
+#define DF_BASELINE_ROW_NORM(sfx, T, TA)                                                     \
     extern "C" __global__ void __launch_bounds__(256) baseline_row_norm_##sfx(               \
         const T* __restrict__ v,      /* [rows, cols] */                                     \
         const float* __restrict__ m,  /* [rows], unused when g is null */                    \
@@ -101,7 +107,10 @@ __device__ __forceinline__ void col_dot(const T* __restrict__ a, const T* __rest
         float* __restrict__ n,        /* [rows] */                                           \
         float* __restrict__ g) {      /* [rows] or null */                                   \
         df::row_norm<T>(v, m, cols, eps, n, g);                                              \
-    }                                                                                        \
+    }
+DF_STAMP(baseline_row_norm, DF_BASELINE_ROW_NORM)
+
+#define DF_BASELINE_COL_DOT(sfx, T, TA)                                                      \
     extern "C" __global__ void __launch_bounds__(256) baseline_col_dot_##sfx(                \
         const T* __restrict__ a,      /* [rows, cols] */                                     \
         const T* __restrict__ b,      /* [rows, cols] */                                     \
@@ -110,4 +119,4 @@ __device__ __forceinline__ void col_dot(const T* __restrict__ a, const T* __rest
         float* __restrict__ out) {    /* [cols] */                                           \
         df::col_dot<T>(a, b, n, eps, rows, cols, out);                                       \
     }
-DF_FOR_EACH_DTYPE(DF_BASELINE)
+DF_STAMP(baseline_col_dot, DF_BASELINE_COL_DOT)

@@ -1,6 +1,6 @@
 // Shared helpers of the dorafuse kernels: dtype conversions, warp reductions, the dtype
-// stamping macro and the tile constants that the Rust launchers mirror
-// (src/kernels/spec.rs checks them against this file in a test).
+// stamping macro and the tile constants (the one definition; the Rust launchers read them
+// from the module build.rs generates from this file).
 //
 // Everything here must compile both with nvcc and with the host emulator, so it uses only
 // what prelude.cuh (CUDA built-ins, or their emulation) and tensor_core.cuh (mma wrappers)
@@ -12,37 +12,34 @@
 
 namespace df {
 
-// ---- tile constants (mirrored in src/kernels/spec.rs; a test compares the two) ----------
+// ---- tile constants ------------------------------------------------------------------
+// Defined here only: build.rs turns each `constexpr int NAME = <integer>;  // doc` line at the
+// start of a line into `pub const NAME: usize` of `dorafuse::kernels::spec`, with the comment
+// as its doc.
 
-// Threads per block of every kernel but `mag_reduce`, `sum_partials`, `scale_rows`.
-constexpr int THREADS = 256;
+constexpr int THREADS = 256;  // Threads per block of the tiled kernels (not norm v2, 1-D helpers)
+constexpr int SMALL_THREADS = 256;  // Threads per block of mag_reduce, sum_partials, scale_rows
+constexpr int WARP_SIZE = 32;  // Threads per warp
 
-// norm v1 / merge (the V-tile pass): rows of W0 per block, columns per chunk, rank chunk.
-constexpr int VT_ROWS = 16;
-constexpr int VT_COLS = 64;
-constexpr int VT_RCHUNK = 32;
+constexpr int VT_ROWS = 16;  // Rows of W0 per block of the V-tile pass (norm v1, merged_weight)
+constexpr int VT_COLS = 64;  // Columns per chunk of the V-tile pass
+constexpr int VT_RCHUNK = 32;  // Rank chunk of the V-tile pass
 
-// norm v2 (tensor cores): rows per block (4 warps x 16 rows), columns per chunk.
-constexpr int NT_ROWS = 64;
-constexpr int NT_COLS = 64;
-constexpr int NT_WARPS = 4;
+constexpr int NT_ROWS = 64;  // Rows of W0 per block of norm v2: NT_WARPS warps × 16
+constexpr int NT_COLS = 64;  // Columns per chunk of norm v2
+constexpr int NT_WARPS = 4;  // Warps per block of norm v2
+constexpr int NT_RK = 32;  // Rank chunk of norm v2 (two mma k-steps of 16)
 
-// shrink: rows (tokens) per block, ranks per block, reduction chunk.
-constexpr int SH_ROWS = 16;
-constexpr int SH_RANKS = 64;
-constexpr int SH_KCHUNK = 32;
+constexpr int SH_ROWS = 16;  // Rows (tokens) per block of shrink
+constexpr int SH_RANKS = 64;  // Ranks per block of shrink
+constexpr int SH_KCHUNK = 32;  // Reduction chunk of shrink (a split of d_in holds whole chunks)
 
-// compose: tokens per block, output columns per block, rank chunk.
-constexpr int CO_ROWS = 16;
-constexpr int CO_COLS = 64;
-constexpr int CO_RCHUNK = 32;
+constexpr int CO_ROWS = 16;  // Tokens per block of compose
+constexpr int CO_COLS = 64;  // Output columns per block of compose
+constexpr int CO_RCHUNK = 32;  // Rank chunk of compose
 
-// tn (long-reduction outer products): columns per block, reduction chunk.
-constexpr int TN_COLS = 64;
-constexpr int TN_TCHUNK = 16;
-
-// 1-D helper kernels.
-constexpr int SMALL_THREADS = 256;
+constexpr int TN_COLS = 64;  // Columns per block of tn (long-reduction products)
+constexpr int TN_TCHUNK = 16;  // Rows per reduction chunk of tn (a split holds whole chunks)
 
 // ---- dtype conversions ----------------------------------------------------------------
 
@@ -58,7 +55,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(v);
 }
 
-// ---- W0 tile staging (norm v1, merge, norm v2) ---------------------------------------
+// ---- W0 tile staging (norm v1, merged_weight, norm v2) ---------------------------------------
 
 // Reads the W0 tile rows [j0, j0 + ROWS) x columns [k0, k0 + COLS), W0 element (j, k) at
 // w0[j*ldw_j + k*ldw_k], and hands each element to put(jj, c, value), with `zero` outside W0.
@@ -95,14 +92,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 }  // namespace df
 
-// Stamps one `extern "C"` entry point per storage dtype from a templated body:
-// DF_FOR_EACH_DTYPE(X) expands X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16).
-#define DF_FOR_EACH_DTYPE(X) X(f32, float) X(f16, __half) X(bf16, __nv_bfloat16)
-// The (activation, adapter) pairs of the kernels that read A or B: the same dtype, or f32
-// adapters beside 16-bit activations (PEFT's default mix: bf16 base, f32 lora_A/lora_B),
-// suffixed `_a32`: X(sfx, T, TA).
-#define DF_FOR_EACH_DTYPE_ADAPTER(X)                                                        \
-    X(f32, float, float) X(f16, __half, __half) X(bf16, __nv_bfloat16, __nv_bfloat16)      \
-    X(f16_a32, __half, float) X(bf16_a32, __nv_bfloat16, float)
-// The same for the dtypes the tensor cores take (mma.sync m16n8k16 has bf16 and f16 forms).
-#define DF_FOR_EACH_MMA_DTYPE(X) X(f16, __half) X(bf16, __nv_bfloat16)
+// Stamps one `extern "C"` entry point per dtype suffix from a templated body:
+// DF_STAMP(dora_norm_v1, DF_NORM_V1) expands DF_NORM_V1(sfx, T, TA) once per suffix that
+// kernels/kernels.list gives the family `dora_norm_v1`, e.g. DF_NORM_V1(bf16_a32,
+// __nv_bfloat16, float): T is the storage type of the activations (W0, x, y, ...), TA that of
+// the adapter (A, B); `_a32` suffixes read f32 adapters beside 16-bit activations (PEFT's
+// default mix). The DF_STAMPS_<family> macros are generated by build.rs from the list and
+// included before every .cu file, so the list is the only place the dtypes are named, and a
+// family missing from it fails to compile here.
+#define DF_STAMP(family, X) DF_STAMPS_##family(X)

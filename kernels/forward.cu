@@ -179,7 +179,7 @@ __device__ __forceinline__ void compose(
 
 }  // namespace df
 
-#define DF_FORWARD(sfx, T, TA)                                                                  \
+#define DF_SHRINK(sfx, T, TA)                                                               \
     extern "C" __global__ void __launch_bounds__(256) dora_shrink_##sfx(                    \
         const T* __restrict__ x, /* [rows, d_in] via (ldx_t, ldx_k) */                      \
         long long ldx_t, long long ldx_k,                                                   \
@@ -188,7 +188,10 @@ __device__ __forceinline__ void compose(
         const float* __restrict__ coef, /* [rows] or null */                                \
         float* __restrict__ out) {      /* [splits, rows, r] */                             \
         df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef, out);       \
-    }                                                                                       \
+    }
+DF_STAMP(dora_shrink, DF_SHRINK)
+
+#define DF_COMPOSE(sfx, T, TA)                                                              \
     extern "C" __global__ void __launch_bounds__(256) dora_compose_##sfx(                   \
         const T* base,                  /* [T, d_out] rows ld_base apart, may alias y */    \
         long long ld_base,                                                                  \
@@ -204,4 +207,4 @@ __device__ __forceinline__ void compose(
         df::compose<T, TA>(base, ld_base, y, ld_y, u, u_splits, bm, ldb_j, ldb_i, g, bias, s,   \
                            t_rows, d_out, r);                                               \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_FORWARD)
+DF_STAMP(dora_compose, DF_COMPOSE)

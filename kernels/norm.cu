@@ -1,13 +1,13 @@
 // Passes over V = W0 + s·B·A, one tile at a time, never writing B·A:
 //   norm   n_j = ‖V_j‖₂ and g_j = m_j / max(n_j, ε)          (docs/design.md §1)
-//   merge  W'  = diag(g)·V, written out (g = 1 gives V itself)
+//   merged_weight  W' = diag(g)·V, written out (g = 1 gives V itself)
 //
 // Both read W0 exactly once. W0 is addressed through two strides, so the same body serves
 // nn.Linear ([d_out, d_in]: ldw_j = d_in, ldw_k = 1) and fan_in_fan_out / Conv1D
 // ([d_in, d_out]: ldw_j = 1, ldw_k = d_out); the tile loaders pick the coalesced order for
 // whichever stride is 1.
 //
-// Variants (all checked against the same f64 reference in tests/kernels_norm.rs):
+// Variants (all checked against the same f64 reference in tests/kernels/layer.rs):
 //   v1  CUDA cores, any dtype, any rank, any layout, and f32 adapters beside 16-bit
 //       W0 (`_a32`).                                     dora_norm_v1_{f32,f16,bf16,*_a32}
 //   v2  tensor cores (mma.sync m16n8k16) for the B·A tile;      dora_norm_v2_{f16,bf16}
@@ -30,7 +30,7 @@ namespace df {
 // Bytes (norm): W0 once (d_out·d_in·sz) + A once per block (⌈d_out/16⌉·r·d_in·sz, served
 // by L2) + B (d_out·r·sz) + m (4·d_out) + n, g (8·d_out).
 // FLOPs: 2·d_out·d_in·r (the B·A tile) + 3·d_out·d_in (add, square, sum).
-// merge adds a write of d_out·d_in·sizeof(OutT) and drops the reduction.
+// merged_weight adds a write of d_out·d_in·sizeof(OutT) and drops the reduction.
 // ---------------------------------------------------------------------------------------
 template <typename T, typename TA, typename OutT, bool MERGE>
 __device__ __forceinline__ void vtile_pass(
@@ -39,11 +39,11 @@ __device__ __forceinline__ void vtile_pass(
     const TA* __restrict__ a,     // [r, d_in]
     const TA* __restrict__ b,     // [d_out, r]
     const float* __restrict__ m,  // [d_out] or null (norm only: then g is not written)
-    const float* __restrict__ g,  // [d_out] or null (merge only: null means g = 1)
+    const float* __restrict__ g,  // [d_out] or null (merged_weight only: null means g = 1)
     float s, float eps, int d_out, int d_in, int r,
     float* __restrict__ n_out,    // [d_out] (norm)
     float* __restrict__ g_out,    // [d_out] or null (norm)
-    OutT* __restrict__ out) {     // [d_out, d_in] row-major (merge)
+    OutT* __restrict__ out) {     // [d_out, d_in] row-major (merged_weight)
     extern __shared__ float bs[];  // [VT_ROWS, r]
     __shared__ float ws[VT_ROWS][VT_COLS + 1];
     __shared__ float as[VT_RCHUNK][VT_COLS + 1];
@@ -149,7 +149,6 @@ __device__ __forceinline__ void vtile_pass(
 // FLOPs: 2·d_out·d_in·rp on tensor cores + 3·d_out·d_in on CUDA cores.
 // Shared: 2·(64·(rp+8) + 32·72 + 64·72) bytes ≤ 47 616 for r ≤ 256.
 // ---------------------------------------------------------------------------------------
-constexpr int NT_RK = 32;
 constexpr int NT_LD = NT_COLS + 8;
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
@@ -270,7 +269,7 @@ __device__ __forceinline__ void norm_v2(
 
 }  // namespace df
 
-#define DF_NORM_V1(sfx, T, TA)                                                                  \
+#define DF_NORM_V1(sfx, T, TA)                                                              \
     extern "C" __global__ void __launch_bounds__(256) dora_norm_v1_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -283,9 +282,9 @@ __device__ __forceinline__ void norm_v2(
         df::vtile_pass<T, TA, float, false>(w0, ldw_j, ldw_k, a, b, m, nullptr, s, eps, d_out,  \
                                         d_in, r, n_out, g_out, nullptr);                    \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_NORM_V1)
+DF_STAMP(dora_norm_v1, DF_NORM_V1)
 
-#define DF_NORM_V2(sfx, T)                                                                  \
+#define DF_NORM_V2(sfx, T, TA)                                                              \
     extern "C" __global__ void __launch_bounds__(128) dora_norm_v2_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
@@ -297,10 +296,10 @@ DF_FOR_EACH_DTYPE_ADAPTER(DF_NORM_V1)
         float* __restrict__ g_out) {  /* [d_out] or null */                                 \
         df::norm_v2<T>(w0, ldw_j, ldw_k, a, b, m, s, eps, d_out, d_in, r, n_out, g_out);    \
     }
-DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
+DF_STAMP(dora_norm_v2, DF_NORM_V2)
 
-#define DF_MERGE(sfx, T, TA)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) dora_merge_##sfx(                     \
+#define DF_MERGED_WEIGHT(sfx, T, TA)                                                        \
+    extern "C" __global__ void __launch_bounds__(256) dora_merged_weight_##sfx(             \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
         const TA* __restrict__ a,    /* [r, d_in] */                                        \
@@ -310,8 +309,11 @@ DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
         T* __restrict__ out) {       /* [d_out, d_in] */                                    \
         df::vtile_pass<T, TA, T, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out, d_in, \
                                    r, nullptr, nullptr, out);                               \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) dora_merge_f32out_##sfx(              \
+    }
+DF_STAMP(dora_merged_weight, DF_MERGED_WEIGHT)
+
+#define DF_MERGED_WEIGHT_F32OUT(sfx, T, TA)                                                 \
+    extern "C" __global__ void __launch_bounds__(256) dora_merged_weight_f32out_##sfx(      \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
         const TA* __restrict__ a,    /* [r, d_in] */                                        \
@@ -322,4 +324,4 @@ DF_FOR_EACH_MMA_DTYPE(DF_NORM_V2)
         df::vtile_pass<T, TA, float, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out,   \
                                        d_in, r, nullptr, nullptr, out);                     \
     }
-DF_FOR_EACH_DTYPE_ADAPTER(DF_MERGE)
+DF_STAMP(dora_merged_weight_f32out, DF_MERGED_WEIGHT_F32OUT)

@@ -8,7 +8,8 @@
 #
 # Steps:
 #  1. scripts/install-nvcc.sh (the pinned CUDA 13.0 nvcc; a no-op when installed);
-#  2. cargo build --release of the CLI and of every tests/gpu_*.rs test binary, with the kernels
+#  2. cargo build --release of the CLI and of the test binaries holding the GPU tests (kernels,
+#     adapter: their `#[ignore = "needs a CUDA GPU"]` tests, named `cuda`), with the kernels
 #     compiled by nvcc for sm_80/86/89/90 (override with DORAFUSE_CUDA_ARCHS, e.g. 90 alone
 #     for a smaller bundle); refuses to continue if build.rs did not compile the kernels;
 #  3. copies the binaries (debug info stripped: the kernels keep their -lineinfo for
@@ -34,7 +35,7 @@ nvcc=$(scripts/install-nvcc.sh | tail -n1)
 echo "gpu-prebuild: nvcc $nvcc" >&2
 
 start=$(date +%s)
-tests=(--test 'gpu_*')
+tests=(--test kernels --test adapter)
 for t in $extra_tests; do tests+=(--test "$t"); done
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT

@@ -10,7 +10,7 @@
 //! let model = AdaptedModel::new(&base, &adapter)?;
 //! for item in model.layers() {
 //!     let (name, layer) = item?;
-//!     // layer: ready for dorafuse::cpu::run / dorafuse::kernels::run_layer (g recomputed:
+//!     // layer: ready for dorafuse::cpu::run / dorafuse::kernels::run (g recomputed:
 //!     // training); model.inference_layer(&name) caches g for inference.
 //!     let _ = (name, layer);
 //! }

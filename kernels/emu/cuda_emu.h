@@ -52,7 +52,7 @@
 //               assert (aborts the process: prefer __trap for expected failures)
 // Tensor-core and cp.async wrappers are in kernels/tensor_core.cuh.
 //
-// How `__shared__` works here: build.rs (build/emu.rs) rewrites every `__shared__`
+// How `__shared__` works here: build.rs (build/shared_rewrite.rs) rewrites every `__shared__`
 // declaration of the kernel sources before compiling them for the host, into a reference to
 // per-block storage (allocated on first use in the block, NaN-filled at block start), e.g.
 //   __shared__ __align__(16) float tile[2][64];

@@ -57,11 +57,11 @@ fn run_on(device: Device, case: &LayerCase, mode: GradMode) -> Result<Outputs> {
         Device::Cpu => dorafuse::cpu::run(layer, x, gy, mode),
         Device::Emu => {
             let b = dorafuse::emu::EmuBackend::from_env()?;
-            dorafuse::kernels::run_layer(&b, layer, x, gy, mode)
+            dorafuse::kernels::run(&b, layer, x, gy, mode)
         }
         Device::Cuda => {
             let b = dorafuse::cuda::CudaBackend::new(0)?;
-            dorafuse::kernels::run_layer(&b, layer, x, gy, mode)
+            dorafuse::kernels::run(&b, layer, x, gy, mode)
         }
     }
 }

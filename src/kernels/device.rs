@@ -833,7 +833,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let ws = self.exact.ensure(b, c.next, "exact-gradient")?;
         let v = ws.offset(v_off);
         let bk = ws.offset(bk_off);
-        let m = launch::MergeArgs {
+        let m = launch::MergedWeightArgs {
             dtype: dt,
             adapter: w.adapter_dtype(),
             w0: w.weight.ptr(),
@@ -849,7 +849,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             f32_out: false,
         };
         // SAFETY: weights validated; v holds d_out·d_in elements of dt.
-        unsafe { launch::merge(b, &m) }?;
+        unsafe { launch::merged_weight(b, &m) }?;
         let sh = launch::ShrinkArgs {
             dtype: dt,
             adapter: w.adapter_dtype(),
@@ -902,7 +902,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         );
         let op = out.check("merged weight", out.dtype(), &[w.d_out, w.d_in])?;
         let g = self.magnitude_scale(b)?;
-        let m = launch::MergeArgs {
+        let m = launch::MergedWeightArgs {
             dtype: dt,
             adapter: w.adapter_dtype(),
             w0: w.weight.ptr(),
@@ -918,7 +918,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             f32_out: out.dtype() == DType::F32 && dt != DType::F32,
         };
         // SAFETY: weights validated; out checked for [d_out, d_in] of its dtype; g [d_out].
-        unsafe { launch::merge(b, &m) }
+        unsafe { launch::merged_weight(b, &m) }
     }
 
     /// Strides `(ld_j, ld_k)` of W0 (for callers that address it themselves).

@@ -11,6 +11,9 @@ use crate::layer::{GradMode, Grads, Layer, Outputs};
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 
+/// Bytes of one f32 element (gradients, n, g and the f32 merged weight are f32).
+const F32_BYTES: usize = DType::F32.size();
+
 /// Uploads `t` cast to `dtype`.
 fn upload<B: Backend>(b: &B, t: &Tensor, dtype: DType, name: &str) -> Result<B::Buffer> {
     let c = t.cast(dtype);
@@ -101,7 +104,7 @@ impl<B: Backend> Uploaded<B> {
 /// # Errors
 /// An invalid layer or input (naming the tensor and shape), or a device failure naming the
 /// kernel.
-pub fn run_layer<B: Backend>(
+pub fn run<B: Backend>(
     b: &B,
     layer: &Layer,
     x: &Tensor,
@@ -125,10 +128,10 @@ pub fn run_layer<B: Backend>(
     };
     let dyb = upload(b, gy, dt, "grad_y")?;
     let gx = b.alloc_zeroed(shape.t * shape.d_in * dt.size())?;
-    let ga = b.alloc_zeroed(4 * shape.r * shape.d_in)?;
-    let gb = b.alloc_zeroed(4 * shape.d_out * shape.r)?;
+    let ga = b.alloc_zeroed(F32_BYTES * shape.r * shape.d_in)?;
+    let gb = b.alloc_zeroed(F32_BYTES * shape.d_out * shape.r)?;
     let gm = if layer.is_dora() {
-        Some(b.alloc_zeroed(4 * shape.d_out)?)
+        Some(b.alloc_zeroed(F32_BYTES * shape.d_out)?)
     } else {
         None
     };
@@ -176,11 +179,11 @@ pub fn merged_weight<B: Backend>(b: &B, layer: &Layer) -> Result<Vec<f32>> {
     let up = Uploaded::new(b, layer, dt)?;
     let mut dl = DoraLayer::new(b, up.weights(layer, dt)?)?;
     let out = b
-        .alloc_zeroed(4 * d_out * d_in)
+        .alloc_zeroed(F32_BYTES * d_out * d_in)
         .context("allocating the merged weight")?;
     dl.merged_weight(b, &DevTensor::of(&out, DType::F32))?;
     let t = download(b, &out, DType::F32, vec![d_out, d_in], "merged weight")?;
-    debug_assert_eq!(out.bytes(), 4 * d_out * d_in);
+    debug_assert_eq!(out.bytes(), F32_BYTES * d_out * d_in);
     Ok(t.to_f32())
 }
 
@@ -201,9 +204,11 @@ pub fn norm<B: Backend>(
     let up = Uploaded::new(b, layer, dt)?;
     let w = up.weights(layer, dt)?;
     w.validate()?;
-    let out = b.alloc_zeroed(8 * d_out).context("allocating n and g")?;
+    let out = b
+        .alloc_zeroed(2 * F32_BYTES * d_out)
+        .context("allocating n and g")?;
     let n_ptr = out.ptr();
-    let g_ptr = out.ptr().offset(4 * d_out);
+    let g_ptr = out.ptr().offset(F32_BYTES * d_out);
     let args = launch::NormArgs {
         dtype: dt,
         adapter: w.adapter_dtype(),

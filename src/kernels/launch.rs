@@ -17,10 +17,9 @@ const NULL: DevPtr = DevPtr(0);
 /// `<prefix>_<suffix>` for the (activation, adapter) dtype pair, refusing pairs no kernel is
 /// stamped for.
 fn name(prefix: &str, act: DType, adapter: DType) -> Result<String> {
-    let sfx = spec::suffix(act, adapter).with_context(|| {
+    spec::stamped(prefix, act, adapter).with_context(|| {
         format!("{prefix}: no kernel for {act} activations with {adapter} adapters")
-    })?;
-    Ok(format!("{prefix}_{sfx}"))
+    })
 }
 
 fn ptr(p: DevPtr) -> KernelArg {
@@ -49,11 +48,14 @@ fn blocks(what: &str, n: usize, per: usize, limit: u32) -> Result<u32> {
 
 const GRID_X: u32 = i32::MAX as u32;
 const GRID_YZ: u32 = 65_535;
+/// Most blocks of a grid-stride 1-D helper (sum_partials, scale_rows): enough to fill any
+/// current GPU several times over; each thread then strides over the rest.
+const HELPER_MAX_BLOCKS: u32 = 4096;
 
-fn dims(grid: [u32; 3], threads: u32, shared_bytes: usize) -> LaunchDims {
+fn dims(grid: [u32; 3], threads: usize, shared_bytes: usize) -> LaunchDims {
     LaunchDims {
         grid,
-        block: [threads, 1, 1],
+        block: [threads as u32, 1, 1],
         shared_bytes: shared_bytes as u32,
     }
 }
@@ -156,7 +158,7 @@ pub(crate) unsafe fn norm<B: Backend>(
                 1,
                 1,
             ],
-            32 * spec::NT_WARPS,
+            spec::WARP_SIZE * spec::NT_WARPS,
             sh,
         )
     } else {
@@ -194,8 +196,8 @@ pub(crate) unsafe fn norm<B: Backend>(
         .with_context(|| format!("launching {name}"))
 }
 
-/// Arguments of the merge kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
-pub(crate) struct MergeArgs {
+/// Arguments of the merged_weight kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
+pub(crate) struct MergedWeightArgs {
     /// Storage dtype of W0, A, B.
     pub dtype: DType,
     /// Storage dtype of the adapter tensors read (A, B): `dtype` or f32.
@@ -224,26 +226,30 @@ pub(crate) struct MergeArgs {
     pub f32_out: bool,
 }
 
-/// Launches merge.
+/// Launches merged_weight (W' = g ⊙ V, in the weight dtype or f32).
 ///
 /// # Safety
-/// See the module doc; extents are those of [`MergeArgs`].
-pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
+/// See the module doc; extents are those of [`MergedWeightArgs`].
+pub(crate) unsafe fn merged_weight<B: Backend>(b: &B, x: &MergedWeightArgs) -> Result<()> {
     ensure!(
         (1..=spec::MAX_RANK).contains(&x.r),
-        "merge: rank {} outside 1..={}",
+        "merged_weight: rank {} outside 1..={}",
         x.r,
         spec::MAX_RANK
     );
     let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
     let prefix = if x.f32_out {
-        "dora_merge_f32out"
+        "dora_merged_weight_f32out"
     } else {
-        "dora_merge"
+        "dora_merged_weight"
     };
     let name = name(prefix, x.dtype, x.adapter)?;
     let d = dims(
-        [blocks("merge rows", x.d_out, spec::VT_ROWS, GRID_X)?, 1, 1],
+        [
+            blocks("merged_weight rows", x.d_out, spec::VT_ROWS, GRID_X)?,
+            1,
+            1,
+        ],
         spec::THREADS,
         spec::vtile_shared_bytes(x.r),
     );
@@ -260,8 +266,8 @@ pub(crate) unsafe fn merge<B: Backend>(b: &B, x: &MergeArgs) -> Result<()> {
         int("r", x.r)?,
         ptr(x.out),
     ];
-    // SAFETY: matches `dora_merge[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out, d_in, r,
-    // out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
+    // SAFETY: matches `dora_merged_weight[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out,
+    // d_in, r, out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
     // column of its rows.
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
 }
@@ -552,7 +558,7 @@ pub(crate) struct MagReduceArgs {
 pub(crate) unsafe fn mag_reduce<B: Backend>(b: &B, x: &MagReduceArgs) -> Result<()> {
     let d = dims(
         [
-            blocks("mag_reduce", x.d_out, spec::SMALL_THREADS as usize, GRID_X)?,
+            blocks("mag_reduce", x.d_out, spec::SMALL_THREADS, GRID_X)?,
             1,
             1,
         ],
@@ -606,7 +612,7 @@ pub(crate) struct TnArgs {
 /// `(splits, rows per split)` of a long reduction: enough splits to fill
 /// [`spec::TARGET_BLOCKS`], each a whole number of [`spec::TN_TCHUNK`] rows.
 pub(crate) fn tn_splits(rows: usize, r: usize, ncols: usize) -> (usize, usize) {
-    let tile = if r <= 16 { 16 } else { 64 };
+    let tile = spec::tn_rank_tile(r);
     let base = ncols.div_ceil(spec::TN_COLS) * r.div_ceil(tile);
     let chunks = rows.div_ceil(spec::TN_TCHUNK).max(1);
     let want = spec::TARGET_BLOCKS
@@ -676,7 +682,7 @@ pub(crate) unsafe fn tn<B: Backend>(
     let n = x.r * x.ncols;
     let d = dims(
         [
-            blocks("sum_partials", n, spec::SMALL_THREADS as usize, GRID_X)?.min(4096),
+            blocks("sum_partials", n, spec::SMALL_THREADS, GRID_X)?.min(HELPER_MAX_BLOCKS),
             1,
             1,
         ],
@@ -712,16 +718,10 @@ pub(crate) unsafe fn scale_rows<B: Backend>(
     (rows, cols): (usize, usize),
     out: DevPtr,
 ) -> Result<()> {
-    let name = format!("dora_scale_rows_{}", dtype.name());
+    let name = name("dora_scale_rows", dtype, dtype)?;
     let d = dims(
         [
-            blocks(
-                "scale_rows",
-                rows * cols,
-                spec::SMALL_THREADS as usize,
-                GRID_X,
-            )?
-            .min(4096),
+            blocks("scale_rows", rows * cols, spec::SMALL_THREADS, GRID_X)?.min(HELPER_MAX_BLOCKS),
             1,
             1,
         ],

@@ -1,4 +1,4 @@
-// Conversions for tests/emu_convert.rs: f32 -> f16/bf16 (RNE) and back.
+// Conversions for tests/emu/convert.rs: f32 -> f16/bf16 (RNE) and back.
 #include "prelude.cuh"
 
 // h[i] = bits of __float2half_rn(x[i]), bf[i] = bits of __float2bfloat16_rn(x[i]);

@@ -1,4 +1,4 @@
-// Deliberately broken kernels for tests/emu_faults.rs: each must be caught by the emulator.
+// Deliberately broken kernels for tests/emu/faults.rs: each must be caught by the emulator.
 #include "prelude.cuh"
 #include "tensor_core.cuh"
 

@@ -1,4 +1,4 @@
-// Reductions for tests/emu_reduce.rs: a shared-memory tree, warp shuffles, ballots.
+// Reductions for tests/emu/reduce.rs: a shared-memory tree, warp shuffles, ballots.
 #include "prelude.cuh"
 
 // out[b] = sum of x[b*chunk .. min(n, (b+1)*chunk)), chunk = 4 * blockDim.x.

@@ -1,4 +1,4 @@
-// Tensor-core wrappers for tests/emu_tensor_core.rs (one warp per launch).
+// Tensor-core wrappers for tests/emu/tensor_core.rs (one warp per launch).
 #include "prelude.cuh"
 #include "tensor_core.cuh"
 

@@ -1,4 +1,4 @@
-// Shared-memory transposes for tests/emu_transpose.rs.
+// Shared-memory transposes for tests/emu/transpose.rs.
 #include "prelude.cuh"
 #include "tensor_core.cuh"
 

@@ -1,8 +1,8 @@
-//! Shared by the GPU tests (`tests/gpu_*.rs`): the skip rule, random inputs and comparisons.
+//! Shared by the CUDA tests (`tests/kernels/`): the backend on GPU 0, random inputs and
+//! comparisons.
 //!
-//! Skip rule: without a CUDA device a GPU test prints "skipped: no CUDA device" and passes;
-//! with `DORAFUSE_REQUIRE_GPU=1` (set by scripts/gpu-check.sh) it fails instead, so a GPU run
-//! can never pass by skipping. With a device, a backend that fails to start fails the test.
+//! Those tests are `#[ignore = "needs a CUDA GPU"]` and are run by scripts/gpu-check.sh with
+//! `--ignored cuda`; without a device they fail, saying why (no test passes by skipping).
 #![allow(dead_code)]
 
 use dorafuse::cuda::{self, CudaBackend};
@@ -10,26 +10,17 @@ use dorafuse::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// The backend on device 0, or `None` (after printing why) when the test must skip.
-pub fn backend(test: &str) -> Option<CudaBackend> {
+/// The backend on device 0; panics, saying why, when there is none or it fails to start.
+pub fn backend() -> CudaBackend {
     if !cuda::device_available() {
         let why = cuda::device_count()
             .err()
             .map(|e| format!("{e:#}"))
             .unwrap_or_default();
-        if std::env::var("DORAFUSE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("{test}: DORAFUSE_REQUIRE_GPU=1 but there is no CUDA device ({why})");
-        }
-        println!("{test}: skipped: no CUDA device ({why})");
-        return None;
+        panic!("this test needs a CUDA GPU and there is none ({why})");
     }
-    match CudaBackend::new(0) {
-        Ok(b) => {
-            println!("{test}: on {}", b.device_description().unwrap_or_default());
-            Some(b)
-        }
-        Err(e) => panic!("{test}: a CUDA device is present but the backend failed: {e:#}"),
-    }
+    CudaBackend::new(0)
+        .unwrap_or_else(|e| panic!("a CUDA device is present but the backend failed: {e:#}"))
 }
 
 /// A deterministic generator per test and case.

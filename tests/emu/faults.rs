@@ -280,7 +280,7 @@ fn out_of_bounds_accesses_fail_under_asan() {
     }
     for what in ["shared", "global"] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "oob_child", "--ignored", "--nocapture"])
+            .args(["--exact", "faults::oob_child", "--ignored", "--nocapture"])
             .env("DFEMU_OOB_CHILD", what)
             .output()
             .unwrap();

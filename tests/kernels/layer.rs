@@ -1,22 +1,22 @@
-//! Every fused kernel on the CPU emulator (the very `.cu` sources), against the float64
-//! reference (`cpu::reference`), under several emulator seeds (thread schedules and shared
-//! memory garbage), at sizes off every tile, ranks 1, 7, 16, 64, 256, every dtype,
-//! fan_in_fan_out, bias / no bias, LoRA, the exact gradient, the in-place and supplied-base
-//! forwards and the cached-g inference forward.
+//! Every fused kernel against the float64 reference (`cpu::reference`), written once over
+//! [`TestBackend`]: on the CPU emulator (the very `.cu` sources) under several seeds (thread
+//! schedules and shared-memory garbage), and on a GPU (the `::cuda` instances, ignored unless
+//! asked for), at sizes off every tile, ranks 1, 7, 16, 64, 256, every dtype, fan_in_fan_out,
+//! bias / no bias, LoRA, the exact gradient, the in-place and supplied-base forwards and the
+//! cached-g inference forward. On a GPU the tests add larger shapes (4097 wide, ranks up to
+//! 256, 129 tokens) that the emulator is too slow for.
 //!
 //! Tolerances: `DType::tolerance()` (rel-L2 vs f64: f32 1e-5, f16 1e-3, bf16 8e-3). NaN never
-//! passes. Sizes are small on purpose: the emulator runs each thread as a fiber.
+//! passes. Emulator sizes are small on purpose: it runs each thread as a fiber.
 
+use crate::device::{test_device, TestBackend};
 use dorafuse::backend::{Backend, DeviceBuffer};
 use dorafuse::cpu::reference;
-use dorafuse::emu::EmuBackend;
 use dorafuse::kernels::{self, spec, Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
 use dorafuse::tensor::rel_l2;
 use dorafuse::{DType, GradMode, Layer, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-
-const SEEDS: [u64; 3] = [1, 2, 3];
 
 /// What a case varies.
 #[derive(Clone, Copy, Debug)]
@@ -105,12 +105,12 @@ fn check(what: &str, c: &Case, seed: u64, got: &[f64], want: &[f64], tol: f64) {
     }
 }
 
-fn run_case(c: Case, mode: GradMode) {
-    for seed in SEEDS {
-        let emu = EmuBackend::new(seed);
+fn run_case<B: TestBackend>(c: Case, mode: GradMode) {
+    for &seed in B::SEEDS {
+        let dev = B::with_seed(seed);
         let (layer, x, gy) = make(c, seed);
         let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
-        let got = kernels::run_layer(&emu, &layer, &x, Some(&gy), mode)
+        let got = kernels::run(&dev, &layer, &x, Some(&gy), mode)
             .unwrap_or_else(|e| panic!("{c:?} seed {seed}: {e:#}"));
         let tol = c.dtype.tolerance();
         check("y", &c, seed, &got.y.to_f64(), &want.y, tol);
@@ -164,28 +164,27 @@ fn case(i: usize, dtype: DType, dora: bool) -> Case {
     }
 }
 
-#[test]
-fn dora_detached_every_dtype_and_rank() {
+fn dora_detached_every_dtype_and_rank<B: TestBackend>() {
     for dt in DType::ALL {
         for i in 0..SHAPES.len() {
-            run_case(case(i, dt, true), GradMode::Detached);
+            run_case::<B>(case(i, dt, true), GradMode::Detached);
         }
     }
 }
+test_device!(dora_detached_every_dtype_and_rank);
 
-#[test]
-fn dora_exact_gradient() {
+fn dora_exact_gradient<B: TestBackend>() {
     for dt in DType::ALL {
         for i in [0, 2, 3] {
-            run_case(case(i, dt, true), GradMode::Exact);
+            run_case::<B>(case(i, dt, true), GradMode::Exact);
         }
     }
 }
+test_device!(dora_exact_gradient);
 
 /// f32 lora_A / lora_B beside f16/bf16 W0 and x: the `_a32` kernels read the adapters as
 /// stored, so the adapter gradients keep f32 accuracy (PEFT computes that branch in f32).
-#[test]
-fn f32_adapters_beside_16_bit_activations() {
+fn f32_adapters_beside_16_bit_activations<B: TestBackend>() {
     for dt in [DType::F16, DType::BF16] {
         for i in [0, 2, 3, 4] {
             for dora in [true, false] {
@@ -193,10 +192,10 @@ fn f32_adapters_beside_16_bit_activations() {
                     a32: true,
                     ..case(i, dt, dora)
                 };
-                run_case(c, GradMode::Detached);
+                run_case::<B>(c, GradMode::Detached);
             }
         }
-        run_case(
+        run_case::<B>(
             Case {
                 a32: true,
                 ..case(1, dt, true)
@@ -205,18 +204,18 @@ fn f32_adapters_beside_16_bit_activations() {
         );
     }
 }
+test_device!(f32_adapters_beside_16_bit_activations);
 
-#[test]
-fn lora_through_the_same_kernels() {
+fn lora_through_the_same_kernels<B: TestBackend>() {
     for dt in DType::ALL {
         for i in [1, 2, 4] {
-            run_case(case(i, dt, false), GradMode::Detached);
+            run_case::<B>(case(i, dt, false), GradMode::Detached);
         }
     }
 }
+test_device!(lora_through_the_same_kernels);
 
-#[test]
-fn fan_in_fan_out_and_bias_every_combination() {
+fn fan_in_fan_out_and_bias_every_combination<B: TestBackend>() {
     for fifo in [false, true] {
         for bias in [false, true] {
             let c = Case {
@@ -224,13 +223,13 @@ fn fan_in_fan_out_and_bias_every_combination() {
                 bias,
                 ..case(1, DType::BF16, true)
             };
-            run_case(c, GradMode::Detached);
+            run_case::<B>(c, GradMode::Detached);
         }
     }
 }
+test_device!(fan_in_fan_out_and_bias_every_combination);
 
-#[test]
-fn norm_every_variant_against_f64() {
+fn norm_every_variant_against_f64<B: TestBackend>() {
     for dt in DType::ALL {
         for (i, &(_, d_in, d_out, r)) in SHAPES.iter().enumerate() {
             for (fifo, a32) in [
@@ -256,9 +255,9 @@ fn norm_every_variant_against_f64() {
                 let variants = spec::candidates(spec::Op::Norm, dt, adt, r);
                 assert!(!variants.is_empty());
                 for v in variants {
-                    for seed in SEEDS {
-                        let emu = EmuBackend::new(seed);
-                        let (n, g) = kernels::norm(&emu, &layer, Some(v))
+                    for &seed in B::SEEDS {
+                        let dev = B::with_seed(seed);
+                        let (n, g) = kernels::norm(&dev, &layer, Some(v))
                             .unwrap_or_else(|e| panic!("{} {c:?}: {e:#}", v.prefix));
                         let n: Vec<f64> = n.iter().map(|&v| v as f64).collect();
                         let g: Vec<f64> = g.unwrap().iter().map(|&v| v as f64).collect();
@@ -274,11 +273,11 @@ fn norm_every_variant_against_f64() {
         }
     }
 }
+test_device!(norm_every_variant_against_f64);
 
 /// A zero row of V (W0 row and B row zero) has n = 0 and a finite g = m / ε (not NaN);
 /// its output is then just the bias, as in the f64 reference.
-#[test]
-fn zero_rows_give_finite_scale_not_nan() {
+fn zero_rows_give_finite_scale_not_nan<B: TestBackend>() {
     let c = case(2, DType::BF16, true);
     let (mut layer, x, gy) = make(c, 5);
     let mut w = layer.weight.to_f32();
@@ -294,7 +293,7 @@ fn zero_rows_give_finite_scale_not_nan() {
     let m3 = layer.magnitude.as_ref().unwrap().to_f32()[3];
     let eps = dorafuse::layer::NORM_EPS as f32;
     for v in spec::candidates(spec::Op::Norm, c.dtype, c.dtype, c.r) {
-        let (n, g) = kernels::norm(&EmuBackend::new(1), &layer, Some(v)).unwrap();
+        let (n, g) = kernels::norm(&B::with_seed(1), &layer, Some(v)).unwrap();
         assert_eq!(n[3], 0.0, "{}", v.prefix);
         let g3 = g.unwrap()[3];
         assert!(
@@ -306,7 +305,7 @@ fn zero_rows_give_finite_scale_not_nan() {
     }
     for mode in [GradMode::Detached, GradMode::Exact] {
         let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
-        let got = kernels::run_layer(&EmuBackend::new(2), &layer, &x, Some(&gy), mode).unwrap();
+        let got = kernels::run(&B::with_seed(2), &layer, &x, Some(&gy), mode).unwrap();
         let tol = c.dtype.tolerance();
         check("y (zero row)", &c, 2, &got.y.to_f64(), &want.y, tol);
         let g = got.grads.unwrap();
@@ -336,17 +335,17 @@ fn zero_rows_give_finite_scale_not_nan() {
         );
     }
 }
+test_device!(zero_rows_give_finite_scale_not_nan);
 
-#[test]
-fn merged_weight_matches_f64() {
+fn merged_weight_matches_f64<B: TestBackend>() {
     for dt in DType::ALL {
         for i in [0, 1, 4] {
             for dora in [true, false] {
                 let c = case(i, dt, dora);
                 let (layer, _, _) = make(c, 3);
                 let want = reference::merged_weight_f64(&layer).unwrap();
-                for seed in SEEDS {
-                    let got: Vec<f64> = kernels::merged_weight(&EmuBackend::new(seed), &layer)
+                for &seed in B::SEEDS {
+                    let got: Vec<f64> = kernels::merged_weight(&B::with_seed(seed), &layer)
                         .unwrap()
                         .iter()
                         .map(|&v| v as f64)
@@ -357,6 +356,7 @@ fn merged_weight_matches_f64() {
         }
     }
 }
+test_device!(merged_weight_matches_f64);
 
 /// Uploads host bytes into a fresh buffer.
 fn up<B: Backend>(b: &B, t: &Tensor) -> B::Buffer {
@@ -371,26 +371,47 @@ fn down<B: Backend>(b: &B, buf: &B::Buffer, dt: DType, n: usize) -> Vec<f64> {
     Tensor::from_bytes(dt, vec![n], &bytes).unwrap().to_f64()
 }
 
-/// The device API: computed, supplied and in-place bases agree; the cached g is reused
-/// until the adapter changes, and then recomputed; workspaces stop growing.
-#[test]
-fn device_layer_inference_cache_and_bases() {
-    for dt in [DType::BF16, DType::F32] {
-        let c = Case {
+/// The device API an inference engine uses: computed, supplied and in-place bases agree; the
+/// cached g is reused until the adapter changes, and then recomputed; workspaces stop growing.
+/// On a GPU also at decode, mid-size and 4097-wide shapes in every dtype.
+fn device_layer_inference_cache_and_bases<B: TestBackend>() {
+    let mut cases: Vec<Case> = [DType::BF16, DType::F32]
+        .map(|dt| Case {
             bias: true,
             ..case(3, dt, true)
-        };
-        let emu = EmuBackend::new(2);
+        })
+        .to_vec();
+    if B::large() {
+        for (t, d_in, d_out, r) in [(1, 129, 65, 16), (33, 257, 129, 7), (4, 96, 4097, 64)] {
+            for dtype in DType::ALL {
+                let (dora, bias, fifo, a32) = (true, true, false, false);
+                cases.push(Case {
+                    t,
+                    d_in,
+                    d_out,
+                    r,
+                    dtype,
+                    dora,
+                    bias,
+                    fifo,
+                    a32,
+                });
+            }
+        }
+    }
+    for c in cases {
+        let dt = c.dtype;
+        let dev = B::with_seed(2);
         let (layer, x, _) = make(c, 9);
         let want = reference::run_f64(&layer, &x, None, GradMode::Detached)
             .unwrap()
             .y;
-        let wb = up(&emu, &layer.weight);
-        let ab = up(&emu, &layer.lora_a);
-        let bb = up(&emu, &layer.lora_b);
-        let mb = up(&emu, layer.magnitude.as_ref().unwrap());
-        let biasb = up(&emu, &layer.bias.as_ref().unwrap().cast(DType::F32));
-        let xb = up(&emu, &x);
+        let wb = up(&dev, &layer.weight);
+        let ab = up(&dev, &layer.lora_a);
+        let bb = up(&dev, &layer.lora_b);
+        let mb = up(&dev, layer.magnitude.as_ref().unwrap());
+        let biasb = up(&dev, &layer.bias.as_ref().unwrap().cast(DType::F32));
+        let xb = up(&dev, &x);
         let weights = DoraWeights {
             weight: DevTensor::of(&wb, dt),
             fan_in_fan_out: c.fifo,
@@ -398,20 +419,20 @@ fn device_layer_inference_cache_and_bases() {
             lora_a: DevTensor::of(&ab, dt),
             lora_b: DevTensor::of(&bb, dt),
             // A raw view: the test rewrites m in place later, as an optimiser would.
-            // SAFETY: `mb` is an emulator buffer of this size that outlives `dl`.
+            // SAFETY: `mb` is a buffer of the backend, of this size, that outlives `dl`.
             magnitude: Some(unsafe { DevTensor::from_raw(mb.ptr(), mb.bytes(), DType::F32) }),
             scaling: layer.scaling as f32,
             d_in: c.d_in,
             d_out: c.d_out,
             r: c.r,
         };
-        let mut dl = DoraLayer::new(&emu, weights).unwrap();
+        let mut dl = DoraLayer::new(&dev, weights).unwrap();
         let xt = DevTensor::of(&xb, dt);
         let n_out = c.t * c.d_out;
-        let y1 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
-        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y1, dt))
+        let y1 = dev.alloc_zeroed(n_out * dt.size()).unwrap();
+        dl.forward(&dev, &xt, c.t, Base::Compute, &DevTensor::of(&y1, dt))
             .unwrap();
-        let got1 = down(&emu, &y1, dt, n_out);
+        let got1 = down(&dev, &y1, dt, n_out);
         check(
             "forward (computed base)",
             &c,
@@ -431,10 +452,10 @@ fn device_layer_inference_cache_and_bases() {
         plain.bias = None;
         let base = plain.forward(&x.to_f64(), c.t, None);
         let base_t = Tensor::from_f64(dt, vec![c.t, c.d_out], &base).unwrap();
-        let baseb = up(&emu, &base_t);
-        let y2 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
+        let baseb = up(&dev, &base_t);
+        let y2 = dev.alloc_zeroed(n_out * dt.size()).unwrap();
         dl.forward(
-            &emu,
+            &dev,
             &xt,
             c.t,
             Base::Supplied(DevTensor::of(&baseb, dt)),
@@ -445,20 +466,20 @@ fn device_layer_inference_cache_and_bases() {
             "forward (supplied base)",
             &c,
             2,
-            &down(&emu, &y2, dt, n_out),
+            &down(&dev, &y2, dt, n_out),
             &want,
             dt.tolerance(),
         );
 
         // In place: y starts as base and is overwritten.
-        let y3 = up(&emu, &base_t);
-        dl.forward(&emu, &xt, c.t, Base::InPlace, &DevTensor::of(&y3, dt))
+        let y3 = up(&dev, &base_t);
+        dl.forward(&dev, &xt, c.t, Base::InPlace, &DevTensor::of(&y3, dt))
             .unwrap();
         check(
             "forward (in place)",
             &c,
             2,
-            &down(&emu, &y3, dt, n_out),
+            &down(&dev, &y3, dt, n_out),
             &want,
             dt.tolerance(),
         );
@@ -480,17 +501,17 @@ fn device_layer_inference_cache_and_bases() {
             .map(|v| 2.0 * v)
             .collect();
         let mut mb = mb;
-        emu.upload(&mut mb, bytemuck_f32(&m2)).unwrap();
-        let y4 = emu.alloc_zeroed(n_out * dt.size()).unwrap();
-        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
+        dev.upload(&mut mb, bytemuck_f32(&m2)).unwrap();
+        let y4 = dev.alloc_zeroed(n_out * dt.size()).unwrap();
+        dl.forward(&dev, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
             .unwrap();
         assert_eq!(
-            down(&emu, &y4, dt, n_out),
+            down(&dev, &y4, dt, n_out),
             got1,
             "cached g reused while the adapter is unchanged"
         );
         dl.invalidate();
-        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
+        dl.forward(&dev, &xt, c.t, Base::Compute, &DevTensor::of(&y4, dt))
             .unwrap();
         let mut l2 = layer.clone();
         l2.magnitude = Some(Tensor::from_f32(DType::F32, vec![c.d_out], &m2).unwrap());
@@ -501,7 +522,7 @@ fn device_layer_inference_cache_and_bases() {
             "forward after invalidate",
             &c,
             2,
-            &down(&emu, &y4, dt, n_out),
+            &down(&dev, &y4, dt, n_out),
             &want2,
             dt.tolerance(),
         );
@@ -509,6 +530,7 @@ fn device_layer_inference_cache_and_bases() {
         drop(mb);
     }
 }
+test_device!(device_layer_inference_cache_and_bases);
 
 fn bytemuck_f32(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern of it is a valid u8 sequence.
@@ -517,18 +539,17 @@ fn bytemuck_f32(v: &[f32]) -> &[u8] {
 
 /// The training pair on the device API, twice in a row: the second step reuses the
 /// workspaces, and the results are bit-identical (deterministic reductions).
-#[test]
-fn device_layer_training_is_deterministic_and_allocation_free() {
+fn device_layer_training_is_deterministic_and_allocation_free<B: TestBackend>() {
     let c = case(1, DType::F16, true);
-    let emu = EmuBackend::new(3);
+    let dev = B::with_seed(3);
     let (layer, x, gy) = make(c, 4);
     let dt = c.dtype;
-    let wb = up(&emu, &layer.weight);
-    let ab = up(&emu, &layer.lora_a);
-    let bb = up(&emu, &layer.lora_b);
-    let mb = up(&emu, layer.magnitude.as_ref().unwrap());
-    let xb = up(&emu, &x);
-    let gyb = up(&emu, &gy);
+    let wb = up(&dev, &layer.weight);
+    let ab = up(&dev, &layer.lora_a);
+    let bb = up(&dev, &layer.lora_b);
+    let mb = up(&dev, layer.magnitude.as_ref().unwrap());
+    let xb = up(&dev, &x);
+    let gyb = up(&dev, &gy);
     let weights = DoraWeights {
         weight: DevTensor::of(&wb, dt),
         fan_in_fan_out: c.fifo,
@@ -541,12 +562,12 @@ fn device_layer_training_is_deterministic_and_allocation_free() {
         d_out: c.d_out,
         r: c.r,
     };
-    let mut dl = DoraLayer::new(&emu, weights).unwrap();
-    let y = emu.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
-    let gx = emu.alloc_zeroed(c.t * c.d_in * dt.size()).unwrap();
-    let ga = emu.alloc_zeroed(4 * c.r * c.d_in).unwrap();
-    let gb = emu.alloc_zeroed(4 * c.d_out * c.r).unwrap();
-    let gm = emu.alloc_zeroed(4 * c.d_out).unwrap();
+    let mut dl = DoraLayer::new(&dev, weights).unwrap();
+    let y = dev.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
+    let gx = dev.alloc_zeroed(c.t * c.d_in * dt.size()).unwrap();
+    let ga = dev.alloc_zeroed(4 * c.r * c.d_in).unwrap();
+    let gb = dev.alloc_zeroed(4 * c.d_out * c.r).unwrap();
+    let gm = dev.alloc_zeroed(4 * c.d_out).unwrap();
     let targets = GradTargets {
         grad_x: DevTensor::of(&gx, dt),
         grad_lora_a: DevTensor::of(&ga, DType::F32),
@@ -557,10 +578,10 @@ fn device_layer_training_is_deterministic_and_allocation_free() {
     let mut results = Vec::new();
     let mut ws = Vec::new();
     for _ in 0..2 {
-        dl.forward_train(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
+        dl.forward_train(&dev, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
             .unwrap();
         dl.backward(
-            &emu,
+            &dev,
             &xt,
             &DevTensor::of(&gyb, dt),
             &targets,
@@ -568,10 +589,10 @@ fn device_layer_training_is_deterministic_and_allocation_free() {
         )
         .unwrap();
         results.push((
-            down(&emu, &gx, dt, c.t * c.d_in),
-            down(&emu, &ga, DType::F32, c.r * c.d_in),
-            down(&emu, &gb, DType::F32, c.d_out * c.r),
-            down(&emu, &gm, DType::F32, c.d_out),
+            down(&dev, &gx, dt, c.t * c.d_in),
+            down(&dev, &ga, DType::F32, c.r * c.d_in),
+            down(&dev, &gb, DType::F32, c.d_out * c.r),
+            down(&dev, &gm, DType::F32, c.d_out),
         ));
         ws.push(dl.workspace_bytes());
         dl.invalidate(); // an optimiser step would go here
@@ -584,7 +605,7 @@ fn device_layer_training_is_deterministic_and_allocation_free() {
     // backward without a matching forward_train is refused
     let e = dl
         .backward(
-            &emu,
+            &dev,
             &xt,
             &DevTensor::of(&gyb, dt),
             &targets,
@@ -611,16 +632,16 @@ fn device_layer_training_is_deterministic_and_allocation_free() {
         dt.tolerance(),
     );
 }
+test_device!(device_layer_training_is_deterministic_and_allocation_free);
 
-#[test]
-fn device_api_rejects_bad_buffers_naming_them() {
-    let emu = EmuBackend::new(1);
+fn device_api_rejects_bad_buffers_naming_them<B: TestBackend>() {
+    let dev = B::with_seed(1);
     let c = case(0, DType::BF16, true);
     let (layer, _, _) = make(c, 1);
-    let wb = up(&emu, &layer.weight);
-    let ab = up(&emu, &layer.lora_a);
-    let bb = up(&emu, &layer.lora_b);
-    let small = emu.alloc_zeroed(4).unwrap();
+    let wb = up(&dev, &layer.weight);
+    let ab = up(&dev, &layer.lora_a);
+    let bb = up(&dev, &layer.lora_b);
+    let small = dev.alloc_zeroed(4).unwrap();
     let mk = |m: DevTensor<'_>| {
         DoraWeights {
             weight: DevTensor::of(&wb, DType::BF16),
@@ -647,14 +668,14 @@ fn device_api_rejects_bad_buffers_naming_them() {
     assert!(e.starts_with("magnitude: dtype bf16"), "{e}");
     let _ = small.bytes();
 }
+test_device!(device_api_rejects_bad_buffers_naming_them);
 
-/// The PEFT-generated layer cases (tests/fixtures/cases) through the fused kernels on the
-/// emulator, against float64 truth, held to the replay bar: f32 1e-5; otherwise twice
+/// The PEFT-generated layer cases (tests/fixtures/cases) through the fused kernels, against
+/// float64 truth, held to the replay bar: f32 1e-5; otherwise twice
 /// PyTorch's own error on the same case (metadata `peft_rel_err.<output>`), capped at the
 /// dtype tolerance and floored at the output dtype's unit roundoff (the exact gradient, which
 /// PEFT does not compute, is held to the dtype tolerance).
-#[test]
-fn peft_fixture_cases_on_the_emulator() {
+fn peft_fixture_cases<B: TestBackend>() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cases");
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -671,7 +692,7 @@ fn peft_fixture_cases_on_the_emulator() {
                 continue;
             }
             let want = reference::run_f64(&case.layer, &case.x, gy, mode).unwrap();
-            let got = kernels::run_layer(&EmuBackend::new(7), &case.layer, &case.x, gy, mode)
+            let got = kernels::run(&B::with_seed(7), &case.layer, &case.x, gy, mode)
                 .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             let comp = case.x.dtype();
             let bar = |name: &str| {
@@ -710,12 +731,12 @@ fn peft_fixture_cases_on_the_emulator() {
         }
     }
 }
+test_device!(peft_fixture_cases);
 
 /// Decode (T = 1, long d_in): shrink splits d_in across blocks and compose sums the slabs;
 /// and the engine case of a fused QKV output finished in place: y is the middle column
 /// slice of a `[T, 3·d_out]` buffer, the other columns must stay untouched.
-#[test]
-fn device_layer_decode_split_k_and_fused_qkv_slice() {
+fn device_layer_decode_split_k_and_fused_qkv_slice<B: TestBackend>() {
     for (dt, t) in [(DType::BF16, 1), (DType::F32, 1), (DType::F16, 3)] {
         let c = Case {
             t,
@@ -728,18 +749,18 @@ fn device_layer_decode_split_k_and_fused_qkv_slice() {
             fifo: false,
             a32: dt != DType::F32,
         };
-        let emu = EmuBackend::new(5);
+        let dev = B::with_seed(5);
         let (layer, x, _) = make(c, 21);
         let want = reference::run_f64(&layer, &x, None, GradMode::Detached)
             .unwrap()
             .y;
         let adt = layer.lora_a.dtype();
-        let wb = up(&emu, &layer.weight);
-        let ab = up(&emu, &layer.lora_a);
-        let bb = up(&emu, &layer.lora_b);
-        let mb = up(&emu, layer.magnitude.as_ref().unwrap());
-        let biasb = up(&emu, &layer.bias.as_ref().unwrap().cast(DType::F32));
-        let xb = up(&emu, &x);
+        let wb = up(&dev, &layer.weight);
+        let ab = up(&dev, &layer.lora_a);
+        let bb = up(&dev, &layer.lora_b);
+        let mb = up(&dev, layer.magnitude.as_ref().unwrap());
+        let biasb = up(&dev, &layer.bias.as_ref().unwrap().cast(DType::F32));
+        let xb = up(&dev, &x);
         let weights = DoraWeights {
             weight: DevTensor::of(&wb, dt),
             fan_in_fan_out: false,
@@ -752,7 +773,7 @@ fn device_layer_decode_split_k_and_fused_qkv_slice() {
             d_out: c.d_out,
             r: c.r,
         };
-        let mut dl = DoraLayer::new(&emu, weights).unwrap();
+        let mut dl = DoraLayer::new(&dev, weights).unwrap();
         let xt = DevTensor::of(&xb, dt);
         // The base slice: x·W0ᵀ from the f64 reference; the q and v slices: distinct values.
         let refl = reference::RefLayer::from_layer(&layer).unwrap();
@@ -774,13 +795,13 @@ fn device_layer_decode_split_k_and_fused_qkv_slice() {
         }
         let fused_t = Tensor::from_f64(dt, vec![c.t, ld], &fused).unwrap();
         let before = fused_t.to_f64();
-        let fb = up(&emu, &fused_t);
+        let fb = up(&dev, &fused_t);
         let view = DevTensor::of(&fb, dt)
             .slice(c.d_out, (c.t - 1) * ld + c.d_out)
             .unwrap();
-        dl.forward_rows(&emu, &xt, c.t, Base::InPlace, &view, ld)
+        dl.forward_rows(&dev, &xt, c.t, Base::InPlace, &view, ld)
             .unwrap();
-        let after = down(&emu, &fb, dt, c.t * ld);
+        let after = down(&dev, &fb, dt, c.t * ld);
         let mut got = Vec::new();
         for tt in 0..c.t {
             for j in 0..ld {
@@ -804,25 +825,25 @@ fn device_layer_decode_split_k_and_fused_qkv_slice() {
             dt.tolerance(),
         );
         // The same through a computed base into a contiguous y (the split-K shrink again).
-        let y = emu.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
-        dl.forward(&emu, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
+        let y = dev.alloc_zeroed(c.t * c.d_out * dt.size()).unwrap();
+        dl.forward(&dev, &xt, c.t, Base::Compute, &DevTensor::of(&y, dt))
             .unwrap();
         check(
             "decode (computed base)",
             &c,
             5,
-            &down(&emu, &y, dt, c.t * c.d_out),
+            &down(&dev, &y, dt, c.t * c.d_out),
             &want,
             dt.tolerance(),
         );
     }
 }
+test_device!(device_layer_decode_split_k_and_fused_qkv_slice);
 
 /// One larger case per dtype: several tiles in every direction at once (two rank tiles of
 /// shrink and tn r64, four rank chunks of compose, v2's rank padding at r = 100, multi-split
 /// reductions over 129 tokens, bwd_dz walking five column chunks), DoRA detached and exact.
-#[test]
-fn larger_case_crosses_every_tile_at_once() {
+fn larger_case_crosses_every_tile_at_once<B: TestBackend>() {
     for dt in DType::ALL {
         for (mode, fifo) in [(GradMode::Detached, false), (GradMode::Exact, true)] {
             let c = Case {
@@ -836,28 +857,23 @@ fn larger_case_crosses_every_tile_at_once() {
                 fifo,
                 a32: false,
             };
-            run_case(c, mode);
+            run_case::<B>(c, mode);
         }
     }
 }
+test_device!(larger_case_crosses_every_tile_at_once);
 
 /// Many more schedules at one shape that runs every kernel (norm v2, shrink, compose,
-/// bwd_dz, mag_reduce, tn r16 with several splits, sum_partials, merge, scale_rows): a race
-/// that two or three schedules miss shows up as a moving error here.
-#[test]
-fn twelve_schedules_one_shape() {
+/// bwd_dz, mag_reduce, tn r16 with several splits, sum_partials, merged_weight, scale_rows):
+/// a race that two or three schedules miss shows up as a moving error here. On a GPU, twelve
+/// runs of the same launches: the reductions are deterministic, so the bits must not move.
+fn twelve_schedules_one_shape<B: TestBackend>() {
     let c = case(2, DType::BF16, true);
     let (layer, x, gy) = make(c, 99);
     let mut first: Option<Vec<f64>> = None;
     for seed in 1..=12u64 {
-        let got = kernels::run_layer(
-            &EmuBackend::new(seed),
-            &layer,
-            &x,
-            Some(&gy),
-            GradMode::Exact,
-        )
-        .unwrap();
+        let got =
+            kernels::run(&B::with_seed(seed), &layer, &x, Some(&gy), GradMode::Exact).unwrap();
         let g = got.grads.unwrap();
         let mut all = got.y.to_f64();
         all.extend(g.grad_x.to_f64());
@@ -874,3 +890,94 @@ fn twelve_schedules_one_shape() {
         }
     }
 }
+test_device!(twelve_schedules_one_shape);
+
+/// The sweep of layer shapes: on a GPU every dtype × DoRA/LoRA at sizes that are multiples of
+/// no tile (1, 7, 33, 129, 4097 ...), ranks 1, 7, 16, 33, 64, 255, 256, both layouts and bias
+/// settings and f32 adapters spread over them; on the emulator (or with `DORAFUSE_GPU_QUICK=1`)
+/// the first two shapes.
+fn sweep<B: TestBackend>() -> Vec<Case> {
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        (7, 33, 65, 7),
+        (33, 129, 47, 16),
+        (1, 33, 129, 1),
+        (17, 257, 97, 33),
+        (129, 96, 160, 64),
+        (5, 4097, 33, 16),
+        (3, 31, 4097, 8),
+        (65, 129, 257, 256),
+        (2, 300, 70, 255),
+    ];
+    let n = if B::large() { shapes.len() } else { 2 };
+    let mut out = Vec::new();
+    for (i, &(t, d_in, d_out, r)) in shapes[..n].iter().enumerate() {
+        for dtype in DType::ALL {
+            for dora in [true, false] {
+                out.push(Case {
+                    t,
+                    d_in,
+                    d_out,
+                    r,
+                    dtype,
+                    dora,
+                    bias: (i + dora as usize) % 2 == 0,
+                    fifo: i % 3 == 1,
+                    a32: dtype != DType::F32 && (i + dora as usize) % 2 == 1,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Forward, detached backward (and the exact one on every other DoRA case) over the sweep,
+/// and a forward without grad_y that gives the same y and no gradients.
+fn sweep_run_matches_f64<B: TestBackend>() {
+    let dev = B::with_seed(11);
+    for (i, c) in sweep::<B>().into_iter().enumerate() {
+        let (layer, x, gy) = make(c, 11);
+        let modes: &[GradMode] = if c.dora && i % 2 == 0 {
+            &[GradMode::Detached, GradMode::Exact]
+        } else {
+            &[GradMode::Detached]
+        };
+        let tol = c.dtype.tolerance();
+        for &mode in modes {
+            let want = reference::run_f64(&layer, &x, Some(&gy), mode).unwrap();
+            let got = kernels::run(&dev, &layer, &x, Some(&gy), mode)
+                .unwrap_or_else(|e| panic!("{c:?} {mode:?}: {e:#}"));
+            check("y", &c, 11, &got.y.to_f64(), &want.y, tol);
+            let g = got.grads.expect("grad_y was given");
+            check("grad_x", &c, 11, &g.grad_x.to_f64(), &want.grad_x, tol);
+            let (ga, gb) = (g.grad_lora_a.to_f64(), g.grad_lora_b.to_f64());
+            check("grad_lora_A", &c, 11, &ga, &want.grad_lora_a, tol);
+            check("grad_lora_B", &c, 11, &gb, &want.grad_lora_b, tol);
+            match (&g.grad_magnitude, &want.grad_magnitude) {
+                (Some(gm), Some(wm)) => check("grad_magnitude", &c, 11, &gm.to_f64(), wm, tol),
+                (None, None) => assert!(!c.dora),
+                other => panic!("{c:?}: grad_magnitude presence differs: {other:?}"),
+            }
+        }
+        let fwd = kernels::run(&dev, &layer, &x, None, GradMode::Detached).unwrap();
+        assert!(fwd.grads.is_none(), "{c:?}: gradients without grad_y");
+        let want = reference::run_f64(&layer, &x, None, GradMode::Detached).unwrap();
+        check("forward-only y", &c, 11, &fwd.y.to_f64(), &want.y, tol);
+    }
+}
+test_device!(sweep_run_matches_f64);
+
+/// `kernels::merged_weight` (W' = diag(g)·(W0 + s·B·A), f32) over the sweep.
+fn sweep_merged_weight_matches_f64<B: TestBackend>() {
+    let dev = B::with_seed(12);
+    for c in sweep::<B>() {
+        let (layer, _, _) = make(c, 12);
+        let want = reference::merged_weight_f64(&layer).unwrap();
+        let got: Vec<f64> = kernels::merged_weight(&dev, &layer)
+            .unwrap_or_else(|e| panic!("{c:?}: {e:#}"))
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        check("merged weight", &c, 12, &got, &want, c.dtype.tolerance());
+    }
+}
+test_device!(sweep_merged_weight_matches_f64);

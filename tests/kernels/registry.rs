@@ -1,88 +1,65 @@
-//! The one list of kernels, the specialisation table and the tile constants agree:
-//! every entry point the dispatcher can launch is registered in `kernels/kernels.list`
-//! (hence built for the emulator and by nvcc), every registered entry point of the fused
-//! kernels is reachable from the table, and the constants mirrored in `spec.rs` equal those
-//! of `kernels/common.cuh`.
+//! The one list of kernels and the specialisation table agree: every variant the dispatcher
+//! can pick is a family of `kernels/kernels.list` (hence built for the emulator and by nvcc),
+//! every listed entry point is defined in its file and registered on the emulator, and the
+//! table's choices and shared-memory sizes hold at every rank.
 
-use dorafuse::kernels::{spec, KERNELS};
+use dorafuse::kernels::{spec, FAMILIES, KERNELS};
 use dorafuse::DType;
-use std::collections::BTreeSet;
 
 /// The `.cu` files of the fused kernels (other entries of the list, if any, are not ours).
 const FILES: [&str; 3] = ["norm", "forward", "backward"];
 
 #[test]
-fn table_and_kernel_list_agree() {
-    let listed: BTreeSet<String> = KERNELS
-        .iter()
-        .filter(|(f, _)| FILES.contains(f))
-        .map(|(_, n)| n.to_string())
-        .collect();
-    let table: BTreeSet<String> = spec::all_entries().into_iter().collect();
-    let missing: Vec<_> = table.difference(&listed).collect();
-    let unreachable: Vec<_> = listed.difference(&table).collect();
-    assert!(
-        missing.is_empty(),
-        "in spec.rs but not in kernels.list: {missing:?}"
+fn every_variant_is_a_listed_family() {
+    for v in spec::VARIANTS {
+        assert!(
+            FAMILIES.iter().any(|(_, name, _)| *name == v.prefix),
+            "{} is in spec.rs but not in kernels/kernels.list",
+            v.prefix
+        );
+        // A variant serves each dtype pair its family is stamped for, and no other.
+        for act in DType::ALL {
+            for adapter in DType::ALL {
+                let listed = spec::stamped(v.prefix, act, adapter);
+                assert_eq!(
+                    v.supports(act, adapter, 1),
+                    listed.is_some(),
+                    "{}",
+                    v.prefix
+                );
+                if let Some(name) = listed {
+                    assert_eq!(v.entry(act, adapter), name);
+                    assert!(KERNELS.iter().any(|(_, n)| *n == name), "{name}");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        spec::stamped("dora_norm_v2", DType::F32, DType::F32),
+        None,
+        "the tensor-core norm has no f32 form"
     );
-    assert!(
-        unreachable.is_empty(),
-        "in kernels.list but not in spec.rs: {unreachable:?}"
+    assert_eq!(
+        spec::stamped("no_such_kernel", DType::F32, DType::F32),
+        None
     );
 }
 
 #[test]
 fn every_entry_point_is_defined_in_its_file() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for (file, name) in KERNELS.iter().filter(|(f, _)| FILES.contains(f)) {
+    for (file, family, suffixes) in FAMILIES.iter().filter(|(f, _, _)| FILES.contains(f)) {
         let src = std::fs::read_to_string(format!("{root}/kernels/{file}.cu")).unwrap();
-        // Stamped names appear as `<prefix>_##sfx(` in the macro; plain ones literally.
-        let found = src.contains(&format!("{name}(")) || {
-            let stem = ["_f16_a32", "_bf16_a32", "_f32", "_f16", "_bf16"]
-                .iter()
-                .find_map(|sfx| name.strip_suffix(sfx))
-                .unwrap_or(name);
-            src.contains(&format!("{stem}_##sfx("))
+        // Stamped families appear as `<family>_##sfx(` in a macro stamped by
+        // `DF_STAMP(<family>, ...)`; plain entry points literally.
+        let found = if suffixes.is_empty() {
+            src.contains(&format!(" {family}("))
+        } else {
+            src.contains(&format!(" {family}_##sfx("))
+                && src.contains(&format!("DF_STAMP({family}, "))
         };
-        assert!(found, "{name} is not defined in kernels/{file}.cu");
+        assert!(found, "{family} is not defined in kernels/{file}.cu");
     }
-}
-
-#[test]
-fn tile_constants_match_common_cuh() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let src = std::fs::read_to_string(format!("{root}/kernels/common.cuh")).unwrap();
-    let get = |name: &str| -> usize {
-        let pat = format!("constexpr int {name} = ");
-        let at = src
-            .find(&pat)
-            .unwrap_or_else(|| panic!("{name} not in common.cuh"));
-        let rest = &src[at + pat.len()..];
-        rest[..rest.find(';').unwrap()].trim().parse().unwrap()
-    };
-    let pairs: [(&str, usize); 13] = [
-        ("SH_KCHUNK", spec::SH_KCHUNK),
-        ("THREADS", spec::THREADS as usize),
-        ("SMALL_THREADS", spec::SMALL_THREADS as usize),
-        ("VT_ROWS", spec::VT_ROWS),
-        ("NT_ROWS", spec::NT_ROWS),
-        ("NT_COLS", spec::NT_COLS),
-        ("NT_WARPS", spec::NT_WARPS as usize),
-        ("SH_ROWS", spec::SH_ROWS),
-        ("SH_RANKS", spec::SH_RANKS),
-        ("CO_ROWS", spec::CO_ROWS),
-        ("CO_COLS", spec::CO_COLS),
-        ("TN_COLS", spec::TN_COLS),
-        ("TN_TCHUNK", spec::TN_TCHUNK),
-    ];
-    for (name, v) in pairs {
-        assert_eq!(get(name), v, "{name}: common.cuh and spec.rs disagree");
-    }
-    let norm = std::fs::read_to_string(format!("{root}/kernels/norm.cu")).unwrap();
-    assert!(
-        norm.contains(&format!("constexpr int NT_RK = {};", spec::NT_RK)),
-        "NT_RK: norm.cu and spec.rs disagree"
-    );
 }
 
 #[test]

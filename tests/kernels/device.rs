@@ -1,0 +1,60 @@
+//! Device tests written once: each is a generic function over [`TestBackend`], and
+//! [`test_device!`] instantiates it as `<name>::emu` (the CPU emulator, run by `cargo test`)
+//! and `<name>::cuda` (GPU 0, `#[ignore = "needs a CUDA GPU"]`, run by scripts/gpu-check.sh
+//! with `--ignored cuda`), after candle's `test_device!`. Nothing passes by skipping: without
+//! a device the CUDA instance fails (and is only run when asked for).
+
+use dorafuse::backend::Backend;
+use dorafuse::cuda::CudaBackend;
+use dorafuse::emu::EmuBackend;
+
+/// A backend the device tests run on.
+pub trait TestBackend: Backend + Sized {
+    /// The runs a test repeats per case: emulator seeds (thread schedules and shared-memory
+    /// garbage differ per seed), or one run on a GPU.
+    const SEEDS: &'static [u64];
+    /// The backend for run `seed` (a GPU has one schedule; the seed only names the run).
+    fn with_seed(seed: u64) -> Self;
+    /// True on a GPU unless `DORAFUSE_GPU_QUICK=1` (the sanitizer runs): tests add the large
+    /// shapes (4097-wide, rank 255/256, 129 tokens) that the emulator is too slow for.
+    fn large() -> bool;
+}
+
+impl TestBackend for EmuBackend {
+    const SEEDS: &'static [u64] = &[1, 2, 3];
+    fn with_seed(seed: u64) -> Self {
+        EmuBackend::new(seed)
+    }
+    fn large() -> bool {
+        false
+    }
+}
+
+impl TestBackend for CudaBackend {
+    const SEEDS: &'static [u64] = &[0];
+    fn with_seed(_: u64) -> Self {
+        crate::gpu_util::backend()
+    }
+    fn large() -> bool {
+        !std::env::var("DORAFUSE_GPU_QUICK").is_ok_and(|v| v == "1")
+    }
+}
+
+/// `test_device!(name)` for a `fn name<B: TestBackend>()` in the same module: the tests
+/// `name::emu` and `name::cuda` (ignored: needs a CUDA GPU).
+macro_rules! test_device {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn emu() {
+                super::$name::<dorafuse::emu::EmuBackend>()
+            }
+            #[test]
+            #[ignore = "needs a CUDA GPU"]
+            fn cuda() {
+                super::$name::<dorafuse::cuda::CudaBackend>()
+            }
+        }
+    };
+}
+pub(crate) use test_device;

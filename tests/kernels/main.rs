@@ -1,0 +1,17 @@
+//! The fused kernels: every kernel against the float64 reference, written once over the
+//! backend and run on the emulator (`cargo test`) and on a GPU (the ignored `::cuda` tests:
+//! `cargo test --test kernels -- --ignored cuda`, which scripts/gpu-check.sh runs); the kernel
+//! list and the specialisation table; and the CUDA backend itself. One test binary for the
+//! subject (each integration test binary links the whole crate; fewer binaries link less).
+
+mod cuda_backend;
+mod device;
+mod gpu_util;
+mod layer;
+mod registry;
+
+/// The build script's kernel list and code generation (build/kernel_list.rs), whose unit tests
+/// build.rs itself cannot run. build.rs uses every item; the tests here use some of them.
+#[allow(dead_code)]
+#[path = "../../build/kernel_list.rs"]
+mod kernel_list;
