@@ -12,6 +12,7 @@
 //!
 //! Modules:
 //! - [`dtype`], [`tensor`], [`layer`]: element types, host tensors, the layer description;
+//! - [`error`]: error kinds a caller can branch on;
 //! - [`cpu`]: the CPU reference path (forward, backward, norm);
 //! - [`case`]: the layer-case safetensors format shared with PyTorch;
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
@@ -37,6 +38,7 @@ pub mod cuda;
 pub mod dtype;
 #[cfg(feature = "emu")]
 pub mod emu;
+pub mod error;
 pub mod fsutil;
 pub mod kernels;
 pub mod layer;
