@@ -222,6 +222,12 @@ impl EmuBackend {
         }
     }
 
+    /// Kernel launches run by this backend so far (GEMMs are not launches): lets tests check
+    /// which work a call queues, e.g. that a forward with a precomputed g runs no norm.
+    pub fn launch_count(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
+    }
+
     /// The seed this backend was created with.
     pub fn seed(&self) -> u64 {
         self.seed
