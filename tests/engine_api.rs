@@ -568,3 +568,28 @@ fn plain_lora_needs_no_scale() {
     let e = rel_l2(&got, &cpu_y(&l, &xh, T));
     assert!(e < 1e-2, "rel-L2 {e:e}");
 }
+
+/// A kernel that fails is reported with the `Launch` kind, through the launchers' context,
+/// naming the kernel.
+#[test]
+fn a_failing_kernel_has_the_launch_kind() {
+    use dorafuse::backend::{DeviceBuffer, KernelArg, LaunchDims};
+    let b = EmuBackend::new(3);
+    let out = b.alloc_zeroed(64 * 4).unwrap();
+    let dims = LaunchDims {
+        grid: [1, 1, 1],
+        block: [64, 1, 1],
+        shared_bytes: 0,
+    };
+    // SAFETY: emu_trap takes (int* out [blockDim.x], int bad); `out` holds 64 ints.
+    let r = unsafe {
+        b.launch(
+            "emu_trap",
+            dims,
+            &[KernelArg::Ptr(out.ptr()), KernelArg::I32(37)],
+        )
+    };
+    let e = anyhow::Context::context(r, "forward of attn.q_proj").unwrap_err();
+    assert_eq!(kind(&e), Some(ErrorKind::Launch));
+    assert!(format!("{e:#}").contains("emu_trap"), "{e:#}");
+}

@@ -21,6 +21,7 @@
 use super::launch::{self, weight_strides};
 use crate::backend::{Backend, DevPtr, DeviceBuffer};
 use crate::dtype::DType;
+use crate::error::ensure_input;
 use crate::layer::GradMode;
 use anyhow::{ensure, Context, Result};
 use std::marker::PhantomData;
@@ -107,7 +108,7 @@ impl<'a> DevTensor<'a> {
         cols: usize,
         ld: usize,
     ) -> Result<DevPtr> {
-        ensure!(
+        ensure_input!(
             ld >= cols,
             "{name}: row stride {ld} below its {cols} columns"
         );
@@ -119,23 +120,23 @@ impl<'a> DevTensor<'a> {
     /// Checks dtype, length (`shape` elements at least) and alignment, naming `name`.
     fn check(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<DevPtr> {
         let n: usize = shape.iter().product();
-        ensure!(
+        ensure_input!(
             self.dtype == dtype,
             "{name}: dtype {}, expected {dtype}",
             self.dtype
         );
-        ensure!(
+        ensure_input!(
             self.bytes >= n * dtype.size(),
             "{name}: {} bytes, too small for {shape:?} {dtype} ({} bytes)",
             self.bytes,
             n * dtype.size()
         );
-        ensure!(
+        ensure_input!(
             self.ptr.0 % dtype.size() as u64 == 0,
             "{name}: address {:#x} not aligned to its {dtype} elements",
             self.ptr.0
         );
-        ensure!(self.ptr.0 != 0, "{name}: null device address");
+        ensure_input!(self.ptr.0 != 0, "{name}: null device address");
         Ok(self.ptr)
     }
 }
@@ -182,16 +183,16 @@ impl DoraWeights<'_> {
     /// The first mismatch, naming the tensor.
     pub fn validate(&self) -> Result<()> {
         let (d_in, d_out, r, dt) = (self.d_in, self.d_out, self.r, self.dtype());
-        ensure!(
+        ensure_input!(
             d_in >= 1 && d_out >= 1,
             "layer dims d_in={d_in}, d_out={d_out} must be ≥ 1"
         );
-        ensure!(
+        ensure_input!(
             (1..=super::spec::MAX_RANK).contains(&r),
             "rank {r} outside 1..={}",
             super::spec::MAX_RANK
         );
-        ensure!(
+        ensure_input!(
             self.scaling.is_finite(),
             "scaling {} is not finite",
             self.scaling
@@ -203,7 +204,7 @@ impl DoraWeights<'_> {
         };
         self.weight.check("weight", dt, &wshape)?;
         let ad = self.adapter_dtype();
-        ensure!(
+        ensure_input!(
             super::spec::suffix(dt, ad).is_some(),
             "lora_A: dtype {ad} beside a {dt} weight; adapters must be {dt} or f32"
         );
@@ -448,7 +449,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     }
 
     fn check_x(&self, x: &DevTensor, t: usize) -> Result<DevPtr> {
-        ensure!(t >= 1, "x: at least one token is needed");
+        ensure_input!(t >= 1, "x: at least one token is needed");
         x.check("x", self.w.dtype(), &[t, self.w.d_in])
     }
 
