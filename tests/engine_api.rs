@@ -593,3 +593,13 @@ fn a_failing_kernel_has_the_launch_kind() {
     assert_eq!(kind(&e), Some(ErrorKind::Launch));
     assert!(format!("{e:#}").contains("emu_trap"), "{e:#}");
 }
+
+/// Layers and adapters sit in an engine's structs, shared across threads.
+#[test]
+fn layers_and_adapters_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<DoraLinear<EmuBackend>>();
+    send_sync::<DoraAdapter<EmuBackend>>();
+    send_sync::<DoraLinear<dorafuse::cuda::CudaBackend>>();
+    send_sync::<DoraAdapter<dorafuse::cuda::CudaBackend>>();
+}

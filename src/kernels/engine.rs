@@ -90,6 +90,26 @@ fn upload_erased<B: Backend>(
     })
 }
 
+/// Device memory a layer or adapter holds, with where it lies read once (on CUDA, asking a
+/// `CudaSlice` for its address records a cudarc event: not something to do per call).
+struct Held {
+    info: MemoryInfo,
+    _mem: Arc<dyn DeviceMemory>,
+}
+
+impl Held {
+    fn new(mem: Arc<dyn DeviceMemory>) -> Held {
+        Held {
+            info: mem.info(),
+            _mem: mem,
+        }
+    }
+
+    fn info(&self) -> MemoryInfo {
+        self.info
+    }
+}
+
 static NEXT_LINEAR_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Where [`DoraLinear::forward`] gets the base layer's result `x·W0ᵀ` (PEFT's `base_result`,
@@ -111,16 +131,16 @@ pub enum BaseResult<'a, T: Elem> {
 /// optional bias `[d_out]` f32.
 pub struct DoraLinear<B: Backend> {
     backend: Arc<B>,
-    weight: Arc<dyn DeviceMemory>,
-    bias: Option<Arc<dyn DeviceMemory>>,
+    weight: Held,
+    bias: Option<Held>,
     dtype: DType,
     fan_in_fan_out: bool,
     d_in: usize,
     d_out: usize,
     /// Identifies this layer to the g its adapters computed.
     id: u64,
-    /// The owned workspace of [`DoraLinear::forward`] (grown, never shrunk).
-    workspace: Option<B::Slice<f32>>,
+    /// The owned workspace of [`DoraLinear::forward`] and its length (grown, never shrunk).
+    workspace: Option<(B::Slice<f32>, usize)>,
 }
 
 impl<B: Backend> DoraLinear<B> {
@@ -194,6 +214,8 @@ impl<B: Backend> DoraLinear<B> {
             "weight: dims d_out={d_out}, d_in={d_in} must be ≥ 1"
         );
         let dev = backend.device();
+        let weight = Held::new(weight);
+        let bias = bias.map(Held::new);
         check_held("weight", &weight.info(), dev, dtype, d_out * d_in)?;
         if let Some(b) = &bias {
             check_held("bias", &b.info(), dev, DType::F32, d_out)?;
@@ -278,7 +300,7 @@ impl<B: Backend> DoraLinear<B> {
             v.push(("magnitude", span(&m.info(), a.d_out)));
         }
         if let Some(s) = &a.scale {
-            v.push(("g", span(&s.mem.info(), 2 * a.d_out)));
+            v.push(("g", span(&s.info, 2 * a.d_out)));
         }
         v
     }
@@ -310,7 +332,7 @@ impl<B: Backend> DoraLinear<B> {
             return Ok(None);
         }
         match &a.scale {
-            Some(s) if s.linear == self.id => Ok(Some(s.mem.info().ptr.offset(4 * a.d_out))),
+            Some(s) if s.linear == self.id => Ok(Some(s.info.ptr.offset(4 * a.d_out))),
             Some(_) => invalid!(
                 "adapter: its g was computed for another layer; call compute_scale with this one"
             ),
@@ -473,32 +495,34 @@ impl<B: Backend> DoraLinear<B> {
         y: &mut DevViewMut<T>,
     ) -> Result<()> {
         let need = self.workspace_len(x.shape().rows.max(1), adapter.r);
-        let mut ws = match self.workspace.take() {
-            Some(w) if w.info().len >= need => w,
-            _ => self
-                .backend
-                .alloc_slice::<f32>(need)
-                .context("allocating the forward workspace")?,
+        let (mut ws, len) = match self.workspace.take() {
+            Some((w, len)) if len >= need => (w, len),
+            _ => (
+                self.backend
+                    .alloc_slice::<f32>(need)
+                    .context("allocating the forward workspace")?,
+                need,
+            ),
         };
-        let len = ws.info().len;
         let r = {
             let backend = self.backend.clone();
             let mut view = backend.view_mut(&mut ws, MatShape::new(1, len));
             self.forward_with_workspace(adapter, x, base, y, &mut view)
         };
-        self.workspace = Some(ws);
+        self.workspace = Some((ws, len));
         r
     }
 
     /// f32 elements of the owned workspace (0 before the first [`DoraLinear::forward`]).
     pub fn owned_workspace_len(&self) -> usize {
-        self.workspace.as_ref().map_or(0, |w| w.info().len)
+        self.workspace.as_ref().map_or(0, |w| w.1)
     }
 }
 
 /// n then g `[2, d_out]` f32 on the device, for the layer `linear`.
 struct Scale<B: Backend> {
     mem: B::Slice<f32>,
+    info: MemoryInfo,
     linear: u64,
 }
 
@@ -506,9 +530,9 @@ struct Scale<B: Backend> {
 /// `[d_out, r]` in the layer dtype or f32 (PEFT's default beside 16-bit weights), the
 /// magnitude `[d_out]` f32 (absent: plain LoRA), the scaling s, and g once computed.
 pub struct DoraAdapter<B: Backend> {
-    lora_a: Arc<dyn DeviceMemory>,
-    lora_b: Arc<dyn DeviceMemory>,
-    magnitude: Option<Arc<dyn DeviceMemory>>,
+    lora_a: Held,
+    lora_b: Held,
+    magnitude: Option<Held>,
     scaling: f32,
     dtype: DType,
     r: usize,
@@ -602,6 +626,8 @@ impl<B: Backend> DoraAdapter<B> {
             "lora_A/lora_B: empty dims d_in={d_in}, d_out={d_out}"
         );
         let dev = backend.device();
+        let (lora_a, lora_b) = (Held::new(lora_a), Held::new(lora_b));
+        let magnitude = magnitude.map(Held::new);
         check_held("lora_A", &lora_a.info(), dev, dtype, r * d_in)?;
         check_held("lora_B", &lora_b.info(), dev, dtype, d_out * r)?;
         if let Some(m) = &magnitude {
@@ -677,7 +703,8 @@ impl<B: Backend> DoraAdapter<B> {
     ) -> Result<()> {
         self.scale = None;
         let dev = linear.backend.device();
-        check_held("g", &memory.info(), dev, DType::F32, self.scale_len())?;
+        let info = memory.info();
+        check_held("g", &info, dev, DType::F32, self.scale_len())?;
         // The norm reads what it is given: check the adapter against the layer first.
         ensure_input!(
             self.device == dev,
@@ -692,13 +719,14 @@ impl<B: Backend> DoraAdapter<B> {
             linear.d_in,
             linear.d_out
         );
-        let gs = span(&memory.info(), self.scale_len());
+        let gs = span(&info, self.scale_len());
         for (name, h) in linear.held_spans(self) {
             check_disjoint("g", &gs, name, &h)?;
         }
         let Some(m) = &self.magnitude else {
             self.scale = Some(Scale {
                 mem: memory,
+                info,
                 linear: linear.id,
             });
             return Ok(());
@@ -711,7 +739,7 @@ impl<B: Backend> DoraAdapter<B> {
             w.dtype(),
             w.dtype()
         );
-        let n_out = memory.info().ptr;
+        let n_out = info.ptr;
         let args = launch::NormArgs {
             dtype: w.dtype(),
             adapter: self.dtype,
@@ -733,6 +761,7 @@ impl<B: Backend> DoraAdapter<B> {
         unsafe { launch::norm(&*linear.backend, &args, None) }?;
         self.scale = Some(Scale {
             mem: memory,
+            info,
             linear: linear.id,
         });
         Ok(())
