@@ -28,6 +28,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     self, sys, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceSlice,
 };
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -413,9 +414,9 @@ impl CudaBackend {
     /// An input view of a cudarc sub-view (`slice.slice(a..b)`) as the matrix `shape`; cudarc's
     /// events are waited on and recorded as by [`Backend::view`].
     pub fn view_of<'a, T: Elem>(&'a self, v: CudaView<'a, T>, shape: MatShape) -> DevView<'a, T> {
-        let len = v.len();
+        let (len, device) = (v.len(), device_id(DeviceSlice::stream(&v).context()));
         let (ptr, guard) = v.view_ptr(&self.stream);
-        DevView::with_guard(DevPtr(ptr), len, self.device(), shape, Guard::Cuda(guard))
+        DevView::with_guard(DevPtr(ptr), len, device, shape, Guard::Cuda(guard))
     }
 
     /// An output view of a cudarc sub-view (`slice.slice_mut(a..b)`) as the matrix `shape`;
@@ -425,9 +426,9 @@ impl CudaBackend {
         v: CudaViewMut<'a, T>,
         shape: MatShape,
     ) -> DevViewMut<'a, T> {
-        let len = v.len();
+        let (len, device) = (v.len(), device_id(DeviceSlice::stream(&v).context()));
         let (ptr, guard) = v.view_ptr_mut(&self.stream);
-        DevViewMut::with_guard(DevPtr(ptr), len, self.device(), shape, Guard::Cuda(guard))
+        DevViewMut::with_guard(DevPtr(ptr), len, device, shape, Guard::Cuda(guard))
     }
 
     /// The stream every operation of this backend is ordered on (record events on it to time
