@@ -18,7 +18,8 @@
 #   1. environment: GPU, driver, nvcc, compute-sanitizer; cuBLAS put on LD_LIBRARY_PATH from
 #      the CUDA install (lib64) or Python's site-packages/nvidia/cu13/lib;
 #   2. the GPU tests: `--ignored cuda` in the kernels and adapter test binaries (every kernel
-#      path against the f64 reference, the CUDA backend, the GPU merge);
+#      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
+#      example on its own stream), then the example program itself (`engine cuda`);
 #   3. dorafuse replay --device cuda on tests/fixtures/cases/*.safetensors (detached, then exact
 #      gradients);
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
@@ -89,7 +90,7 @@ run_step() {
   } >>"$log"
   note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
   # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
-  grep -E '^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2' "$tmp" \
+  grep -E '^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within' "$tmp" \
     | grep -v '^test .* ok$' | head -n 6 | sed 's/^/          /' >>"$summary"
   rm -f "$tmp"
 }
@@ -182,6 +183,16 @@ cases=(tests/fixtures/cases/*.safetensors)
 for t in "${tests[@]}"; do
   run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t" --ignored cuda
 done
+
+# --- 2b. the engine integration example (docs/engine.md) on the GPU ---------------------------
+# cudarc context and stream of its own, PEFT adapters, fused QKV finished in place, adapters
+# switched; exits non-zero unless every call matches the CPU path.
+if [ -x "$bin/engine" ]; then
+  run_step "example engine (cuda)" 120 "$bin/engine" cuda
+else
+  note "FAIL      no engine example in the bundle: rebuild it with scripts/gpu-prebuild.sh"
+  failures=$((failures + 1))
+fi
 
 # --- 3. replay on the PEFT fixtures -------------------------------------------------------------
 if [ ${#cases[@]} -gt 0 ]; then

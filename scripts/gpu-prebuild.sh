@@ -8,8 +8,9 @@
 #
 # Steps:
 #  1. scripts/install-nvcc.sh (the pinned CUDA 13.0 nvcc; a no-op when installed);
-#  2. cargo build --release of the CLI and of the test binaries holding the GPU tests (kernels,
-#     adapter: their `#[ignore = "needs a CUDA GPU"]` tests, named `cuda`), with the kernels
+#  2. cargo build --release of the CLI, of the engine example (examples/engine) and of the
+#     test binaries holding the GPU tests (kernels, adapter: their `#[ignore = "needs a CUDA
+#     GPU"]` tests, named `cuda`), with the kernels
 #     compiled by nvcc for sm_80/86/89/90 (override with DORAFUSE_CUDA_ARCHS, e.g. 90 alone
 #     for a smaller bundle); refuses to continue if build.rs did not compile the kernels;
 #  3. copies the binaries (debug info stripped: the kernels keep their -lineinfo for
@@ -40,6 +41,8 @@ for t in $extra_tests; do tests+=(--test "$t"); done
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
 cargo build --release --bin dorafuse --message-format=json-render-diagnostics >"$json"
+# The engine integration example (docs/engine.md): gpu-check.sh runs it on the GPU.
+cargo build --release --example engine --message-format=json-render-diagnostics >>"$json"
 cargo test --release --no-run "${tests[@]}" --message-format=json-render-diagnostics >>"$json"
 
 rm -rf "$bundle"
@@ -68,6 +71,8 @@ if not kernels:
     sys.exit("gpu-prebuild: build.rs did not compile the kernels (no cfg dorafuse_kernels): see the cargo warnings")
 if "dorafuse" not in copied:
     sys.exit("gpu-prebuild: the dorafuse CLI was not built")
+if "engine" not in copied:
+    sys.exit("gpu-prebuild: the engine example was not built")
 print("gpu-prebuild: binaries:", " ".join(sorted(set(copied))), file=sys.stderr)
 EOF
 

@@ -7,7 +7,106 @@
 //! the emulator).
 
 use crate::dtype::DType;
+use crate::kernels::{DevView, DevViewMut, MatShape};
 use anyhow::Result;
+
+/// Which device memory belongs to: a CUDA context, or an emulator device.
+///
+/// Views and weights carry it, and every call checks it against the backend's, so memory of
+/// one device handed to a layer bound to another is an error naming the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceId {
+    /// A CUDA context: its device ordinal and its `CUcontext` handle (as an integer).
+    Cuda {
+        /// The device ordinal.
+        ordinal: usize,
+        /// The context handle.
+        context: u64,
+    },
+    /// An emulator device (host memory labelled with an ordinal, so that the device checks
+    /// run on machines without a GPU).
+    Emu {
+        /// The ordinal given to [`crate::emu::EmuBackend::with_device`] (0 by default).
+        ordinal: usize,
+    },
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceId::Cuda { ordinal, context } => {
+                write!(f, "CUDA device {ordinal} (context {context:#x})")
+            }
+            DeviceId::Emu { ordinal } => write!(f, "emulator device {ordinal}"),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type the kernels take: `f32`, [`half::f16`] or [`half::bf16`]. The dtype of a
+/// typed view or slice comes from it.
+#[cfg(feature = "cuda")]
+pub trait Elem:
+    sealed::Sealed
+    + bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Send
+    + Sync
+    + 'static
+{
+    /// The dtype.
+    const DTYPE: DType;
+}
+
+/// An element type the kernels take: `f32`, [`half::f16`] or [`half::bf16`]. The dtype of a
+/// typed view or slice comes from it.
+#[cfg(not(feature = "cuda"))]
+pub trait Elem: sealed::Sealed + bytemuck::Pod + Send + Sync + 'static {
+    /// The dtype.
+    const DTYPE: DType;
+}
+
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Elem for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Elem for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+
+/// Where a block of device memory lies: its first byte, its length in elements, its dtype and
+/// its device. What layers and adapters keep of the memory they hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryInfo {
+    /// The address of the first element.
+    pub ptr: DevPtr,
+    /// Elements.
+    pub len: usize,
+    /// The element dtype.
+    pub dtype: DType,
+    /// The device.
+    pub device: DeviceId,
+}
+
+/// Device memory a layer or adapter can hold (`Arc`-shared with the engine): a backend's typed
+/// slice (`CudaSlice<T>`, [`crate::emu::EmuSlice`]).
+///
+/// # Safety
+/// [`DeviceMemory::info`] must describe memory that stays allocated, on that device, for as
+/// long as the value lives, and never changes.
+pub unsafe trait DeviceMemory: Send + Sync {
+    /// Where the memory lies.
+    fn info(&self) -> MemoryInfo;
+}
 
 /// A device address as a kernel sees it: a `CUdeviceptr` on CUDA, a host address on the
 /// emulator.
@@ -136,8 +235,57 @@ pub trait Backend {
     /// The backend's owned device memory.
     type Buffer: DeviceBuffer;
 
+    /// Typed device memory of this backend: `cudarc::driver::CudaSlice<T>` on CUDA (the
+    /// engine's own type), [`crate::emu::EmuSlice<T>`] on the emulator.
+    type Slice<T: Elem>: DeviceMemory + 'static;
+
     /// `"cuda"` or `"emu"`.
     fn name(&self) -> &'static str;
+
+    /// The device this backend's memory and launches belong to.
+    fn device(&self) -> DeviceId;
+
+    /// `len` zeroed elements, stream-ordered.
+    ///
+    /// # Errors
+    /// Out of memory or a driver error.
+    fn alloc_slice<T: Elem>(&self, len: usize) -> Result<Self::Slice<T>>;
+
+    /// A copy of `host` on the device; returns when `host` may be reused.
+    ///
+    /// # Errors
+    /// Out of memory or a driver error.
+    fn upload_slice<T: Elem>(&self, host: &[T]) -> Result<Self::Slice<T>>;
+
+    /// The slice's elements, after all work queued so far on this backend's stream.
+    ///
+    /// # Errors
+    /// A driver error (including a fault in earlier work).
+    fn download_slice<T: Elem>(&self, slice: &Self::Slice<T>) -> Result<Vec<T>>;
+
+    /// An input view of `slice` as the matrix `shape`, for calls on this backend. On CUDA this
+    /// backend's stream first waits for the slice's last write (cudarc's event), and when the
+    /// view is dropped, after the calls that read it were queued, cudarc's read event is
+    /// recorded, so other streams' later writes wait for those reads.
+    ///
+    /// The shape is checked against the slice at each call, which names the tensor.
+    fn view<'a, T: Elem>(&'a self, slice: &'a Self::Slice<T>, shape: MatShape) -> DevView<'a, T>;
+
+    /// An output view of `slice` as the matrix `shape`: as [`Backend::view`], waiting for the
+    /// slice's last reads and writes, and recording cudarc's write event when dropped.
+    fn view_mut<'a, T: Elem>(
+        &'a self,
+        slice: &'a mut Self::Slice<T>,
+        shape: MatShape,
+    ) -> DevViewMut<'a, T>;
+
+    /// Orders this backend's stream after every write queued on `slice` so far (on CUDA, waits
+    /// on cudarc's write event; nothing to do on the emulator). Layers and adapters call it on
+    /// the memory they are given, which may come from another stream.
+    ///
+    /// # Errors
+    /// A driver error.
+    fn wait_for_writes<T: Elem>(&self, slice: &Self::Slice<T>) -> Result<()>;
 
     /// Allocates `bytes` of zeroed device memory, aligned to at least 256 bytes.
     ///

@@ -11,10 +11,15 @@
 //! [`EmuBackend`] implements [`Backend`]: device memory is host memory, a launch runs the
 //! kernel to completion on the calling thread, and GEMMs use the `matrixmultiply` crate.
 
-use crate::backend::{Backend, DevPtr, DeviceBuffer, GemmDesc, KernelArg, LaunchDims};
+use crate::backend::{
+    Backend, DevPtr, DeviceBuffer, DeviceId, DeviceMemory, Elem, GemmDesc, KernelArg, LaunchDims,
+    MemoryInfo,
+};
 use crate::cpu::gemm::{gemm, View, ViewMut};
 use crate::dtype::DType;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use crate::error::{Error, ErrorKind};
+use crate::kernels::{DevView, DevViewMut, Guard, MatShape};
+use anyhow::{bail, ensure, Context, Result};
 use std::alloc::Layout;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,21 +140,71 @@ impl Drop for EmuBuffer {
     }
 }
 
+/// Typed emulator memory: `len` elements of `T` in an [`EmuBuffer`], labelled with the
+/// emulator device it was allocated on (the emulator's `CudaSlice<T>`).
+#[derive(Debug)]
+pub struct EmuSlice<T: Elem> {
+    buf: EmuBuffer,
+    len: usize,
+    device: DeviceId,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Elem> EmuSlice<T> {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the slice holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements (launches run to completion before returning, so this is current).
+    pub fn as_slice(&self) -> &[T] {
+        bytemuck::cast_slice(&self.buf.as_slice()[..self.len * std::mem::size_of::<T>()])
+    }
+}
+
+// SAFETY: the slice owns its 256-byte aligned allocation of `len` elements until dropped, and
+// never moves or resizes it.
+unsafe impl<T: Elem> DeviceMemory for EmuSlice<T> {
+    fn info(&self) -> MemoryInfo {
+        MemoryInfo {
+            ptr: self.buf.ptr(),
+            len: self.len,
+            dtype: T::DTYPE,
+            device: self.device,
+        }
+    }
+}
+
 /// The emulator backend. Each launch runs under a schedule derived from the backend's seed
 /// and a launch counter, so a sequence of launches is reproducible for a given seed.
 #[derive(Debug)]
 pub struct EmuBackend {
     seed: u64,
     launches: AtomicU64,
+    ordinal: usize,
 }
 
 impl EmuBackend {
-    /// A backend whose thread schedules derive from `seed`.
+    /// A backend whose thread schedules derive from `seed`, on emulator device 0.
     pub fn new(seed: u64) -> EmuBackend {
         EmuBackend {
             seed,
             launches: AtomicU64::new(0),
+            ordinal: 0,
         }
+    }
+
+    /// The same backend labelled as emulator device `ordinal`: its slices and views carry that
+    /// device, so the device checks of the layer API (memory of one device given to a layer
+    /// of another) run without a GPU. The memory itself is host memory either way.
+    pub fn with_device(mut self, ordinal: usize) -> EmuBackend {
+        self.ordinal = ordinal;
+        self
     }
 
     /// A backend seeded from `DORAFUSE_EMU_SEED` (decimal or `0x` hex), or [`DEFAULT_SEED`].
@@ -165,6 +220,12 @@ impl EmuBackend {
             },
             Err(_) => Ok(EmuBackend::new(DEFAULT_SEED)),
         }
+    }
+
+    /// Kernel launches run by this backend so far (GEMMs are not launches): lets tests check
+    /// which work a call queues, e.g. that a forward with a precomputed g runs no norm.
+    pub fn launch_count(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
     }
 
     /// The seed this backend was created with.
@@ -235,9 +296,53 @@ fn extent(rows: usize, cols: usize, ld: usize) -> usize {
 
 impl Backend for EmuBackend {
     type Buffer = EmuBuffer;
+    type Slice<T: Elem> = EmuSlice<T>;
 
     fn name(&self) -> &'static str {
         "emu"
+    }
+
+    fn device(&self) -> DeviceId {
+        DeviceId::Emu {
+            ordinal: self.ordinal,
+        }
+    }
+
+    fn alloc_slice<T: Elem>(&self, len: usize) -> Result<EmuSlice<T>> {
+        Ok(EmuSlice {
+            buf: self.alloc_zeroed(len * std::mem::size_of::<T>())?,
+            len,
+            device: self.device(),
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    fn upload_slice<T: Elem>(&self, host: &[T]) -> Result<EmuSlice<T>> {
+        let mut s = self.alloc_slice::<T>(host.len())?;
+        s.buf.as_mut_slice()[..std::mem::size_of_val(host)]
+            .copy_from_slice(bytemuck::cast_slice(host));
+        Ok(s)
+    }
+
+    fn download_slice<T: Elem>(&self, slice: &EmuSlice<T>) -> Result<Vec<T>> {
+        Ok(slice.as_slice().to_vec())
+    }
+
+    fn view<'a, T: Elem>(&'a self, slice: &'a EmuSlice<T>, shape: MatShape) -> DevView<'a, T> {
+        DevView::with_guard(slice.buf.ptr(), slice.len, slice.device, shape, Guard::None)
+    }
+
+    fn view_mut<'a, T: Elem>(
+        &'a self,
+        slice: &'a mut EmuSlice<T>,
+        shape: MatShape,
+    ) -> DevViewMut<'a, T> {
+        DevViewMut::with_guard(slice.buf.ptr(), slice.len, slice.device, shape, Guard::None)
+    }
+
+    fn wait_for_writes<T: Elem>(&self, _slice: &EmuSlice<T>) -> Result<()> {
+        // Launches and copies run to completion before returning.
+        Ok(())
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
@@ -347,8 +452,11 @@ impl Backend for EmuBackend {
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
                 .to_string_lossy()
                 .into_owned();
-            return Err(anyhow!("emulator: {msg}"))
-                .with_context(|| format!("launching {kernel} with {dims:?}"));
+            return Err(anyhow::Error::new(Error::new(
+                ErrorKind::Launch,
+                format!("emulator: {msg}"),
+            )))
+            .with_context(|| format!("launching {kernel} with {dims:?}"));
         }
         Ok(())
     }

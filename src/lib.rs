@@ -12,23 +12,33 @@
 //!
 //! Modules:
 //! - [`dtype`], [`tensor`], [`layer`]: element types, host tensors, the layer description;
+//! - [`error`]: error kinds a caller can branch on;
 //! - [`cpu`]: the CPU reference path (forward, backward, norm);
 //! - [`case`]: the layer-case safetensors format shared with PyTorch;
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
 //! - [`bench`]: the benchmark behind `dorafuse bench`.
+//!
+//! Cargo features (README "Features"): `cuda` (the CUDA backend, [`cuda`]), `emu` (the C++
+//! emulator, [`emu`]), `bench` ([`bench`]), `cli` (the `dorafuse` binary); the default is
+//! `cli`, which brings all of them. An inference engine depends on
+//! `default-features = false, features = ["cuda"]` (docs/engine.md).
 
 #![warn(missing_docs)]
 
 pub mod adapter;
 pub mod backend;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod case;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
+#[cfg(feature = "emu")]
 pub mod emu;
+pub mod error;
 pub mod fsutil;
 pub mod kernels;
 pub mod layer;

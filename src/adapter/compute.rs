@@ -18,7 +18,10 @@ impl MergeDevice {
     /// True when `Cuda` would work here: a CUDA driver with a device, and kernels compiled
     /// into this build.
     pub fn cuda_usable() -> bool {
-        crate::cuda::KERNELS_COMPILED && crate::cuda::device_available()
+        #[cfg(feature = "cuda")]
+        return crate::cuda::KERNELS_COMPILED && crate::cuda::device_available();
+        #[cfg(not(feature = "cuda"))]
+        return false;
     }
 }
 
@@ -41,15 +44,21 @@ pub fn magnitude_scale(layer: &Layer) -> Result<Option<Vec<f32>>> {
 pub fn merged_weight(layer: &Layer, device: MergeDevice) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let w = match device {
         MergeDevice::Cpu => crate::cpu::merged_weight(layer)?,
+        #[cfg(feature = "cuda")]
         MergeDevice::Cuda => {
             let b = cuda_backend()?;
             crate::kernels::merged_weight(b, layer)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        MergeDevice::Cuda => {
+            anyhow::bail!("merge on CUDA: dorafuse was built without its `cuda` feature")
         }
     };
     let g = magnitude_scale(layer)?;
     Ok((w, g))
 }
 
+#[cfg(feature = "cuda")]
 /// One CUDA backend per process, created on first use (module loading is not free).
 fn cuda_backend() -> Result<&'static crate::cuda::CudaBackend> {
     static B: std::sync::OnceLock<crate::cuda::CudaBackend> = std::sync::OnceLock::new();

@@ -118,6 +118,8 @@ fn write_model(
             )
         })?;
 
+    // Progress bars come with the `cli` feature (indicatif); a library build shows none.
+    #[cfg(feature = "cli")]
     let bar = if progress {
         let b = indicatif::ProgressBar::new(base.data_bytes());
         b.set_style(
@@ -130,6 +132,11 @@ fn write_model(
         b
     } else {
         indicatif::ProgressBar::hidden()
+    };
+    #[cfg(not(feature = "cli"))]
+    let bar = {
+        let _ = progress;
+        NoProgress
     };
     let mut report = MergeReport {
         out: out.to_path_buf(),
@@ -486,4 +493,15 @@ pub fn unmerge_model(merged: &BaseModel, out: &Path, progress: bool) -> Result<M
     }
     let mut u = U { by_weight, merged };
     write_model(merged, out, progress, &[UNMERGE_FILE], &mut u)
+}
+
+/// The progress bar of a build without the `cli` feature: shows nothing.
+#[cfg(not(feature = "cli"))]
+struct NoProgress;
+
+#[cfg(not(feature = "cli"))]
+impl NoProgress {
+    fn set_message(&self, _: String) {}
+    fn inc(&self, _: u64) {}
+    fn finish_and_clear(&self) {}
 }

@@ -428,29 +428,17 @@ pub fn rfc3339_from_unix(secs: u64) -> String {
     )
 }
 
-/// The source revision: `DORAFUSE_GIT_COMMIT` when set (the GPU machine has no git
-/// history), else `git describe --always --dirty` in the current directory or, failing that,
-/// in the source tree this binary was built from; else `None`.
+/// The source revision: `DORAFUSE_GIT_COMMIT` when set (to stamp another revision), else the
+/// commit this binary was built from (build.rs, `git describe --always --dirty`), never that
+/// of the directory it runs in; `None` when built outside a git checkout.
 pub fn git_commit() -> Option<String> {
     if let Ok(v) = std::env::var("DORAFUSE_GIT_COMMIT") {
         if !v.trim().is_empty() {
             return Some(v.trim().to_string());
         }
     }
-    [".", env!("CARGO_MANIFEST_DIR")]
-        .into_iter()
-        .find_map(|dir| {
-            let out = std::process::Command::new("git")
-                .args(["-C", dir, "describe", "--always", "--dirty", "--abbrev=12"])
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                return None;
-            }
-            let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-            (!s.is_empty()).then_some(s)
-        })
+    let built = env!("DORAFUSE_BUILD_COMMIT");
+    (!built.is_empty()).then(|| built.to_string())
 }
 
 /// The host CPU: model name from /proc/cpuinfo and the logical core count.

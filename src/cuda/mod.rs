@@ -17,11 +17,19 @@ mod timer;
 
 pub use timer::EventTimer;
 
-use crate::backend::{Backend, DevPtr, DeviceBuffer, GemmDesc, KernelArg, LaunchDims};
+use crate::backend::{
+    Backend, DevPtr, DeviceBuffer, DeviceId, DeviceMemory, Elem, GemmDesc, KernelArg, LaunchDims,
+    MemoryInfo,
+};
 use crate::dtype::DType;
+use crate::error::{Error, ErrorKind};
+use crate::kernels::{DevView, DevViewMut, Guard, MatShape};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{self, CudaBlas};
-use cudarc::driver::{self, sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    self, sys, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceSlice,
+};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -78,12 +86,19 @@ pub fn device_count() -> Result<usize> {
     // calls no driver function.
     let present = *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() });
     if !present {
-        bail!(
+        return Err(Error::new(
+            ErrorKind::NoDriver,
             "no CUDA driver found (libcuda.so could not be loaded): the CUDA path needs an \
-             NVIDIA GPU with its driver; use --device cpu or emu"
-        );
+             NVIDIA GPU with its driver; use --device cpu or emu",
+        )
+        .into());
     }
-    driver::result::init().map_err(|e| anyhow!("no CUDA device: cuInit failed: {e}"))?;
+    driver::result::init().map_err(|e| {
+        Error::new(
+            ErrorKind::NoDriver,
+            format!("no CUDA device: cuInit failed: {e}"),
+        )
+    })?;
     let n = driver::result::device::get_count().context("cuDeviceGetCount")?;
     Ok(n.max(0) as usize)
 }
@@ -268,12 +283,82 @@ impl KernelModule {
     }
 }
 
-/// The CUDA implementation of [`Backend`]: one stream, the embedded kernel module, and a cuBLAS
-/// handle created at the first [`Backend::gemm`].
+/// Fails with [`ErrorKind::KernelsNotCompiled`] in a build without the GPU kernels.
+fn check_kernels_compiled() -> Result<()> {
+    if !KERNELS_COMPILED {
+        return Err(Error::new(
+            ErrorKind::KernelsNotCompiled,
+            format!("CUDA {NOT_COMPILED_REASON}"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The [`DeviceId`] of a context.
+fn device_id(ctx: &CudaContext) -> DeviceId {
+    DeviceId::Cuda {
+        ordinal: ctx.ordinal(),
+        context: ctx.cu_ctx() as u64,
+    }
+}
+
+// SAFETY: a CudaSlice owns its allocation of `len` elements of T on its context until it is
+// dropped, and its address and length never change.
+unsafe impl<T: Elem> DeviceMemory for CudaSlice<T> {
+    fn info(&self) -> MemoryInfo {
+        let (p, _record) = self.device_ptr(self.stream());
+        MemoryInfo {
+            ptr: DevPtr(p),
+            len: self.len(),
+            dtype: T::DTYPE,
+            device: device_id(self.context()),
+        }
+    }
+}
+
+/// One cuBLAS handle per stream, shared by every backend (and so every layer) on that stream.
+type SharedBlas = Arc<Mutex<CudaBlas>>;
+
+/// The handle of `stream`: created at its first use, then shared while any backend holds it.
+fn blas_for_stream(stream: &Arc<CudaStream>) -> Result<SharedBlas> {
+    static HANDLES: Mutex<Vec<(usize, Weak<Mutex<CudaBlas>>)>> = Mutex::new(Vec::new());
+    let key = stream.cu_stream() as usize;
+    let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+    // A handle holds its stream alive, so a live entry's key cannot belong to another stream.
+    handles.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(h) = handles
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(h);
+    }
+    // SAFETY: only tries to dlopen libcublas; calls nothing in it.
+    if !unsafe { cublas::sys::is_culib_present() } {
+        bail!(
+            "cuBLAS not found (libcublas.so.13): add the CUDA toolkit's lib64, or \
+             Python's site-packages/nvidia/cu13/lib, to LD_LIBRARY_PATH"
+        );
+    }
+    stream
+        .context()
+        .bind_to_thread()
+        .context("binding the CUDA context to this thread")?;
+    let h = Arc::new(Mutex::new(
+        CudaBlas::new(stream.clone()).context("creating a cuBLAS handle")?,
+    ));
+    handles.push((key, Arc::downgrade(&h)));
+    Ok(h)
+}
+
+/// The CUDA implementation of [`Backend`]: one stream, the embedded kernel module, and the
+/// stream's cuBLAS handle (created at the first [`Backend::gemm`] on that stream, and shared
+/// with every other backend on the same stream).
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     module: Arc<KernelModule>,
-    blas: Mutex<Option<CudaBlas>>,
+    blas: OnceLock<SharedBlas>,
     /// Synchronise after every launch and name the kernel in any fault
     /// (`DORAFUSE_CUDA_SYNC_LAUNCHES=1`; for debugging, it serialises the host with the device).
     sync_launches: bool,
@@ -294,12 +379,14 @@ impl CudaBackend {
     /// rebuild", or a driver error creating the context or loading the module.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
         let n = device_count()?;
-        ensure!(n > 0, "no CUDA device: the driver reports none");
-        ensure!(
-            ordinal < n,
-            "no CUDA device {ordinal}: the driver reports {n} device(s)"
-        );
-        ensure!(KERNELS_COMPILED, "CUDA {NOT_COMPILED_REASON}");
+        if ordinal >= n {
+            return Err(Error::new(
+                ErrorKind::NoDevice,
+                format!("no CUDA device {ordinal}: the driver reports {n} device(s)"),
+            )
+            .into());
+        }
+        check_kernels_compiled()?;
         let ctx = CudaContext::new(ordinal)
             .with_context(|| format!("creating a context on CUDA device {ordinal}"))?;
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
@@ -312,16 +399,36 @@ impl CudaBackend {
     /// # Errors
     /// "kernels were not compiled ...", or a driver error loading the module.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<CudaBackend> {
-        ensure!(KERNELS_COMPILED, "CUDA {NOT_COMPILED_REASON}");
+        check_kernels_compiled()?;
         let module = KernelModule::for_context(stream.context())?;
         let sync_launches =
             std::env::var("DORAFUSE_CUDA_SYNC_LAUNCHES").is_ok_and(|v| !v.is_empty() && v != "0");
         Ok(CudaBackend {
             stream,
             module,
-            blas: Mutex::new(None),
+            blas: OnceLock::new(),
             sync_launches,
         })
+    }
+
+    /// An input view of a cudarc sub-view (`slice.slice(a..b)`) as the matrix `shape`; cudarc's
+    /// events are waited on and recorded as by [`Backend::view`].
+    pub fn view_of<'a, T: Elem>(&'a self, v: CudaView<'a, T>, shape: MatShape) -> DevView<'a, T> {
+        let (len, device) = (v.len(), device_id(DeviceSlice::stream(&v).context()));
+        let (ptr, guard) = v.view_ptr(&self.stream);
+        DevView::with_guard(DevPtr(ptr), len, device, shape, Guard::Cuda(guard))
+    }
+
+    /// An output view of a cudarc sub-view (`slice.slice_mut(a..b)`) as the matrix `shape`;
+    /// cudarc's events are waited on and recorded as by [`Backend::view_mut`].
+    pub fn view_mut_of<'a, T: Elem>(
+        &'a self,
+        v: CudaViewMut<'a, T>,
+        shape: MatShape,
+    ) -> DevViewMut<'a, T> {
+        let (len, device) = (v.len(), device_id(DeviceSlice::stream(&v).context()));
+        let (ptr, guard) = v.view_ptr_mut(&self.stream);
+        DevViewMut::with_guard(DevPtr(ptr), len, device, shape, Guard::Cuda(guard))
     }
 
     /// The stream every operation of this backend is ordered on (record events on it to time
@@ -378,19 +485,15 @@ impl CudaBackend {
     }
 
     fn with_blas<T>(&self, f: impl FnOnce(&CudaBlas) -> Result<T>) -> Result<T> {
-        let mut guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            // SAFETY: only tries to dlopen libcublas; calls nothing in it.
-            if !unsafe { cublas::sys::is_culib_present() } {
-                bail!(
-                    "cuBLAS not found (libcublas.so.13): add the CUDA toolkit's lib64, or \
-                     Python's site-packages/nvidia/cu13/lib, to LD_LIBRARY_PATH"
-                );
+        let shared = match self.blas.get() {
+            Some(h) => h,
+            None => {
+                let h = blas_for_stream(&self.stream)?;
+                self.blas.get_or_init(|| h)
             }
-            self.bind()?;
-            *guard = Some(CudaBlas::new(self.stream.clone()).context("creating a cuBLAS handle")?);
-        }
-        f(guard.as_ref().expect("created above"))
+        };
+        let guard = shared.lock().unwrap_or_else(|e| e.into_inner());
+        f(&guard)
     }
 }
 
@@ -456,9 +559,74 @@ impl ColMajorGemm {
 
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
+    type Slice<T: Elem> = CudaSlice<T>;
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn device(&self) -> DeviceId {
+        device_id(self.context())
+    }
+
+    fn alloc_slice<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.bind()?;
+        self.stream.alloc_zeros::<T>(len.max(1)).with_context(|| {
+            format!(
+                "allocating {len} {} elements on {}",
+                T::DTYPE,
+                self.device()
+            )
+        })
+    }
+
+    fn upload_slice<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.bind()?;
+        let s = self
+            .stream
+            .clone_htod(host)
+            .with_context(|| format!("upload of {} {} elements", host.len(), T::DTYPE))?;
+        // Set-up work: synchronise so a pinned `host` may be reused at once (see `upload`).
+        self.synchronize()?;
+        Ok(s)
+    }
+
+    fn download_slice<T: Elem>(&self, slice: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.bind()?;
+        self.stream
+            .clone_dtoh(slice)
+            .with_context(|| format!("download of {} {} elements", slice.len(), T::DTYPE))
+    }
+
+    fn view<'a, T: Elem>(&'a self, slice: &'a CudaSlice<T>, shape: MatShape) -> DevView<'a, T> {
+        let (ptr, guard) = slice.device_ptr(&self.stream);
+        DevView::with_guard(
+            DevPtr(ptr),
+            slice.len(),
+            device_id(slice.context()),
+            shape,
+            Guard::Cuda(guard),
+        )
+    }
+
+    fn view_mut<'a, T: Elem>(
+        &'a self,
+        slice: &'a mut CudaSlice<T>,
+        shape: MatShape,
+    ) -> DevViewMut<'a, T> {
+        let (len, device) = (slice.len(), device_id(slice.context()));
+        let (ptr, guard) = slice.device_ptr_mut(&self.stream);
+        DevViewMut::with_guard(DevPtr(ptr), len, device, shape, Guard::Cuda(guard))
+    }
+
+    fn wait_for_writes<T: Elem>(&self, slice: &CudaSlice<T>) -> Result<()> {
+        self.bind()?;
+        // device_ptr makes this stream wait on the slice's last write event; the read event it
+        // records on drop is harmless (it orders later writers after nothing new).
+        let (_, _record) = slice.device_ptr(&self.stream);
+        self.context()
+            .check_err()
+            .context("waiting for the writes of a CUDA slice")
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<CudaBuffer> {
@@ -556,13 +724,17 @@ impl Backend for CudaBackend {
                 &mut params,
             )
         }
-        .with_context(|| {
-            format!(
-                "launch of `{kernel}` (grid {:?}, block {:?}, {} B dynamic shared memory, {} args)",
-                dims.grid,
-                dims.block,
-                dims.shared_bytes,
-                args.len()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Launch,
+                format!(
+                    "launch of `{kernel}` (grid {:?}, block {:?}, {} B dynamic shared memory, {} \
+                     args): {e}",
+                    dims.grid,
+                    dims.block,
+                    dims.shared_bytes,
+                    args.len()
+                ),
             )
         })?;
         if self.sync_launches {
@@ -638,16 +810,20 @@ impl Backend for CudaBackend {
                 )
             }
             .map_err(|e| {
-                anyhow!(
-                    "cuBLAS gemm {}×{}×{} ({} → {}, trans_a {}, trans_b {}): {e}",
-                    g.m,
-                    g.n,
-                    g.k,
-                    g.a_dtype.name(),
-                    g.c_dtype.name(),
-                    g.trans_a,
-                    g.trans_b
+                Error::new(
+                    ErrorKind::Launch,
+                    format!(
+                        "cuBLAS gemm {}×{}×{} ({} → {}, trans_a {}, trans_b {}): {e}",
+                        g.m,
+                        g.n,
+                        g.k,
+                        g.a_dtype.name(),
+                        g.c_dtype.name(),
+                        g.trans_a,
+                        g.trans_b
+                    ),
                 )
+                .into()
             })
         })
     }

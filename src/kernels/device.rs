@@ -21,6 +21,7 @@
 use super::launch::{self, weight_strides};
 use crate::backend::{Backend, DevPtr, DeviceBuffer};
 use crate::dtype::DType;
+use crate::error::ensure_input;
 use crate::layer::GradMode;
 use anyhow::{ensure, Context, Result};
 use std::marker::PhantomData;
@@ -107,7 +108,7 @@ impl<'a> DevTensor<'a> {
         cols: usize,
         ld: usize,
     ) -> Result<DevPtr> {
-        ensure!(
+        ensure_input!(
             ld >= cols,
             "{name}: row stride {ld} below its {cols} columns"
         );
@@ -119,23 +120,23 @@ impl<'a> DevTensor<'a> {
     /// Checks dtype, length (`shape` elements at least) and alignment, naming `name`.
     fn check(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<DevPtr> {
         let n: usize = shape.iter().product();
-        ensure!(
+        ensure_input!(
             self.dtype == dtype,
             "{name}: dtype {}, expected {dtype}",
             self.dtype
         );
-        ensure!(
+        ensure_input!(
             self.bytes >= n * dtype.size(),
             "{name}: {} bytes, too small for {shape:?} {dtype} ({} bytes)",
             self.bytes,
             n * dtype.size()
         );
-        ensure!(
+        ensure_input!(
             self.ptr.0 % dtype.size() as u64 == 0,
             "{name}: address {:#x} not aligned to its {dtype} elements",
             self.ptr.0
         );
-        ensure!(self.ptr.0 != 0, "{name}: null device address");
+        ensure_input!(self.ptr.0 != 0, "{name}: null device address");
         Ok(self.ptr)
     }
 }
@@ -182,16 +183,16 @@ impl DoraWeights<'_> {
     /// The first mismatch, naming the tensor.
     pub fn validate(&self) -> Result<()> {
         let (d_in, d_out, r, dt) = (self.d_in, self.d_out, self.r, self.dtype());
-        ensure!(
+        ensure_input!(
             d_in >= 1 && d_out >= 1,
             "layer dims d_in={d_in}, d_out={d_out} must be ≥ 1"
         );
-        ensure!(
+        ensure_input!(
             (1..=super::spec::MAX_RANK).contains(&r),
             "rank {r} outside 1..={}",
             super::spec::MAX_RANK
         );
-        ensure!(
+        ensure_input!(
             self.scaling.is_finite(),
             "scaling {} is not finite",
             self.scaling
@@ -203,7 +204,7 @@ impl DoraWeights<'_> {
         };
         self.weight.check("weight", dt, &wshape)?;
         let ad = self.adapter_dtype();
-        ensure!(
+        ensure_input!(
             super::spec::suffix(dt, ad).is_some(),
             "lora_A: dtype {ad} beside a {dt} weight; adapters must be {dt} or f32"
         );
@@ -293,16 +294,18 @@ impl Carve {
 }
 
 /// Device addresses of one forward (all checked by the caller).
-struct FwdIo {
-    x: DevPtr,
-    t: usize,
-    u: DevPtr,
-    split_k: bool,
-    base: DevPtr,
-    ld_base: usize,
-    y: DevPtr,
-    ld_y: usize,
-    g: Option<DevPtr>,
+pub(crate) struct FwdIo {
+    pub x: DevPtr,
+    /// Row stride of x (≥ d_in).
+    pub ldx: usize,
+    pub t: usize,
+    pub u: DevPtr,
+    pub split_k: bool,
+    pub base: DevPtr,
+    pub ld_base: usize,
+    pub y: DevPtr,
+    pub ld_y: usize,
+    pub g: Option<DevPtr>,
 }
 
 /// What `forward_train` left for `backward`.
@@ -446,29 +449,13 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     }
 
     fn check_x(&self, x: &DevTensor, t: usize) -> Result<DevPtr> {
-        ensure!(t >= 1, "x: at least one token is needed");
+        ensure_input!(t >= 1, "x: at least one token is needed");
         x.check("x", self.w.dtype(), &[t, self.w.d_in])
     }
 
     /// base = x·W0ᵀ into `c` (`[t, d_out]`, rows `ldc` apart).
     fn base_gemm(&self, b: &B, x: DevPtr, t: usize, c: DevPtr, ldc: usize) -> Result<()> {
-        let w = &self.w;
-        let g = launch::Gemm {
-            dtype: w.dtype(),
-            m: t,
-            n: w.d_out,
-            k: w.d_in,
-            x,
-            w: w.weight.ptr(),
-            trans_w: !w.fan_in_fan_out,
-            c,
-            ldc,
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        // SAFETY: x is [t, d_in], W0 [d_out, d_in] (or [d_in, d_out] with fan_in_fan_out,
-        // hence no transpose), c [t, d_out]; all checked by the callers.
-        unsafe { launch::gemm(b, &g) }.context("base product x·W0ᵀ")
+        base_gemm(b, &self.w, x, t, c, ldc)
     }
 
     /// Inference forward `y = g ⊙ (base + s·(x·Aᵀ)·Bᵀ) + b` with the cached g (recomputed
@@ -523,6 +510,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             b,
             FwdIo {
                 x: xp,
+                ldx: self.w.d_in,
                 t,
                 u,
                 split_k: true,
@@ -537,45 +525,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
 
     /// U = shrink(x, A) into `u`, then y = compose(base, U) with g (None: LoRA).
     fn shrink_and_compose(&self, b: &B, io: FwdIo) -> Result<()> {
-        let w = &self.w;
-        let sh = launch::ShrinkArgs {
-            dtype: w.dtype(),
-            adapter: w.adapter_dtype(),
-            x: io.x,
-            ldx: w.d_in,
-            a: w.lora_a.ptr(),
-            rows: io.t,
-            d_in: w.d_in,
-            r: w.r,
-            split_k: io.split_k,
-            coef: None,
-            out: io.u,
-        };
-        // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds shrink_splits(..).0 slabs of
-        // t·r f32 (sized by the caller with the same rule).
-        let splits = unsafe { launch::shrink(b, &sh) }?;
-        let co = launch::ComposeArgs {
-            dtype: w.dtype(),
-            adapter: w.adapter_dtype(),
-            base: io.base,
-            ld_base: io.ld_base,
-            y: io.y,
-            ld_y: io.ld_y,
-            u: io.u,
-            u_splits: splits,
-            bm: w.lora_b.ptr(),
-            bm_strides: (w.r as i64, 1),
-            g: io.g,
-            bias: w.bias.map(|x| x.ptr()),
-            s: w.scaling,
-            t: io.t,
-            d_out: w.d_out,
-            r: w.r,
-        };
-        // SAFETY: base, y [t, d_out] with their row strides checked (possibly the same
-        // memory, which compose allows); u's slabs written above; B [d_out, r], g and bias
-        // [d_out] checked.
-        unsafe { launch::compose(b, &co) }
+        shrink_and_compose(b, &self.w, io)
     }
 
     /// Training forward: like [`DoraLayer::forward`] but g is recomputed (the adapter moves
@@ -620,6 +570,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             b,
             FwdIo {
                 x: xp,
+                ldx: self.w.d_in,
                 t,
                 u,
                 split_k: false, // the backward reads U itself: keep one slab
@@ -925,4 +876,73 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     pub fn weight_strides(&self) -> (i64, i64) {
         weight_strides(self.w.fan_in_fan_out, self.w.d_in, self.w.d_out)
     }
+}
+
+/// base = x·W0ᵀ into `c` (`[t, d_out]`, rows `ldc` apart); x contiguous `[t, d_in]`.
+pub(crate) fn base_gemm<B: Backend>(
+    b: &B,
+    w: &DoraWeights,
+    x: DevPtr,
+    t: usize,
+    c: DevPtr,
+    ldc: usize,
+) -> Result<()> {
+    let g = launch::Gemm {
+        dtype: w.dtype(),
+        m: t,
+        n: w.d_out,
+        k: w.d_in,
+        x,
+        w: w.weight.ptr(),
+        trans_w: !w.fan_in_fan_out,
+        c,
+        ldc,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    // SAFETY: x is [t, d_in], W0 [d_out, d_in] (or [d_in, d_out] with fan_in_fan_out,
+    // hence no transpose), c [t, d_out]; all checked by the callers.
+    unsafe { launch::gemm(b, &g) }.context("base product x·W0ᵀ")
+}
+
+/// U = shrink(x, A) into `io.u`, then y = compose(base, U) with g (None: LoRA).
+pub(crate) fn shrink_and_compose<B: Backend>(b: &B, w: &DoraWeights, io: FwdIo) -> Result<()> {
+    let sh = launch::ShrinkArgs {
+        dtype: w.dtype(),
+        adapter: w.adapter_dtype(),
+        x: io.x,
+        ldx: io.ldx,
+        a: w.lora_a.ptr(),
+        rows: io.t,
+        d_in: w.d_in,
+        r: w.r,
+        split_k: io.split_k,
+        coef: None,
+        out: io.u,
+    };
+    // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds shrink_splits(..).0 slabs of
+    // t·r f32 (sized by the caller with the same rule).
+    let splits = unsafe { launch::shrink(b, &sh) }?;
+    let co = launch::ComposeArgs {
+        dtype: w.dtype(),
+        adapter: w.adapter_dtype(),
+        base: io.base,
+        ld_base: io.ld_base,
+        y: io.y,
+        ld_y: io.ld_y,
+        u: io.u,
+        u_splits: splits,
+        bm: w.lora_b.ptr(),
+        bm_strides: (w.r as i64, 1),
+        g: io.g,
+        bias: w.bias.map(|x| x.ptr()),
+        s: w.scaling,
+        t: io.t,
+        d_out: w.d_out,
+        r: w.r,
+    };
+    // SAFETY: base, y [t, d_out] with their row strides checked (possibly the same
+    // memory, which compose allows); u's slabs written above; B [d_out, r], g and bias
+    // [d_out] checked.
+    unsafe { launch::compose(b, &co) }
 }

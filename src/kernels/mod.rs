@@ -7,7 +7,11 @@
 //! - [`spec`]: the table of variants (which family serves which rank), the dispatch rules and
 //!   the tile constants generated from `kernels/common.cuh`;
 //! - `launch` (private): launch math and one thin `unsafe fn` per kernel;
-//! - [`DoraLayer`]: the device-level API over [`DevTensor`] views, with reusable
+//! - [`DoraLinear`] and [`DoraAdapter`]: the API an inference engine links (docs/engine.md):
+//!   layers bound to a stream that hold their weights, adapters whose g is computed once at
+//!   load, typed views ([`DevView`], [`DevViewMut`]) checked at every call, and workspace the
+//!   engine plans;
+//! - [`DoraLayer`]: the device-level training API over [`DevTensor`] views, with reusable
 //!   workspaces, a cached g for inference, and a training forward/backward pair;
 //! - [`run`], [`merged_weight`]: host tensors in and out (replay, tests, merge).
 //!
@@ -23,12 +27,18 @@
 //! ```
 
 mod device;
+mod engine;
 mod host;
 mod launch;
 pub mod spec;
+mod view;
 
 pub use device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
+pub use engine::{download_tensor, BaseResult, DoraAdapter, DoraLinear};
 pub use host::{merged_weight, norm, run};
+#[cfg(any(feature = "cuda", feature = "emu"))]
+pub(crate) use view::Guard;
+pub use view::{DevView, DevViewMut, MatShape};
 
 include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));
 include!(concat!(env!("OUT_DIR"), "/kernel_families.rs"));

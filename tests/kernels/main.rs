@@ -6,6 +6,8 @@
 
 mod cuda_backend;
 mod device;
+mod engine_api;
+mod engine_example;
 mod gpu_util;
 mod layer;
 mod registry;
