@@ -12,9 +12,13 @@ mod emu;
 #[path = "build/nvcc.rs"]
 mod nvcc;
 
+#[path = "build/commit.rs"]
+mod commit;
+
 fn main() {
     let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    commit::stamp(&root);
     let list = kernel_list::read(&root.join("kernels/kernels.list"));
     kernel_list::write_rust_table(&list, &out.join("kernel_table.rs"));
     // The host emulator build (cc) and the nvcc fatbin are independent: run them side by side,

@@ -2,10 +2,10 @@
 //! flush before every timed run, the ceilings (device-to-device copy bandwidth and a large
 //! cuBLAS GEMM in the run's dtype) measured in the same process, and [`run_cuda`].
 
-use super::device::{run_backend, DeviceRun};
-use super::measure::{measure, Clock, Plan};
+use super::device::DeviceTarget;
+use super::measure::{measure, Clock, Phase, Plan};
 use super::report::{Ceilings, DeviceInfo, Report};
-use super::suite::Config;
+use super::runner::{self, Config, Machine};
 use crate::backend::{Backend, DeviceBuffer, GemmDesc};
 use crate::cuda::{CudaBackend, CudaBuffer, EventTimer};
 use crate::dtype::DType;
@@ -102,13 +102,16 @@ pub fn copy_bandwidth(b: &CudaBackend, bytes: usize, reps: usize) -> Result<f64>
     b.context()
         .bind_to_thread()
         .context("binding the CUDA context")?;
-    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| {
+    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, _| {
+        if p == Phase::Setup {
+            return Ok(());
+        }
         // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
         // stream work (dropped after the final synchronising event read).
         unsafe { cu::memcpy_dtod_async(dst.ptr().0, src.ptr().0, bytes, b.stream().cu_stream()) }
             .context("cuMemcpyDtoDAsync")
     })?;
-    Ok(2.0 * bytes as f64 / st.median_s)
+    Ok(2.0 * bytes as f64 / st[0].median_s)
 }
 
 /// The GEMM rate in FLOP/s of an `n × n × n` product through `Backend::gemm` (cuBLAS) in
@@ -151,11 +154,12 @@ pub fn gemm_rate(b: &CudaBackend, n: usize, dtype: DType, reps: usize) -> Result
         beta: 0.0,
     };
     let mut clock = CudaClock::new(b, 0)?;
-    // SAFETY: A, B and C are n×n row-major buffers of `dtype` allocated above.
-    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| unsafe {
-        b.gemm(&g)
+    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, _| match p {
+        Phase::Setup => Ok(()),
+        // SAFETY: A, B and C are n×n row-major buffers of `dtype` allocated above.
+        Phase::Timed => unsafe { b.gemm(&g) },
     })?;
-    Ok(2.0 * (n as f64).powi(3) / st.median_s)
+    Ok(2.0 * (n as f64).powi(3) / st[0].median_s)
 }
 
 /// Runs `cfg` on the first CUDA device: ceilings first, then every row.
@@ -193,22 +197,20 @@ pub fn run_cuda(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> 
         units: sms.map(|v| v as u64),
         memory_bytes: total.map(|v| v as u64),
     };
-    let rep = run_backend(
-        &b,
-        cfg,
-        DeviceRun {
-            clock: &mut clock,
-            ceilings: Some(ceilings),
-            device,
-            cache_bytes: l2,
-            cache_policy: format!(
-                "L2 ({} MiB) flushed before every timed run, and input sets rotated to exceed 2x L2 (at most 4)",
-                l2 >> 20
-            ),
-            notes: Vec::new(),
-        },
-        progress,
-    )?;
+    let machine = Machine {
+        clock: &mut clock,
+        device,
+        ceilings: Some(ceilings),
+        rotate_bytes: 2 * l2,
+        max_sets: 4,
+        cache_policy: format!(
+            "the rows of each shape and T interleaved round by round; L2 ({} MiB) flushed \
+             before every timed run, and input sets rotated to exceed 2x L2 (at most 4)",
+            l2 >> 20
+        ),
+        notes: Vec::new(),
+    };
+    let rep = runner::run(&DeviceTarget { backend: &b }, machine, cfg, progress)?;
     b.synchronize()?;
     Ok(rep)
 }

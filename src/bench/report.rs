@@ -14,8 +14,8 @@ use std::path::Path;
 /// The `schema` field of every document.
 pub const SCHEMA: &str = "dorafuse-bench";
 /// The `version` field; bumped on any incompatible change (docs/bench-json.md keeps the
-/// history).
-pub const VERSION: u32 = 1;
+/// history). Version 1 documents are read too: their `epilogue` rows are `compose` rows.
+pub const VERSION: u32 = 2;
 
 /// Implementation names of the `impl` field.
 pub mod imp {
@@ -236,7 +236,7 @@ pub struct Report {
     pub device: DeviceInfo,
     /// When (UTC, RFC 3339).
     pub date: String,
-    /// The source revision (`git describe --always --dirty`, or `DORAFUSE_GIT_COMMIT`).
+    /// The commit the binary was built from (or `DORAFUSE_GIT_COMMIT`), see [`git_commit`].
     #[serde(default)]
     pub git_commit: Option<String>,
     /// How the runs were made.
@@ -285,10 +285,10 @@ impl Report {
     /// checking it is the same schema.
     ///
     /// # Errors
-    /// A different schema or major version.
+    /// A different schema or version.
     pub fn merge(&mut self, other: Report) -> Result<()> {
         ensure!(
-            other.schema == SCHEMA && other.version == VERSION,
+            other.schema == SCHEMA && other.version == self.version,
             "cannot merge a {} v{} document into {SCHEMA} v{VERSION}",
             other.schema,
             other.version
@@ -325,11 +325,13 @@ impl Report {
         );
         let version = head.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         ensure!(
-            version == VERSION as u64,
-            "benchmark document version {version} is not supported (this build reads {VERSION})"
+            (1..=VERSION as u64).contains(&version),
+            "benchmark document version {version} is not supported (this build reads 1 to {VERSION})"
         );
         let mut rep: Report =
             serde_json::from_value(head).context("benchmark document does not match the schema")?;
+        // Version 1 differs only in the name of compose, which `Op` reads under both names.
+        rep.version = VERSION;
         rep.fill_derived()?;
         Ok(rep)
     }
@@ -398,86 +400,63 @@ impl Report {
     }
 }
 
-/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, whole seconds).
 pub fn utc_now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339_from_unix(secs)
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Formats Unix seconds as RFC 3339 UTC (civil-from-days, proleptic Gregorian).
-pub fn rfc3339_from_unix(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days → civil date.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// The source revision: `DORAFUSE_GIT_COMMIT` when set (the GPU machine has no git
-/// history), else `git describe --always --dirty` in the current directory or, failing that,
-/// in the source tree this binary was built from; else `None`.
+/// The commit the binary was built from (`git rev-parse HEAD` at build time, stamped by
+/// build.rs), or `DORAFUSE_GIT_COMMIT` when set (a bundle built elsewhere); `None` when
+/// neither is known.
 pub fn git_commit() -> Option<String> {
-    if let Ok(v) = std::env::var("DORAFUSE_GIT_COMMIT") {
-        if !v.trim().is_empty() {
-            return Some(v.trim().to_string());
-        }
-    }
-    [".", env!("CARGO_MANIFEST_DIR")]
-        .into_iter()
-        .find_map(|dir| {
-            let out = std::process::Command::new("git")
-                .args(["-C", dir, "describe", "--always", "--dirty", "--abbrev=12"])
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()?;
-            if !out.status.success() {
-                return None;
-            }
-            let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
-            (!s.is_empty()).then_some(s)
-        })
+    let set = std::env::var("DORAFUSE_GIT_COMMIT").ok();
+    let c = set.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    let c = c.unwrap_or(env!("DORAFUSE_BUILD_COMMIT"));
+    (c != "unknown").then(|| c.to_string())
 }
 
-/// The host CPU: model name from /proc/cpuinfo and the logical core count.
+/// The host: CPU model, logical cores and memory (from `sysinfo`).
 pub fn host_cpu() -> DeviceInfo {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
+    let refresh = sysinfo::RefreshKind::nothing()
+        .with_cpu(sysinfo::CpuRefreshKind::nothing())
+        .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram());
+    let sys = sysinfo::System::new_with_specifics(refresh);
+    let brand = sys.cpus().first().map(|c| c.brand().trim().to_string());
     DeviceInfo {
         kind: "cpu".into(),
-        name: model,
-        units: Some(cores),
-        memory_bytes: mem,
+        name: brand
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "unknown CPU".into()),
+        units: std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get() as u64),
+        memory_bytes: Some(sys.total_memory()).filter(|&m| m > 0),
     }
+}
+
+/// The 1-minute load average, when the system reports one.
+pub fn load_average() -> Option<f64> {
+    Some(sysinfo::System::load_average().one).filter(|l| l.is_finite() && *l >= 0.0)
+}
+
+/// A note of the load average before (`before`) and now, warning when other processes
+/// competed for the cores.
+pub fn load_note(before: Option<f64>) -> Option<String> {
+    let (a, b) = (before?, load_average()?);
+    let cores = host_cpu().units.unwrap_or(1);
+    let busy = a.max(b) > 0.5 * cores as f64 + 1.0;
+    Some(format!(
+        "load average {a:.1} before and {b:.1} after the run on {cores} cores{}",
+        if busy {
+            ": other processes competed for the cores, so spreads are wide and single rows \
+             can be off by tens of percent"
+        } else {
+            ""
+        }
+    ))
 }
 
 #[cfg(test)]
@@ -539,56 +518,38 @@ mod tests {
     }
 
     #[test]
-    fn json_round_trip() {
+    fn json_round_trip_and_version_1() {
         let r = sample();
         let s = r.to_json().unwrap();
-        assert!(s.contains("\"impl\": \"dorafuse\""), "{s}");
-        assert!(s.contains("\"op\": \"forward\""));
-        assert!(s.contains("\"kind\": \"dora\""));
-        let back = Report::from_json(&s).unwrap();
-        // serde_json parses decimals to within an ulp, not bit-exactly: compare every value
-        // of the two documents, numbers to within rounding.
-        fn close(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
-            use serde_json::Value as V;
-            match (a, b) {
-                (V::Number(x), V::Number(y)) => {
-                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-                    assert!(
-                        (x - y).abs() <= 1e-14 * x.abs().max(y.abs()),
-                        "{at}: {x} vs {y}"
-                    );
-                }
-                (V::Object(x), V::Object(y)) => {
-                    assert_eq!(x.len(), y.len(), "{at}");
-                    for (k, v) in x {
-                        close(v, &y[k], &format!("{at}.{k}"));
-                    }
-                }
-                (V::Array(x), V::Array(y)) => {
-                    assert_eq!(x.len(), y.len(), "{at}");
-                    for (i, (v, w)) in x.iter().zip(y).enumerate() {
-                        close(v, w, &format!("{at}[{i}]"));
-                    }
-                }
-                _ => assert_eq!(a, b, "{at}"),
-            }
+        for field in [
+            "\"impl\": \"dorafuse\"",
+            "\"op\": \"forward\"",
+            "\"kind\": \"dora\"",
+        ] {
+            assert!(s.contains(field), "{s}");
         }
-        let va: serde_json::Value = serde_json::from_str(&s).unwrap();
-        let vb: serde_json::Value = serde_json::from_str(&back.to_json().unwrap()).unwrap();
-        close(&va, &vb, "$");
+        let back = Report::from_json(&s).unwrap();
+        assert_eq!(
+            (&back.device, &back.settings, &back.notes),
+            (&r.device, &r.settings, &r.notes)
+        );
+        assert_eq!((&back.date, &back.git_commit), (&r.date, &r.git_commit));
         assert_eq!(back.rows.len(), r.rows.len());
         for (a, b) in back.rows.iter().zip(&r.rows) {
             assert_eq!(
-                (&a.implementation, a.kind, a.op, a.shape()),
-                (&b.implementation, b.kind, b.op, b.shape())
+                (&a.implementation, a.kind, a.op),
+                (&b.implementation, b.kind, b.op)
             );
+            assert_eq!(a.shape(), b.shape());
             assert!((a.time.p10_s - b.time.p10_s).abs() <= 1e-15 * b.time.p10_s);
             assert_eq!(a.frac_floor.is_some(), b.frac_floor.is_some());
         }
-        assert_eq!(
-            (back.device, back.settings, back.notes),
-            (r.device, r.settings, r.notes)
-        );
+        // A version 1 document: compose was called epilogue.
+        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        v["version"] = 1.into();
+        v["rows"][0]["op"] = "epilogue".into();
+        let old = Report::from_json(&v.to_string()).unwrap();
+        assert_eq!((old.version, old.rows[0].op), (VERSION, Op::Compose));
     }
 
     #[test]
@@ -672,11 +633,21 @@ mod tests {
     }
 
     #[test]
-    fn dates() {
-        assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_from_unix(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_from_unix(1_795_919_532), "2026-11-29T02:32:12Z");
-        assert!(utc_now_rfc3339().ends_with('Z'));
+    fn dates_commits_and_host_facts() {
+        let d = utc_now_rfc3339();
+        assert_eq!((d.len(), &d[10..11], &d[19..]), (20, "T", "Z"), "{d}");
+        let c = git_commit();
+        assert!(c
+            .as_deref()
+            .is_none_or(|c| c.len() >= 7 && !c.contains(char::is_whitespace)));
+        let h = host_cpu();
+        assert!(
+            h.units.unwrap() >= 1 && h.memory_bytes.unwrap() > 1 << 20,
+            "{h:?}"
+        );
+        assert!(load_note(Some(0.0))
+            .unwrap()
+            .starts_with("load average 0.0 before"));
     }
 
     #[test]

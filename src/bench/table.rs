@@ -4,14 +4,14 @@
 
 use super::formula::{LayerKind, Op};
 use super::report::{imp, series_label, Report, Row};
-use super::stats::fmt_time;
+use super::stats::{fmt_time, Stats};
 use crate::layer::Shape;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 
-/// A plain table: a header and rows of cells, right-aligned except the first column.
+/// A table of text cells; comfy-table lays it out as aligned text or as Markdown.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     /// Column titles.
@@ -21,52 +21,32 @@ pub struct Table {
 }
 
 impl Table {
-    /// Aligned text with two spaces between columns.
+    fn layout(&self, preset: &str) -> String {
+        let mut t = comfy_table::Table::new();
+        t.load_preset(preset)
+            .set_header(&self.header)
+            .add_rows(&self.rows);
+        // Numbers right-aligned; the first column (a label) left.
+        for c in t.column_iter_mut().skip(1) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+        format!("{}\n", t.trim_fmt())
+    }
+
+    /// Aligned text, columns apart by spaces.
     pub fn to_text(&self) -> String {
-        let n = self.header.len();
-        let mut w = vec![0usize; n];
-        for row in std::iter::once(&self.header).chain(&self.rows) {
-            for (i, c) in row.iter().enumerate().take(n) {
-                w[i] = w[i].max(c.chars().count());
-            }
-        }
-        let line = |row: &Vec<String>| {
-            let cells: Vec<String> = row
-                .iter()
-                .enumerate()
-                .take(n)
-                .map(|(i, c)| {
-                    let pad = w[i] - c.chars().count();
-                    if i == 0 {
-                        format!("{c}{}", " ".repeat(pad))
-                    } else {
-                        format!("{}{c}", " ".repeat(pad))
-                    }
-                })
-                .collect();
-            cells.join("  ").trim_end().to_string()
-        };
-        let mut out = line(&self.header);
-        out.push('\n');
-        for r in &self.rows {
-            out.push_str(&line(r));
-            out.push('\n');
-        }
-        out
+        self.layout(comfy_table::presets::NOTHING)
     }
 
     /// A GitHub-flavoured Markdown table.
     pub fn to_markdown(&self) -> String {
-        let mut out = format!("| {} |\n", self.header.join(" | "));
-        let seps: Vec<&str> = (0..self.header.len())
-            .map(|i| if i == 0 { "---" } else { "---:" })
-            .collect();
-        out.push_str(&format!("| {} |\n", seps.join(" | ")));
-        for r in &self.rows {
-            out.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        out
+        self.layout(comfy_table::presets::ASCII_MARKDOWN)
     }
+}
+
+/// `met` or `missed`, for a target's figure.
+pub fn verdict(met: bool) -> String {
+    if met { "met" } else { "missed" }.into()
 }
 
 /// The columns of the comparison tables: (implementation, kind), in order.
@@ -92,12 +72,8 @@ fn ratio(a: Option<&Row>, b: Option<&Row>) -> String {
 }
 
 /// `12.3 µs ±4%` (half the p10–p90 spread, relative to the median).
-fn time_cell(r: &Row) -> String {
-    format!(
-        "{} ±{:.0}%",
-        fmt_time(r.time.median_s),
-        50.0 * r.time.rel_spread()
-    )
+pub fn time_cell(s: &Stats) -> String {
+    format!("{} ±{:.0}%", fmt_time(s.median_s), 50.0 * s.rel_spread())
 }
 
 /// `(d_in, d_out, r)` triples present, and T values per triple, in ascending order.
@@ -157,7 +133,7 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
             }
             let mut cells = vec![format!("{i}×{o}"), r.to_string(), t.to_string()];
             for &(im, k) in &cols {
-                cells.push(get(im, k, op).map_or("–".into(), time_cell));
+                cells.push(get(im, k, op).map_or("–".into(), |r| time_cell(&r.time)));
             }
             let fused = get(imp::DORAFUSE, LayerKind::Dora, op);
             // Inference is compared with the base layer's forward (the base has no cached
@@ -248,7 +224,8 @@ pub fn ceiling_table(rep: &Report) -> Table {
     Table { header, rows }
 }
 
-/// The issue-5 targets (H200-class GPU, bf16, 4096×4096 and 4096×11008, r = 16), checked
+/// The GPU targets (docs/design.md §5: H200-class GPU, bf16, 4096×4096 and 4096×11008,
+/// r = 16), checked
 /// against the rows: one line per target and shape with the figure and met/missed. `None`
 /// unless the report is a CUDA run with rows at those shapes.
 pub fn targets_table(rep: &Report) -> Option<Table> {
@@ -288,13 +265,7 @@ pub fn targets_table(rep: &Report) -> Option<Table> {
                 what,
                 shape.clone(),
                 fig.map_or("not measured".into(), fmt),
-                fig.map_or("–".into(), |v| {
-                    if ok(v) {
-                        "met".into()
-                    } else {
-                        "missed".into()
-                    }
-                }),
+                fig.map_or("–".into(), |v| verdict(ok(v))),
             ]);
         };
         let pctf = |v: f64| format!("{:.0}% of copy bandwidth", 100.0 * v);
@@ -306,8 +277,8 @@ pub fn targets_table(rep: &Report) -> Option<Table> {
             &|v| v >= 0.85,
         );
         line(
-            format!("forward epilogue ≥ 80% of copy bandwidth (T = {t_big})"),
-            dora(Op::Epilogue, at(t_big)).and_then(|x| x.frac_copy),
+            format!("compose ≥ 80% of copy bandwidth (T = {t_big})"),
+            dora(Op::Compose, at(t_big)).and_then(|x| x.frac_copy),
             &pctf,
             &|v| v >= 0.80,
         );
@@ -379,15 +350,10 @@ pub fn targets_table(rep: &Report) -> Option<Table> {
         return None;
     }
     Some(Table {
-        header: [
-            "target (issue 5, bf16, r = 16)",
-            "shape",
-            "measured",
-            "verdict",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
+        header: ["target (bf16, r = 16)", "shape", "measured", "verdict"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         rows,
     })
 }
@@ -438,7 +404,7 @@ fn op_title(op: Op) -> &'static str {
         Op::Inference => "Inference forward with cached g (compared with the base forward)",
         Op::Backward => "Backward alone",
         Op::Norm => "Norm",
-        Op::Epilogue => "Epilogue",
+        Op::Compose => "Compose",
     }
 }
 
@@ -484,7 +450,9 @@ pub fn render_markdown(rep: &Report) -> String {
         }
     }
     if let Some(t) = targets_table(rep) {
-        out.push_str("\n**Targets** (issue 5; measured on this device, not a timed test)\n\n");
+        out.push_str(
+            "\n**Targets** (docs/design.md §5; measured on this device, not a timed test)\n\n",
+        );
         out.push_str(&t.to_markdown());
     }
     out.push_str(
@@ -636,7 +604,7 @@ pub(crate) mod tests {
             assert!(text.contains(needle), "text lacks {needle}:\n{text}");
             assert!(md.contains(needle), "markdown lacks {needle}:\n{md}");
         }
-        assert!(md.contains("| ---"));
+        assert!(md.contains("|---"), "{md}");
     }
 
     #[test]
@@ -717,6 +685,11 @@ pub(crate) mod tests {
             header: vec!["a".into(), "bb".into()],
             rows: vec![vec!["long".into(), "1".into()]],
         };
-        assert_eq!(t.to_text(), "a     bb\nlong   1\n");
+        let text = t.to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0].chars().count(), lines[1].chars().count(), "{text}");
+        assert_eq!(lines[0].find('a'), lines[1].find('l'), "{text}");
+        assert!(t.to_markdown().starts_with("| a "), "{}", t.to_markdown());
     }
 }
