@@ -22,7 +22,7 @@ fn main() -> Result<()> {
             ..Config::default_gpu()
         };
         let rep = cuda::run_cuda(&cfg, &mut |l| eprintln!("… {l}"))?;
-        print!("{}", table::render_text(&rep));
+        print!("{}", table::render(&rep, false));
         return Ok(());
     }
     println!("no CUDA device: the CPU norm, and the kernels on the emulator (emulator times say nothing about GPU speed)");
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
         ..Config::default_cpu()
     };
     let rep = cpu::run_cpu(&cpu, &mut |l| eprintln!("… {l}"))?;
-    print!("{}", table::render_text(&rep));
+    print!("{}", table::render(&rep, false));
     let emu = Config {
         shapes: vec![(256, 384)],
         tokens: vec![16],
@@ -44,6 +44,6 @@ fn main() -> Result<()> {
         plan: Plan::fixed(1, 3),
     };
     let rep = device::run_emu(&emu, &mut |l| eprintln!("… {l}"))?;
-    print!("{}", table::render_text(&rep));
+    print!("{}", table::render(&rep, false));
     Ok(())
 }

@@ -29,7 +29,7 @@ fn main() -> Result<()> {
         };
         cpu::run_cpu(&cfg, &mut |l| eprintln!("… {l}"))?
     };
-    print!("{}", table::render_text(&rep));
+    print!("{}", table::render(&rep, false));
     if let Ok(p) = std::env::var("DORAFUSE_BENCH_JSON") {
         rep.write(std::path::Path::new(&p))?;
     }
