@@ -93,11 +93,6 @@ impl Op {
             anyhow::anyhow!("unknown op {s:?} (expected one of {})", names.join(", "))
         })
     }
-
-    /// True for DoRA's kernel-level operations, which only a DoRA layer has.
-    pub fn dora_only(self) -> bool {
-        matches!(self, Op::Norm | Op::Compose)
-    }
 }
 
 /// Bytes that must move and floating-point operations, for one call of one operation.
