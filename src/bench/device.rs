@@ -341,20 +341,20 @@ impl<'w, B: Backend> DevLayer<'w, B> {
 
     fn passes(&self, i: usize) -> DevPasses<'w, B> {
         let s = &self.sets[i];
-        let ptr = (0..=T::GradM as usize)
-            .map(|k| match k {
-                k if k == T::W as usize => s.w.ptr(),
-                k if k == T::A as usize => s.a.ptr(),
-                k if k == T::B as usize => s.bm.ptr(),
-                k if k == T::M as usize => s.m.ptr(),
-                k if k == T::X as usize => s.x.ptr(),
-                k if k == T::Dy as usize => s.dy.ptr(),
-                k => self.tmp[k]
-                    .as_ref()
-                    .expect("every temporary is allocated")
-                    .ptr(),
-            })
+        let inputs = [
+            (T::W, &s.w),
+            (T::A, &s.a),
+            (T::B, &s.bm),
+            (T::M, &s.m),
+            (T::X, &s.x),
+            (T::Dy, &s.dy),
+        ];
+        let mut ptr: Vec<DevPtr> = (self.tmp.iter())
+            .map(|b| b.as_ref().map_or(DevPtr(0), DeviceBuffer::ptr))
             .collect();
+        for (t, buf) in inputs {
+            ptr[t as usize] = buf.ptr();
+        }
         DevPasses {
             b: self.b,
             dt: self.dt,
@@ -395,10 +395,12 @@ impl<B: Backend> Layer for DevLayer<'_, B> {
         for f in &mut self.fused {
             f.cache_g(self.b)?;
         }
-        // A realistic base product for the compose rows.
+        // A realistic base product for the compose rows (none for the norm rows, t = 0).
         let (o, i) = (self.full.d_out, self.full.d_in);
-        self.passes(0)
-            .gemm((t, o, i), (T::X, false), (T::W, true), T::Base, 0.0)
+        match t {
+            0 => Ok(()),
+            t => (self.passes(0)).gemm((t, o, i), (T::X, false), (T::W, true), T::Base, 0.0),
+        }
     }
 
     fn setup(&mut self, row: RowSpec, i: usize) -> Result<()> {
