@@ -19,10 +19,13 @@ mod shared_rewrite;
 #[path = "build/nvcc.rs"]
 mod nvcc;
 
+#[path = "build/commit.rs"]
+mod commit;
+
 fn main() {
     let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    build_commit(&root);
+    commit::stamp(&root);
     let list = kernel_list::read(&root.join("kernels/kernels.list"));
     let entries = kernel_list::entries(&list);
     kernel_list::write_if_changed(
@@ -63,35 +66,4 @@ fn main() {
             nvcc::build(&root, &out, &entries, &stamps);
         }
     });
-}
-
-/// Stamps the source revision the crate is compiled from into `DORAFUSE_BUILD_COMMIT`
-/// (`git describe --always --dirty --abbrev=12`, empty outside a git checkout), so a binary
-/// reports the commit it was built from, wherever it runs. Rerun when HEAD, the branch it
-/// points to, or the index moves.
-fn build_commit(root: &std::path::Path) {
-    let git = |args: &[&str]| -> Option<String> {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(root)
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    for f in ["HEAD", "index"] {
-        if let Some(p) = git(&["rev-parse", "--git-path", f]) {
-            println!("cargo:rerun-if-changed={}", root.join(p).display());
-        }
-    }
-    if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(p) = git(&["rev-parse", "--git-path", &r]) {
-            println!("cargo:rerun-if-changed={}", root.join(p).display());
-        }
-    }
-    let commit = git(&["describe", "--always", "--dirty", "--abbrev=12"]).unwrap_or_default();
-    println!("cargo:rustc-env=DORAFUSE_BUILD_COMMIT={commit}");
 }

@@ -1,4 +1,4 @@
-//! The CPU path's target (issue 2): forward + backward of a 4096×4096, r = 16, f32 DoRA layer
+//! The CPU path's target: forward + backward of a 4096×4096, r = 16, f32 DoRA layer
 //! at T = 1 and T = 256 beside the GEMM crate alone for `x·W0ᵀ` and `dz·W0` and one pass over
 //! W0. Prints the table and writes it, with the machine, date and commit, to
 //! `docs/cpu-bench.md` and to the generated `cpu-target` section of README.md when asked with
@@ -37,7 +37,7 @@ fn main() -> Result<()> {
         Ok(f.write_all(md.as_bytes())?)
     })?;
     println!("wrote {}", path.display());
-    // The README carries the same figures (issue 2), without the page title.
+    // The README carries the same figures, without the page title.
     let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
     let body: String = md
         .lines()

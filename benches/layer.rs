@@ -6,8 +6,8 @@
 
 use anyhow::Result;
 use dorafuse::bench::formula::Op;
-use dorafuse::bench::suite::{self, Config};
-use dorafuse::bench::{device, table};
+use dorafuse::bench::runner::Config;
+use dorafuse::bench::{cpu, cuda, table};
 
 fn main() -> Result<()> {
     let gpu = dorafuse::cuda::device_available() && dorafuse::cuda::KERNELS_COMPILED;
@@ -17,7 +17,7 @@ fn main() -> Result<()> {
             ops: vec![Op::Forward, Op::ForwardBackward, Op::Inference],
             ..Config::default_gpu()
         };
-        device::run_cuda(&cfg, &mut |l| eprintln!("… {l}"))?
+        cuda::run_cuda(&cfg, &mut |l| eprintln!("… {l}"))?
     } else {
         println!("no CUDA device: running the CPU path; these are CPU timings");
         let cfg = Config {
@@ -27,9 +27,9 @@ fn main() -> Result<()> {
             ops: vec![Op::Forward, Op::ForwardBackward, Op::Inference],
             ..Config::default_cpu()
         };
-        suite::run_cpu(&cfg, &mut |l| eprintln!("… {l}"))?
+        cpu::run_cpu(&cfg, &mut |l| eprintln!("… {l}"))?
     };
-    print!("{}", table::render_text(&rep));
+    print!("{}", table::render(&rep, false));
     if let Ok(p) = std::env::var("DORAFUSE_BENCH_JSON") {
         rep.write(std::path::Path::new(&p))?;
     }

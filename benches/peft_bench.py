@@ -36,7 +36,7 @@ import sys
 import time
 
 SCHEMA = "dorafuse-bench"
-VERSION = 1
+VERSION = 2  # docs/bench-json.md
 
 # The same defaults as `dorafuse bench` on a GPU (src/bench/suite.rs, Config::default_gpu).
 GPU_SHAPES = "4096x4096,4096x11008,11008x4096"

@@ -2,13 +2,16 @@
 //! flush before every timed run, the ceilings (device-to-device copy bandwidth and a large
 //! cuBLAS GEMM in the run's dtype) measured in the same process, and [`run_cuda`].
 
-use super::device::{run_backend, DeviceRun};
-use super::measure::{measure, Clock, Plan};
+use super::device::DeviceTarget;
+use super::formula::Op;
+use super::measure::{measure, Clock, Phase, Plan};
+use super::report::imp;
 use super::report::{Ceilings, DeviceInfo, Report};
-use super::suite::Config;
-use crate::backend::{Backend, DeviceBuffer, GemmDesc};
+use super::runner::{self, Config, Machine, Target};
+use crate::backend::{Backend, DeviceBuffer};
 use crate::cuda::{CudaBackend, CudaBuffer, EventTimer};
 use crate::dtype::DType;
+use crate::layer::Shape;
 use anyhow::{Context, Result};
 use cudarc::driver::{result as cu, sys};
 
@@ -102,60 +105,46 @@ pub fn copy_bandwidth(b: &CudaBackend, bytes: usize, reps: usize) -> Result<f64>
     b.context()
         .bind_to_thread()
         .context("binding the CUDA context")?;
-    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| {
+    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, _| {
+        if p == Phase::Setup {
+            return Ok(());
+        }
         // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
         // stream work (dropped after the final synchronising event read).
         unsafe { cu::memcpy_dtod_async(dst.ptr().0, src.ptr().0, bytes, b.stream().cu_stream()) }
             .context("cuMemcpyDtoDAsync")
     })?;
-    Ok(2.0 * bytes as f64 / st.median_s)
+    Ok(2.0 * bytes as f64 / st[0].median_s)
 }
 
-/// The GEMM rate in FLOP/s of an `n × n × n` product through `Backend::gemm` (cuBLAS) in
-/// `dtype`, on random non-zero data, median of `reps` after warm-up.
+/// The GEMM rate in FLOP/s of an `n × n × n` product in `dtype`: the base layer's forward
+/// row (`Backend::gemm`, cuBLAS) at `T = d_in = d_out = n` on random non-zero data, the median
+/// of `reps` after warm-up.
 ///
 /// # Errors
 /// Out of memory or a cuBLAS error.
 pub fn gemm_rate(b: &CudaBackend, n: usize, dtype: DType, reps: usize) -> Result<f64> {
-    let mut rng = super::inputs::SplitMix::new(0x6e77);
-    let mut up = |what: &str| -> Result<CudaBuffer> {
-        let v = rng.fill(n * n, 1.0);
-        let t = crate::tensor::Tensor::from_f32(dtype, vec![n * n], &v)?;
-        let mut buf = b
-            .alloc_zeroed(t.as_bytes().len())
-            .with_context(|| format!("GEMM ceiling: {what}"))?;
-        b.upload(&mut buf, t.as_bytes())?;
-        Ok(buf)
-    };
-    let a = up("A")?;
-    let bb = up("B")?;
-    let c = b
-        .alloc_zeroed(n * n * dtype.size())
-        .context("GEMM ceiling: C")?;
-    let g = GemmDesc {
-        m: n,
-        n,
-        k: n,
-        a: a.ptr(),
-        a_dtype: dtype,
-        lda: n,
-        trans_a: false,
-        b: bb.ptr(),
-        b_dtype: dtype,
-        ldb: n,
-        trans_b: true,
-        c: c.ptr(),
-        c_dtype: dtype,
-        ldc: n,
-        alpha: 1.0,
-        beta: 0.0,
-    };
     let mut clock = CudaClock::new(b, 0)?;
-    // SAFETY: A, B and C are n×n row-major buffers of `dtype` allocated above.
-    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, |_| unsafe {
-        b.gemm(&g)
+    let base = (runner::ROWS.into_iter())
+        .find(|r| r.implementation == imp::BASE && r.op == Op::Forward)
+        .expect("the base forward is a row");
+    let full = Shape {
+        t: n,
+        d_in: n,
+        d_out: n,
+        r: 1,
+    };
+    let mut median = f64::NAN;
+    DeviceTarget { backend: b }.with_layer(full, dtype, 1, &mut |l| {
+        l.tokens(n)?;
+        let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, i| match p {
+            Phase::Setup => Ok(()),
+            Phase::Timed => l.call(base, i),
+        })?;
+        median = st[0].median_s;
+        Ok(())
     })?;
-    Ok(2.0 * (n as f64).powi(3) / st.median_s)
+    Ok(2.0 * (n as f64).powi(3) / median)
 }
 
 /// Runs `cfg` on the first CUDA device: ceilings first, then every row.
@@ -193,22 +182,20 @@ pub fn run_cuda(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> 
         units: sms.map(|v| v as u64),
         memory_bytes: total.map(|v| v as u64),
     };
-    let rep = run_backend(
-        &b,
-        cfg,
-        DeviceRun {
-            clock: &mut clock,
-            ceilings: Some(ceilings),
-            device,
-            cache_bytes: l2,
-            cache_policy: format!(
-                "L2 ({} MiB) flushed before every timed run, and input sets rotated to exceed 2x L2 (at most 4)",
-                l2 >> 20
-            ),
-            notes: Vec::new(),
-        },
-        progress,
-    )?;
+    let machine = Machine {
+        clock: &mut clock,
+        device,
+        ceilings: Some(ceilings),
+        rotate_bytes: 2 * l2,
+        max_sets: 4,
+        cache_policy: format!(
+            "the rows of each shape and T interleaved round by round; L2 ({} MiB) flushed \
+             before every timed run, and input sets rotated to exceed 2x L2 (at most 4)",
+            l2 >> 20
+        ),
+        notes: Vec::new(),
+    };
+    let rep = runner::run(&DeviceTarget { backend: &b }, machine, cfg, progress)?;
     b.synchronize()?;
     Ok(rep)
 }

@@ -7,14 +7,14 @@
 //! - **Bytes** are the fewest that must move through memory: each input read once, each
 //!   output written once. Intermediates that a fused implementation can keep on chip
 //!   (`U = x·Aᵀ`, the base product `z`, a tile of `B·A`) are not counted, except where an
-//!   operation is defined as consuming or producing them (the epilogue reads `z` and `U`; the
+//!   operation is defined as consuming or producing them (compose reads `z` and `U`; the
 //!   backward reads the `z` saved by the forward). `m`, `g` and `n` are f32 (4 bytes) whatever
 //!   the activation dtype. The benchmark layers have no bias (Llama-style projections).
 //! - **FLOPs** count a multiply-add as two. Elementwise work is counted where it is a
-//!   meaningful share (it never is beside a GEMM, but it is the whole of the epilogue).
+//!   meaningful share (it never is beside a GEMM, but it is the whole of compose).
 //! - A layer operation (`forward`, `backward`, `inference`) counts the layer's tensors once,
 //!   so its floor is the floor of any implementation, fused or not; a kernel operation
-//!   (`norm`, `epilogue`) counts what that kernel alone must move. An unfused implementation
+//!   (`norm`, `compose`) counts what that kernel alone must move. An unfused implementation
 //!   is charged the same bytes and FLOPs as the fused one: its lower fraction of the ceiling
 //!   is exactly the cost of not fusing.
 //!
@@ -38,16 +38,18 @@ pub enum LayerKind {
 }
 
 /// A benchmarked operation. Layer operations apply to every [`LayerKind`]; `Norm` and
-/// `Epilogue` are DoRA's own kernels.
+/// `Compose` are DoRA's own kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// DoRA's norm and scale: `g = m / max(n, ε)` from W0, A, B, m (never building V).
     Norm,
-    /// DoRA's forward epilogue: `y = g ⊙ (z + s·U·Bᵀ)` from the base product `z [T, O]`,
-    /// the shrink `U [T, r]`, B and g.
-    Epilogue,
-    /// Training forward: for DoRA the norm, the base GEMM, the adapter and the epilogue.
+    /// DoRA's compose (the forward after the base product): `y = g ⊙ (z + s·U·Bᵀ)` from the
+    /// base product `z [T, O]`, the shrink `U [T, r]`, B and g. Version 1 documents call it
+    /// `epilogue`.
+    #[serde(alias = "epilogue")]
+    Compose,
+    /// Training forward: for DoRA the norm, the base GEMM, the adapter and compose.
     Forward,
     /// Backward alone, given the forward's saved tensors: for the base layer `dx` only (its
     /// weight is frozen); for LoRA `dx, dA, dB`; for DoRA also `dm` (norm detached, as PEFT).
@@ -62,7 +64,7 @@ impl Op {
     /// Every operation, in table order.
     pub const ALL: [Op; 6] = [
         Op::Norm,
-        Op::Epilogue,
+        Op::Compose,
         Op::Forward,
         Op::Backward,
         Op::ForwardBackward,
@@ -73,7 +75,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::Norm => "norm",
-            Op::Epilogue => "epilogue",
+            Op::Compose => "compose",
             Op::Forward => "forward",
             Op::Backward => "backward",
             Op::ForwardBackward => "forward_backward",
@@ -90,11 +92,6 @@ impl Op {
             let names: Vec<_> = Op::ALL.iter().map(|o| o.name()).collect();
             anyhow::anyhow!("unknown op {s:?} (expected one of {})", names.join(", "))
         })
-    }
-
-    /// True for DoRA's kernel-level operations, which only a DoRA layer has.
-    pub fn dora_only(self) -> bool {
-        matches!(self, Op::Norm | Op::Epilogue)
     }
 }
 
@@ -122,7 +119,7 @@ const F32: f64 = 4.0;
 
 /// The cost of `op` on a `kind` layer of shape `s` with activations and weights in `dtype`.
 ///
-/// Returns `None` for combinations that do not exist (`Norm` or `Epilogue` of a base or LoRA
+/// Returns `None` for combinations that do not exist (`Norm` or `Compose` of a base or LoRA
 /// layer). `Inference` of base and LoRA equals their `Forward`.
 pub fn cost(kind: LayerKind, op: Op, s: Shape, dtype: DType) -> Option<Cost> {
     let e = dtype.size() as f64;
@@ -142,7 +139,7 @@ pub fn cost(kind: LayerKind, op: Op, s: Shape, dtype: DType) -> Option<Cost> {
     let norm_flops = 2.0 * r * o * i + 2.0 * o * i + 2.0 * r * r * (i + o) + 2.0 * r * o;
     let c = |bytes: f64, flops: f64| Cost { bytes, flops };
     Some(match (kind, op) {
-        (_, Op::Norm | Op::Epilogue) if kind != LayerKind::Dora => return None,
+        (_, Op::Norm | Op::Compose) if kind != LayerKind::Dora => return None,
         (LayerKind::Base, Op::Forward | Op::Inference) => c(x + w0 + y, base_gemm),
         // dx = dy·W0: reads dy and W0, writes dx.
         (LayerKind::Base, Op::Backward) => c(y + w0 + x, base_gemm),
@@ -152,7 +149,7 @@ pub fn cost(kind: LayerKind, op: Op, s: Shape, dtype: DType) -> Option<Cost> {
         // Reads W0, A, B, m; writes g.
         (LayerKind::Dora, Op::Norm) => c(w0 + ab + F32 * o + F32 * o, norm_flops),
         // Reads z [T,O], U [T,r], B, g; writes y. Expand plus scale-and-add.
-        (LayerKind::Dora, Op::Epilogue) => c(
+        (LayerKind::Dora, Op::Compose) => c(
             y + e * t * r + e * o * r + F32 * o + y,
             2.0 * t * r * o + 2.0 * t * o,
         ),
@@ -175,7 +172,7 @@ pub fn cost(kind: LayerKind, op: Op, s: Shape, dtype: DType) -> Option<Cost> {
         (k, Op::ForwardBackward) => {
             return Some(cost(k, Op::Forward, s, dtype)? + cost(k, Op::Backward, s, dtype)?)
         }
-        (_, Op::Norm | Op::Epilogue) => unreachable!("handled by the first arm"),
+        (_, Op::Norm | Op::Compose) => unreachable!("handled by the first arm"),
     })
 }
 
@@ -258,7 +255,7 @@ mod tests {
             assert!(b.bytes < l.bytes && l.bytes < d.bytes, "{op:?}");
             assert!(b.flops < l.flops && l.flops < d.flops, "{op:?}");
         }
-        for op in [Op::Norm, Op::Epilogue] {
+        for op in [Op::Norm, Op::Compose] {
             assert!(cost(LayerKind::Base, op, s, DType::BF16).is_none());
             assert!(cost(LayerKind::Lora, op, s, DType::BF16).is_none());
         }

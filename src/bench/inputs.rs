@@ -52,25 +52,6 @@ pub struct InputSet {
     pub dy: Tensor,
 }
 
-impl InputSet {
-    /// Bytes of this set's tensors.
-    pub fn bytes(&self) -> usize {
-        let l = &self.layer;
-        [
-            Some(&l.weight),
-            Some(&l.lora_a),
-            Some(&l.lora_b),
-            l.magnitude.as_ref(),
-            Some(&self.x),
-            Some(&self.dy),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|t| t.as_bytes().len())
-        .sum()
-    }
-}
-
 /// Builds a random DoRA layer and inputs of `shape` in `dtype` from `seed`.
 ///
 /// Scales follow a trained layer: W0 and A like Kaiming-uniform (`1/√d_in`), B non-zero
@@ -142,10 +123,18 @@ mod tests {
         assert_eq!(s.dy.shape(), &[3, 9]);
         assert_eq!(s.layer.magnitude.as_ref().unwrap().dtype(), DType::F32);
         assert!(s.layer.lora_b.to_f32().iter().all(|&v| v != 0.0));
-        assert_eq!(
-            s.bytes(),
-            2 * (9 * 17 + 2 * 17 + 9 * 2 + 3 * 17 + 3 * 9) + 4 * 9
-        );
+        // The rotation's size of a set counts exactly these tensors.
+        let l = &s.layer;
+        let tensors = [
+            &l.weight,
+            &l.lora_a,
+            &l.lora_b,
+            l.magnitude.as_ref().unwrap(),
+            &s.x,
+            &s.dy,
+        ];
+        let bytes: usize = tensors.iter().map(|t| t.as_bytes().len()).sum();
+        assert_eq!(bytes, crate::bench::runner::set_bytes(shape, DType::BF16));
         // Seeds give different data.
         let t = random_set(shape, DType::BF16, 2).unwrap();
         assert_ne!(s.x, t.x);

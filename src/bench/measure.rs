@@ -1,5 +1,6 @@
-//! The timing loop: warm-up, then many timed runs cycling over several input sets, each run
-//! timed on its own so a cache flush can sit between runs outside the timed region.
+//! The clocks and the timing loop: warm-up, then rounds that run every row of a group once
+//! each (interleaved, so a load change on a shared machine hits all rows alike and their
+//! ratios stay meaningful), cycling over input sets so the cache is not what is measured.
 
 use super::stats::Stats;
 use anyhow::{Context, Result};
@@ -78,13 +79,14 @@ impl Clock for SyncClock<'_> {
 /// How many runs to make.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
-    /// Untimed runs first (module load, first-touch page faults, cuBLAS heuristics).
+    /// Untimed rounds first (module load, first-touch page faults, cuBLAS heuristics).
     pub warmup: usize,
-    /// Fewest timed runs.
+    /// Fewest timed runs per row.
     pub min_reps: usize,
-    /// Most timed runs.
+    /// Most timed runs per row.
     pub max_reps: usize,
-    /// Timed runs stop once they have taken this long in total and `min_reps` are done.
+    /// Rounds stop once each row's timed runs have taken this long on average and
+    /// `min_reps` are done, seconds.
     pub budget_s: f64,
 }
 
@@ -100,149 +102,73 @@ impl Plan {
     }
 }
 
-/// Times `op` under `plan`: `op(i)` runs on input set `i % sets`, cycling so that consecutive
-/// runs touch different memory (the cache is not what is measured).
+/// Which part of a run [`measure`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Untimed work right before the timed call (e.g. the forward whose saved tensors a
+    /// timed backward consumes).
+    Setup,
+    /// The timed call.
+    Timed,
+}
+
+/// Times `n_ops` operations interleaved: each round calls `run(phase, k, i)` for every
+/// operation `k`, first with [`Phase::Setup`] (untimed), then, after the clock's `prepare`,
+/// with [`Phase::Timed`]; `i` is the input set, cycling over `sets`. Warm-up rounds are not
+/// counted; timed rounds continue until `min_reps` are done and the average operation has
+/// used `budget_s`, or `max_reps` rounds. Returns one summary per operation.
 ///
 /// # Errors
-/// The first error of `op` or of the clock, with the run number.
+/// The first error of `run` or of the clock, naming the operation and round.
 pub fn measure(
     clock: &mut dyn Clock,
     plan: &Plan,
     sets: usize,
-    op: impl FnMut(usize) -> Result<()>,
-) -> Result<Stats> {
-    measure_with_setup(clock, plan, sets, |_| Ok(()), op)
-}
-
-/// [`measure`] with an untimed `setup(i)` before every run of `op(i)` (e.g. the forward
-/// whose saved tensors a timed backward consumes).
-///
-/// # Errors
-/// The first error of `setup`, `op` or the clock, with the run number.
-pub fn measure_with_setup(
-    clock: &mut dyn Clock,
-    plan: &Plan,
-    sets: usize,
-    mut setup: impl FnMut(usize) -> Result<()>,
-    mut op: impl FnMut(usize) -> Result<()>,
-) -> Result<Stats> {
-    let sets = sets.max(1);
-    let mut run = 0usize;
-    for _ in 0..plan.warmup {
-        setup(run % sets).with_context(|| format!("set-up of warm-up run {run}"))?;
-        clock.prepare()?;
-        let i = run % sets;
-        clock
-            .time(&mut || op(i))
-            .with_context(|| format!("warm-up run {run}"))?;
-        run += 1;
-    }
-    let mut samples = Vec::with_capacity(plan.min_reps);
-    let mut total = 0.0;
-    while samples.len() < plan.max_reps && (samples.len() < plan.min_reps || total < plan.budget_s)
-    {
-        setup(run % sets).with_context(|| format!("set-up of timed run {}", samples.len()))?;
-        clock.prepare()?;
-        let i = run % sets;
-        let s = clock
-            .time(&mut || op(i))
-            .with_context(|| format!("timed run {}", samples.len()))?;
-        total += s;
-        samples.push(s);
-        run += 1;
-    }
-    Stats::from_samples(&samples)
-}
-
-/// Times `n_ops` operations interleaved: each round runs every operation once (`op(k, i)`
-/// for operation `k` on input set `i`), so a load change on a shared machine hits all of them
-/// alike and their ratios stay meaningful. Rounds continue until every operation has
-/// `min_reps` samples and the round time has passed `budget_s` (or `max_reps` rounds).
-/// Returns one summary per operation.
-///
-/// # Errors
-/// The first error of `op` or of the clock, naming the operation and round.
-pub fn measure_interleaved(
-    clock: &mut dyn Clock,
-    plan: &Plan,
-    sets: usize,
     n_ops: usize,
-    mut op: impl FnMut(usize, usize) -> Result<()>,
+    mut run: impl FnMut(Phase, usize, usize) -> Result<()>,
 ) -> Result<Vec<Stats>> {
     let sets = sets.max(1);
-    if n_ops == 0 {
-        return Ok(Vec::new());
-    }
-    for w in 0..plan.warmup {
-        for k in 0..n_ops {
-            clock.prepare()?;
-            clock
-                .time(&mut || op(k, w % sets))
-                .with_context(|| format!("operation {k}, warm-up round {w}"))?;
-        }
-    }
     let mut samples = vec![Vec::with_capacity(plan.min_reps); n_ops];
-    let mut total = 0.0;
-    let mut round = 0usize;
-    while round < plan.max_reps && (round < plan.min_reps || total < plan.budget_s) {
+    let (mut total, mut round) = (0.0, 0usize);
+    while n_ops > 0 && round < plan.warmup + plan.max_reps {
+        let timed = round.checked_sub(plan.warmup);
+        if timed.is_some_and(|n| n >= plan.min_reps && total >= plan.budget_s) {
+            break;
+        }
+        let what = timed.map_or(format!("warm-up round {round}"), |n| {
+            format!("timed round {n}")
+        });
+        let i = round % sets;
         for (k, v) in samples.iter_mut().enumerate() {
+            run(Phase::Setup, k, i).with_context(|| format!("operation {k}, set-up of {what}"))?;
             clock.prepare()?;
-            let i = (plan.warmup + round) % sets;
             let s = clock
-                .time(&mut || op(k, i))
-                .with_context(|| format!("operation {k}, timed round {round}"))?;
-            v.push(s);
-            total += s / n_ops.max(1) as f64;
+                .time(&mut || run(Phase::Timed, k, i))
+                .with_context(|| format!("operation {k}, {what}"))?;
+            if timed.is_some() {
+                v.push(s);
+                total += s / n_ops as f64;
+            }
         }
         round += 1;
     }
     samples.iter().map(|v| Stats::from_samples(v)).collect()
 }
 
-/// How many input sets to cycle so that together they exceed twice the last-level cache:
-/// `ceil(2·cache / set_bytes)`, at least 1 and at most `max_sets`.
-pub fn rotation_sets(set_bytes: usize, cache_bytes: usize, max_sets: usize) -> usize {
-    if set_bytes == 0 {
-        return 1;
-    }
-    (2 * cache_bytes)
-        .div_ceil(set_bytes)
+/// How many input sets to cycle so that together they exceed `rotate_bytes` (twice the
+/// cache to keep out): `ceil(rotate_bytes / set_bytes)`, at least 1 and at most `max_sets`.
+pub fn rotation_sets(set_bytes: usize, rotate_bytes: usize, max_sets: usize) -> usize {
+    rotate_bytes
+        .div_ceil(set_bytes.max(1))
         .clamp(1, max_sets.max(1))
-}
-
-/// The host's last-level cache in bytes, from sysfs (the largest `cache/index*/size` of
-/// cpu0), or 32 MiB when unknown.
-pub fn host_llc_bytes() -> usize {
-    let mut best = 0usize;
-    for idx in 0..8 {
-        let p = format!("/sys/devices/system/cpu/cpu0/cache/index{idx}/size");
-        if let Ok(s) = std::fs::read_to_string(&p) {
-            let s = s.trim();
-            let (num, mul) = match s.strip_suffix('K') {
-                Some(n) => (n, 1024),
-                None => match s.strip_suffix('M') {
-                    Some(n) => (n, 1024 * 1024),
-                    None => (s, 1),
-                },
-            };
-            if let Ok(v) = num.parse::<usize>() {
-                best = best.max(v * mul);
-            }
-        }
-    }
-    if best == 0 {
-        32 << 20
-    } else {
-        best
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A clock that reports a scripted time per run, so the loop's bookkeeping is tested
-    /// without timing anything.
+    /// A clock that reports 1, 2, 3, ... seconds, so the bookkeeping is tested without timing.
+    #[derive(Default)]
     struct Scripted {
         next: f64,
         prepared: usize,
@@ -264,90 +190,58 @@ mod tests {
     }
 
     #[test]
-    fn warmup_is_not_counted_and_sets_cycle() {
-        let mut clock = Scripted {
-            next: 0.0,
-            prepared: 0,
-        };
+    fn rounds_interleave_cycle_sets_and_skip_warmup() {
+        let mut clock = Scripted::default();
         let mut seen = Vec::new();
-        let s = measure(&mut clock, &Plan::fixed(2, 5), 3, |i| {
-            seen.push(i);
+        let st = measure(&mut clock, &Plan::fixed(1, 3), 2, 2, |p, k, i| {
+            seen.push((p == Phase::Timed, k, i));
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, vec![0, 1, 2, 0, 1, 2, 0]);
-        assert_eq!(s.runs, 5);
-        // Timed runs got 3, 4, 5, 6, 7 (the warm-up took 1 and 2).
-        assert_eq!(s.min_s, 3.0);
-        assert_eq!(s.median_s, 5.0);
-        assert_eq!(clock.prepared, 7);
+        let timed: Vec<_> = seen.iter().filter(|s| s.0).map(|s| (s.1, s.2)).collect();
+        // A warm-up round on set 0, then three rounds on sets 1, 0, 1.
+        let want = [
+            (0, 0),
+            (1, 0),
+            (0, 1),
+            (1, 1),
+            (0, 0),
+            (1, 0),
+            (0, 1),
+            (1, 1),
+        ];
+        assert_eq!(timed, want);
+        assert_eq!(seen.len(), 16, "a set-up before every run");
+        assert_eq!(clock.prepared, 8);
+        // Op 0 got times 3, 5, 7; op 1 got 4, 6, 8 (the warm-up took 1 and 2).
+        assert_eq!((st[0].median_s, st[1].median_s), (5.0, 6.0));
+        assert_eq!(st[0].runs, 3);
     }
 
     #[test]
-    fn budget_stops_after_min_reps() {
-        let mut clock = Scripted {
-            next: 0.0,
-            prepared: 0,
-        };
+    fn budget_stops_after_min_reps_and_errors_name_the_round() {
         let plan = Plan {
             warmup: 0,
             min_reps: 2,
             max_reps: 100,
             budget_s: 5.0,
         };
-        // Runs take 1, 2, 3: the total passes 5 after the third.
-        let s = measure(&mut clock, &plan, 1, |_| Ok(())).unwrap();
-        assert_eq!(s.runs, 3);
-    }
-
-    #[test]
-    fn errors_name_the_run() {
-        let mut clock = HostClock;
-        let e = measure(&mut clock, &Plan::fixed(1, 3), 1, |_| {
-            anyhow::bail!("kernel fault")
-        })
-        .unwrap_err();
-        assert!(format!("{e:#}").contains("warm-up run 0"), "{e:#}");
-    }
-
-    #[test]
-    fn interleaved_runs_every_op_each_round() {
-        let mut clock = Scripted {
-            next: 0.0,
-            prepared: 0,
-        };
-        let mut seen = Vec::new();
-        let st = measure_interleaved(&mut clock, &Plan::fixed(1, 3), 2, 2, |k, i| {
-            seen.push((k, i));
+        // One op taking 1, 2, 3: the total passes 5 after the third round.
+        let st = measure(&mut Scripted::default(), &plan, 1, 1, |_, _, _| Ok(())).unwrap();
+        assert_eq!(st[0].runs, 3);
+        let e = measure(&mut HostClock, &Plan::fixed(1, 3), 1, 1, |p, _, _| {
+            anyhow::ensure!(p == Phase::Setup, "kernel fault");
             Ok(())
         })
-        .unwrap();
-        // Warm-up round on set 0, then three rounds on sets 1, 0, 1.
-        assert_eq!(
-            seen,
-            vec![
-                (0, 0),
-                (1, 0),
-                (0, 1),
-                (1, 1),
-                (0, 0),
-                (1, 0),
-                (0, 1),
-                (1, 1)
-            ]
-        );
-        assert_eq!(st.len(), 2);
-        // Op 0 got times 3, 5, 7; op 1 got 4, 6, 8.
-        assert_eq!((st[0].median_s, st[1].median_s), (5.0, 6.0));
-        assert_eq!(st[0].runs, 3);
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("warm-up round 0"), "{e:#}");
     }
 
     #[test]
-    fn rotation_covers_twice_the_cache() {
-        assert_eq!(rotation_sets(10 << 20, 32 << 20, 16), 7);
-        assert_eq!(rotation_sets(100 << 20, 32 << 20, 16), 1);
-        assert_eq!(rotation_sets(1, 32 << 20, 16), 16);
-        assert_eq!(rotation_sets(0, 32 << 20, 16), 1);
-        assert!(host_llc_bytes() >= 1 << 16);
+    fn rotation_covers_the_bytes() {
+        assert_eq!(rotation_sets(10 << 20, 64 << 20, 16), 7);
+        assert_eq!(rotation_sets(100 << 20, 64 << 20, 16), 1);
+        assert_eq!(rotation_sets(1, 64 << 20, 16), 16);
+        assert_eq!(rotation_sets(0, 0, 16), 1);
     }
 }

@@ -2,11 +2,17 @@
 //! base layer and over LoRA, and how close each operation runs to the machine's measured
 //! ceilings (docs/design.md §5).
 //!
+//! One runner ([`runner::run`]) times one list of rows ([`runner::ROWS`]) on any
+//! [`runner::Target`]: the CPU path ([`cpu`]), or the kernels on a backend ([`device`]: the
+//! emulator, or CUDA through [`cuda`]). Around it:
+//!
 //! - [`formula`]: bytes and FLOPs of every operation, by formula (the one place);
-//! - [`measure`]: warm-up, many timed runs cycling input sets, a clock per device;
+//! - [`measure`]: the clocks and the timing loop (warm-up, interleaved rounds, rotated sets);
 //! - [`stats`]: median, p10/p90 and MAD of the runs;
 //! - [`inputs`]: random, non-zero benchmark layers;
-//! - [`cpu`]: the GEMM crate alone, PEFT-style unfused DoRA, and the CPU ceilings.
+//! - [`unfused`]: DoRA as PEFT runs it (the baseline), written once over [`unfused::Passes`];
+//! - [`report`], [`table`], [`plot`]: the JSON document, its tables and its plot;
+//! - [`target`]: the CPU path's own performance target.
 
 pub mod cpu;
 pub mod cuda;
@@ -16,7 +22,8 @@ pub mod inputs;
 pub mod measure;
 pub mod plot;
 pub mod report;
+pub mod runner;
 pub mod stats;
-pub mod suite;
 pub mod table;
 pub mod target;
+pub mod unfused;

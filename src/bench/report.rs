@@ -14,8 +14,8 @@ use std::path::Path;
 /// The `schema` field of every document.
 pub const SCHEMA: &str = "dorafuse-bench";
 /// The `version` field; bumped on any incompatible change (docs/bench-json.md keeps the
-/// history).
-pub const VERSION: u32 = 1;
+/// history). Version 1 documents are read too: their `epilogue` rows are `compose` rows.
+pub const VERSION: u32 = 2;
 
 /// Implementation names of the `impl` field.
 pub mod imp {
@@ -236,7 +236,7 @@ pub struct Report {
     pub device: DeviceInfo,
     /// When (UTC, RFC 3339).
     pub date: String,
-    /// The source revision (`git describe --always --dirty`, or `DORAFUSE_GIT_COMMIT`).
+    /// The commit the binary was built from (or `DORAFUSE_GIT_COMMIT`), see [`git_commit`].
     #[serde(default)]
     pub git_commit: Option<String>,
     /// How the runs were made.
@@ -285,10 +285,10 @@ impl Report {
     /// checking it is the same schema.
     ///
     /// # Errors
-    /// A different schema or major version.
+    /// A different schema or version.
     pub fn merge(&mut self, other: Report) -> Result<()> {
         ensure!(
-            other.schema == SCHEMA && other.version == VERSION,
+            other.schema == SCHEMA && other.version == self.version,
             "cannot merge a {} v{} document into {SCHEMA} v{VERSION}",
             other.schema,
             other.version
@@ -325,11 +325,13 @@ impl Report {
         );
         let version = head.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         ensure!(
-            version == VERSION as u64,
-            "benchmark document version {version} is not supported (this build reads {VERSION})"
+            (1..=VERSION as u64).contains(&version),
+            "benchmark document version {version} is not supported (this build reads 1 to {VERSION})"
         );
         let mut rep: Report =
             serde_json::from_value(head).context("benchmark document does not match the schema")?;
+        // Version 1 differs only in the name of compose, which `Op` reads under both names.
+        rep.version = VERSION;
         rep.fill_derived()?;
         Ok(rep)
     }
@@ -341,35 +343,21 @@ impl Report {
     /// # Errors
     /// A row with an unknown dtype or an operation its layer kind does not have.
     pub fn fill_derived(&mut self) -> Result<()> {
-        let ceilings = self.ceilings.clone();
-        for row in &mut self.rows {
-            if row.bytes > 0.0 || row.flops > 0.0 {
-                continue;
-            }
-            let dt = crate::dtype::DType::parse(&row.dtype).with_context(|| {
-                format!(
-                    "row {} {:?} {}",
-                    row.implementation,
-                    row.kind,
-                    row.op.name()
-                )
-            })?;
-            let filled = Row::new(
-                &row.implementation,
-                row.kind,
-                row.op,
-                row.shape(),
-                dt,
-                row.time,
-                ceilings.as_ref(),
-            )?;
-            row.bytes = filled.bytes;
-            row.flops = filled.flops;
-            row.gbps = filled.gbps;
-            row.tflops = filled.tflops;
-            row.frac_copy = filled.frac_copy;
-            row.frac_gemm = filled.frac_gemm;
-            row.frac_floor = filled.frac_floor;
+        for row in self
+            .rows
+            .iter_mut()
+            .filter(|r| r.bytes == 0.0 && r.flops == 0.0)
+        {
+            let what = || format!("row {} {}", row.series(), row.op.name());
+            let dt = DType::parse(&row.dtype).with_context(what)?;
+            let (im, shape, c) = (&row.implementation, row.shape(), self.ceilings.as_ref());
+            let filled = Row::new(im, row.kind, row.op, shape, dt, row.time, c)?;
+            *row = Row {
+                extra_mem_bytes: row.extra_mem_bytes,
+                extra_mem_source: row.extra_mem_source.take(),
+                note: row.note.take(),
+                ..filled
+            };
         }
         Ok(())
     }
@@ -398,227 +386,136 @@ impl Report {
     }
 }
 
-/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, whole seconds).
 pub fn utc_now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339_from_unix(secs)
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Formats Unix seconds as RFC 3339 UTC (civil-from-days, proleptic Gregorian).
-pub fn rfc3339_from_unix(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days → civil date.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// The source revision: `DORAFUSE_GIT_COMMIT` when set (to stamp another revision), else the
-/// commit this binary was built from (build.rs, `git describe --always --dirty`), never that
-/// of the directory it runs in; `None` when built outside a git checkout.
+/// The commit the binary was built from (`git rev-parse HEAD` at build time, stamped by
+/// build.rs), or `DORAFUSE_GIT_COMMIT` when set (a bundle built elsewhere); `None` when
+/// neither is known.
 pub fn git_commit() -> Option<String> {
-    if let Ok(v) = std::env::var("DORAFUSE_GIT_COMMIT") {
-        if !v.trim().is_empty() {
-            return Some(v.trim().to_string());
-        }
-    }
-    let built = env!("DORAFUSE_BUILD_COMMIT");
-    (!built.is_empty()).then(|| built.to_string())
+    let set = std::env::var("DORAFUSE_GIT_COMMIT").ok();
+    let c = set.as_deref().map(str::trim).filter(|v| !v.is_empty());
+    let c = c.unwrap_or(env!("DORAFUSE_BUILD_COMMIT"));
+    (c != "unknown").then(|| c.to_string())
 }
 
-/// The host CPU: model name from /proc/cpuinfo and the logical core count.
+/// The host: CPU model, logical cores and memory (from `sysinfo`).
 pub fn host_cpu() -> DeviceInfo {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
+    let refresh = sysinfo::RefreshKind::nothing()
+        .with_cpu(sysinfo::CpuRefreshKind::nothing())
+        .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram());
+    let sys = sysinfo::System::new_with_specifics(refresh);
+    let brand = sys.cpus().first().map(|c| c.brand().trim().to_string());
     DeviceInfo {
         kind: "cpu".into(),
-        name: model,
-        units: Some(cores),
-        memory_bytes: mem,
+        name: brand
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "unknown CPU".into()),
+        units: std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get() as u64),
+        memory_bytes: Some(sys.total_memory()).filter(|&m| m > 0),
     }
+}
+
+/// The 1-minute load average, when the system reports one.
+pub fn load_average() -> Option<f64> {
+    Some(sysinfo::System::load_average().one).filter(|l| l.is_finite() && *l >= 0.0)
+}
+
+/// A note of the load average before (`before`) and now, warning when other processes
+/// competed for the cores.
+pub fn load_note(before: Option<f64>) -> Option<String> {
+    let (a, b) = (before?, load_average()?);
+    let cores = host_cpu().units.unwrap_or(1);
+    let busy = a.max(b) > 0.5 * cores as f64 + 1.0;
+    Some(format!(
+        "load average {a:.1} before and {b:.1} after the run on {cores} cores{}",
+        if busy {
+            ": other processes competed for the cores, so spreads are wide and single rows \
+             can be off by tens of percent"
+        } else {
+            ""
+        }
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> Report {
-        let mut r = Report::new(
-            host_cpu(),
-            Settings {
-                clock: "test".into(),
-                warmup: 1,
-                min_reps: 3,
-                max_reps: 9,
-                budget_s: Some(0.5),
-                cache_policy: "rotate 2 sets".into(),
-            },
-            Some(Ceilings {
-                copy_gbps: 10.0,
-                copy_method: "memcpy".into(),
-                gemm_tflops: 0.1,
-                gemm_dtype: "f32".into(),
-                gemm_method: "sgemm 2048³".into(),
-            }),
-        );
-        let st = Stats::from_samples(&[1e-3, 2e-3, 3e-3]).unwrap();
-        let shape = Shape {
-            t: 16,
-            d_in: 64,
-            d_out: 96,
-            r: 4,
-        };
-        r.rows.push(
-            Row::new(
-                imp::DORAFUSE,
-                LayerKind::Dora,
-                Op::Forward,
-                shape,
-                DType::BF16,
-                st,
-                r.ceilings.as_ref(),
-            )
-            .unwrap(),
-        );
-        r.rows.push(
-            Row::new(
-                imp::BASE,
-                LayerKind::Base,
-                Op::Forward,
-                shape,
-                DType::BF16,
-                st,
-                None,
-            )
-            .unwrap(),
-        );
-        r.notes.push("a note".into());
-        r
-    }
+    use crate::bench::table::tests::report;
 
     #[test]
-    fn json_round_trip() {
-        let r = sample();
+    fn json_round_trip_and_version_1() {
+        let r = report();
         let s = r.to_json().unwrap();
-        assert!(s.contains("\"impl\": \"dorafuse\""), "{s}");
-        assert!(s.contains("\"op\": \"forward\""));
-        assert!(s.contains("\"kind\": \"dora\""));
-        let back = Report::from_json(&s).unwrap();
-        // serde_json parses decimals to within an ulp, not bit-exactly: compare every value
-        // of the two documents, numbers to within rounding.
-        fn close(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
-            use serde_json::Value as V;
-            match (a, b) {
-                (V::Number(x), V::Number(y)) => {
-                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-                    assert!(
-                        (x - y).abs() <= 1e-14 * x.abs().max(y.abs()),
-                        "{at}: {x} vs {y}"
-                    );
-                }
-                (V::Object(x), V::Object(y)) => {
-                    assert_eq!(x.len(), y.len(), "{at}");
-                    for (k, v) in x {
-                        close(v, &y[k], &format!("{at}.{k}"));
-                    }
-                }
-                (V::Array(x), V::Array(y)) => {
-                    assert_eq!(x.len(), y.len(), "{at}");
-                    for (i, (v, w)) in x.iter().zip(y).enumerate() {
-                        close(v, w, &format!("{at}[{i}]"));
-                    }
-                }
-                _ => assert_eq!(a, b, "{at}"),
-            }
+        for field in [
+            "\"impl\": \"dorafuse\"",
+            "\"op\": \"forward\"",
+            "\"kind\": \"dora\"",
+        ] {
+            assert!(s.contains(field), "{s}");
         }
-        let va: serde_json::Value = serde_json::from_str(&s).unwrap();
-        let vb: serde_json::Value = serde_json::from_str(&back.to_json().unwrap()).unwrap();
-        close(&va, &vb, "$");
+        let back = Report::from_json(&s).unwrap();
+        assert_eq!((&back.device, &back.settings), (&r.device, &r.settings));
+        assert_eq!((&back.date, &back.git_commit), (&r.date, &r.git_commit));
         assert_eq!(back.rows.len(), r.rows.len());
         for (a, b) in back.rows.iter().zip(&r.rows) {
             assert_eq!(
-                (&a.implementation, a.kind, a.op, a.shape()),
-                (&b.implementation, b.kind, b.op, b.shape())
+                (&a.implementation, a.kind, a.op),
+                (&b.implementation, b.kind, b.op)
+            );
+            assert_eq!(
+                (a.shape(), a.frac_floor.is_some()),
+                (b.shape(), b.frac_floor.is_some())
             );
             assert!((a.time.p10_s - b.time.p10_s).abs() <= 1e-15 * b.time.p10_s);
-            assert_eq!(a.frac_floor.is_some(), b.frac_floor.is_some());
         }
-        assert_eq!(
-            (back.device, back.settings, back.notes),
-            (r.device, r.settings, r.notes)
-        );
-    }
-
-    #[test]
-    fn rates_follow_the_formulas() {
-        let r = sample();
-        let row = &r.rows[0];
-        let c = cost(LayerKind::Dora, Op::Forward, row.shape(), DType::BF16).unwrap();
-        assert_eq!(row.bytes, c.bytes);
-        assert!((row.gbps - c.bytes / 2e-3 / 1e9).abs() < 1e-9);
-        assert!((row.frac_copy.unwrap() - row.gbps / 10.0).abs() < 1e-12);
-        let floor = floor_s(c, 10e9, 0.1e12);
-        assert!((row.frac_floor.unwrap() - floor / 2e-3).abs() < 1e-12);
-        assert!(r.rows[1].frac_floor.is_none());
-        assert!(Row::new(
-            imp::BASE,
-            LayerKind::Base,
-            Op::Norm,
-            row.shape(),
-            DType::BF16,
-            row.time,
-            None
-        )
-        .is_err());
-    }
-
-    #[test]
-    fn rejects_other_documents() {
+        // A version 1 document, where compose was called epilogue, is read as this version.
+        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        v["version"] = 1.into();
+        v["rows"][0]["op"] = "epilogue".into();
+        v["rows"][0]["kind"] = "dora".into();
+        let old = Report::from_json(&v.to_string()).unwrap();
+        assert_eq!((old.version, old.rows[0].op), (VERSION, Op::Compose));
+        // Other documents are refused, naming what is wrong.
         let e = Report::from_json("{\"schema\": \"other\"}").unwrap_err();
         assert!(e.to_string().contains("not a dorafuse benchmark"), "{e}");
-        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json().unwrap()).unwrap();
         v["version"] = 99.into();
         let e = Report::from_json(&v.to_string()).unwrap_err();
         assert!(e.to_string().contains("version 99"), "{e}");
-        v["version"] = 1.into();
+        v["version"] = 2.into();
         v["rows"][0]["op"] = "fwd".into();
         assert!(Report::from_json(&v.to_string()).is_err());
     }
 
     #[test]
-    fn rows_without_costs_are_filled_from_the_formulas() {
+    fn rates_follow_the_formulas_and_are_filled_when_absent() {
+        let r = report();
+        let row = &r.rows[3];
+        assert_eq!((row.kind, row.op), (LayerKind::Dora, Op::Forward));
+        let c = cost(LayerKind::Dora, Op::Forward, row.shape(), DType::F32).unwrap();
+        let med = row.time.median_s;
+        assert_eq!((row.bytes, row.flops), (c.bytes, c.flops));
+        assert!((row.gbps - c.bytes / med / 1e9).abs() < 1e-9);
+        assert!((row.frac_copy.unwrap() - row.gbps / 10.0).abs() < 1e-12);
+        assert!((row.frac_floor.unwrap() - floor_s(c, 10e9, 0.1e12) / med).abs() < 1e-12);
+        let no_norm = Row::new(
+            imp::BASE,
+            LayerKind::Base,
+            Op::Norm,
+            row.shape(),
+            DType::F32,
+            row.time,
+            None,
+        );
+        assert!(no_norm.is_err());
         // What benches/peft_bench.py writes: no bytes, FLOPs or rates.
-        let r = sample();
         let mut v: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
         for row in v["rows"].as_array_mut().unwrap() {
             for k in [
@@ -635,40 +532,26 @@ mod tests {
         }
         let back = Report::from_json(&v.to_string()).unwrap();
         for (a, b) in back.rows.iter().zip(&r.rows) {
-            assert_eq!(a.bytes, b.bytes);
-            assert_eq!(a.flops, b.flops);
+            assert_eq!((a.bytes, a.flops), (b.bytes, b.flops));
             assert!((a.gbps - b.gbps).abs() <= 1e-12 * b.gbps);
-            // Fractions use the document's ceilings, for every row.
             assert!(a.frac_floor.is_some());
         }
     }
 
     #[test]
-    fn merge_and_find() {
-        let mut a = sample();
-        let b = sample();
-        a.merge(b).unwrap();
-        assert_eq!(a.rows.len(), 4);
-        assert_eq!(a.notes.len(), 1);
+    fn merge_find_and_labels() {
+        let mut a = report();
+        a.notes.push("a note".into());
+        let n = a.rows.len();
+        a.merge(a.clone()).unwrap();
+        assert_eq!((a.rows.len(), a.notes.len()), (2 * n, 1));
         let shape = a.rows[0].shape();
         assert!(a
             .find(imp::BASE, LayerKind::Base, Op::Forward, shape)
             .is_some());
         assert!(a
-            .find(imp::UNFUSED, LayerKind::Dora, Op::Forward, shape)
+            .find(imp::UNFUSED, LayerKind::Dora, Op::Backward, shape)
             .is_none());
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_from_unix(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_from_unix(1_795_919_532), "2026-11-29T02:32:12Z");
-        assert!(utc_now_rfc3339().ends_with('Z'));
-    }
-
-    #[test]
-    fn labels() {
         assert_eq!(series_label(imp::DORAFUSE, LayerKind::Dora), "DoRA fused");
         assert_eq!(series_label(imp::DORAFUSE, LayerKind::Lora), "LoRA");
         assert_eq!(series_label(imp::UNFUSED, LayerKind::Dora), "DoRA unfused");
@@ -676,5 +559,21 @@ mod tests {
             series_label(imp::PEFT_COMPILE, LayerKind::Dora),
             "PEFT DoRA (compile)"
         );
+    }
+
+    #[test]
+    fn dates_commits_and_host_facts() {
+        let d = utc_now_rfc3339();
+        assert_eq!((d.len(), &d[10..11], &d[19..]), (20, "T", "Z"), "{d}");
+        let c = git_commit();
+        assert!(c.is_none_or(|c| c.len() >= 7 && !c.contains(char::is_whitespace)));
+        let h = host_cpu();
+        assert!(
+            h.units.unwrap() >= 1 && h.memory_bytes.unwrap() > 1 << 20,
+            "{h:?}"
+        );
+        assert!(load_note(Some(0.0))
+            .unwrap()
+            .starts_with("load average 0.0 before"));
     }
 }

@@ -1,17 +1,17 @@
-//! Tables of a [`Report`]: as aligned text for the terminal and as Markdown for
-//! BENCHMARKS.md and docs/, both generated from the same rows (numbers are never typed by
-//! hand into a document).
+//! Tables of a [`Report`], as aligned text for the terminal and as Markdown for
+//! BENCHMARKS.md and docs/, both from the same rows and laid out by comfy-table (numbers are
+//! never typed by hand into a document); and the generated sections of Markdown files.
 
 use super::formula::{LayerKind, Op};
 use super::report::{imp, series_label, Report, Row};
-use super::stats::fmt_time;
+use super::stats::{fmt_time, Stats};
 use crate::layer::Shape;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 
-/// A plain table: a header and rows of cells, right-aligned except the first column.
+/// A table of text cells.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     /// Column titles.
@@ -21,52 +21,47 @@ pub struct Table {
 }
 
 impl Table {
-    /// Aligned text with two spaces between columns.
-    pub fn to_text(&self) -> String {
-        let n = self.header.len();
-        let mut w = vec![0usize; n];
-        for row in std::iter::once(&self.header).chain(&self.rows) {
-            for (i, c) in row.iter().enumerate().take(n) {
-                w[i] = w[i].max(c.chars().count());
+    fn layout(&self, preset: &str) -> String {
+        let mut t = comfy_table::Table::new();
+        t.load_preset(preset)
+            .set_header(&self.header)
+            .add_rows(&self.rows);
+        // Numbers right-aligned; the first column (a label) left; text columns two spaces
+        // apart, with no margin.
+        for (i, c) in t.column_iter_mut().enumerate() {
+            if i > 0 {
+                c.set_cell_alignment(comfy_table::CellAlignment::Right);
+            }
+            if preset == comfy_table::presets::NOTHING {
+                c.set_padding((0, 2));
             }
         }
-        let line = |row: &Vec<String>| {
-            let cells: Vec<String> = row
-                .iter()
-                .enumerate()
-                .take(n)
-                .map(|(i, c)| {
-                    let pad = w[i] - c.chars().count();
-                    if i == 0 {
-                        format!("{c}{}", " ".repeat(pad))
-                    } else {
-                        format!("{}{c}", " ".repeat(pad))
-                    }
-                })
-                .collect();
-            cells.join("  ").trim_end().to_string()
-        };
-        let mut out = line(&self.header);
-        out.push('\n');
-        for r in &self.rows {
-            out.push_str(&line(r));
-            out.push('\n');
-        }
-        out
+        format!("{}\n", t.trim_fmt())
+    }
+
+    /// Aligned text, columns apart by spaces.
+    pub fn to_text(&self) -> String {
+        self.layout(comfy_table::presets::NOTHING)
     }
 
     /// A GitHub-flavoured Markdown table.
     pub fn to_markdown(&self) -> String {
-        let mut out = format!("| {} |\n", self.header.join(" | "));
-        let seps: Vec<&str> = (0..self.header.len())
-            .map(|i| if i == 0 { "---" } else { "---:" })
-            .collect();
-        out.push_str(&format!("| {} |\n", seps.join(" | ")));
-        for r in &self.rows {
-            out.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        out
+        self.layout(comfy_table::presets::ASCII_MARKDOWN)
     }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// `met` or `missed`, for a target's figure.
+pub fn verdict(met: bool) -> String {
+    if met { "met" } else { "missed" }.into()
+}
+
+/// `12.3 µs ±4%` (half the p10–p90 spread, relative to the median).
+pub fn time_cell(s: &Stats) -> String {
+    format!("{} ±{:.0}%", fmt_time(s.median_s), 50.0 * s.rel_spread())
 }
 
 /// The columns of the comparison tables: (implementation, kind), in order.
@@ -81,95 +76,65 @@ const COLUMNS: [(&str, LayerKind); 8] = [
     (imp::PEFT_COMPILE, LayerKind::Dora),
 ];
 
+/// The median of `a` over that of `b`, when both were measured.
+fn over(a: Option<&Row>, b: Option<&Row>) -> Option<f64> {
+    Some(a?.time.median_s / b?.time.median_s)
+}
+
 /// `1.23×`, or `–` when either side is missing.
 fn ratio(a: Option<&Row>, b: Option<&Row>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b.time.median_s > 0.0 => {
-            format!("{:.2}×", a.time.median_s / b.time.median_s)
-        }
-        _ => "–".into(),
-    }
+    over(a, b).map_or("–".into(), |v| format!("{v:.2}×"))
 }
 
-/// `12.3 µs ±4%` (half the p10–p90 spread, relative to the median).
-fn time_cell(r: &Row) -> String {
-    format!(
-        "{} ±{:.0}%",
-        fmt_time(r.time.median_s),
-        50.0 * r.time.rel_spread()
-    )
-}
-
-/// `(d_in, d_out, r)` triples present, and T values per triple, in ascending order.
-fn layer_shapes(rep: &Report) -> Vec<(usize, usize, usize)> {
-    let set: BTreeSet<_> = rep.rows.iter().map(|r| (r.d_in, r.d_out, r.r)).collect();
-    set.into_iter().collect()
-}
-
-fn tokens_of(rep: &Report, (i, o, r): (usize, usize, usize)) -> Vec<usize> {
-    let set: BTreeSet<_> = rep
+/// The token counts (`t > 0`) measured at `(d_in, d_out, r)` in rows passing `keep`.
+fn tokens_of(rep: &Report, key: (usize, usize, usize), keep: impl Fn(&Row) -> bool) -> Vec<usize> {
+    let rows = rep
         .rows
         .iter()
-        .filter(|x| (x.d_in, x.d_out, x.r) == (i, o, r) && x.t > 0)
-        .map(|x| x.t)
-        .collect();
+        .filter(|x| (x.d_in, x.d_out, x.r) == key && x.t > 0);
+    let set: BTreeSet<usize> = rows.filter(|x| keep(x)).map(|x| x.t).collect();
     set.into_iter().collect()
 }
 
 /// The overhead table of one layer operation: a column per implementation present, then
-/// fused DoRA over the base layer, over LoRA, and unfused over fused. `None` when no row has
-/// this operation.
+/// fused DoRA over the base layer, over LoRA, and unfused over fused (and PEFT over fused
+/// when PEFT's rows were merged in). `None` when no row has this operation.
 pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
-    let cols: Vec<(&str, LayerKind)> = COLUMNS
-        .into_iter()
-        .filter(|&(im, k)| {
-            rep.rows
-                .iter()
-                .any(|r| r.implementation == im && r.kind == k && r.op == op)
-        })
-        .collect();
+    let has = |im: &str, k: LayerKind| {
+        (rep.rows.iter()).any(|r| r.implementation == im && r.kind == k && r.op == op)
+    };
+    let cols: Vec<(&str, LayerKind)> = COLUMNS.into_iter().filter(|&(im, k)| has(im, k)).collect();
     if cols.is_empty() {
         return None;
     }
-    let mut header: Vec<String> = vec!["shape (d_in×d_out)".into(), "r".into(), "T".into()];
+    let mut header = strings(&["shape (d_in×d_out)", "r", "T"]);
     header.extend(cols.iter().map(|&(im, k)| series_label(im, k)));
-    header.extend(
-        ["fused/base", "fused/LoRA", "unfused/fused"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
+    header.extend(strings(&["fused/base", "fused/LoRA", "unfused/fused"]));
     let has_peft = cols.iter().any(|&(im, _)| im.starts_with("peft"));
     if has_peft {
         header.push("PEFT/fused".into());
     }
     let mut rows = Vec::new();
-    for key @ (i, o, r) in layer_shapes(rep) {
-        for t in tokens_of(rep, key) {
-            let shape = Shape {
-                t,
-                d_in: i,
-                d_out: o,
-                r,
-            };
+    let keys: BTreeSet<_> = rep.rows.iter().map(|r| (r.d_in, r.d_out, r.r)).collect();
+    for key @ (d_in, d_out, r) in keys {
+        for t in tokens_of(rep, key, |_| true) {
+            let shape = Shape { t, d_in, d_out, r };
             let get = |im: &str, k: LayerKind, op: Op| rep.find(im, k, op, shape);
             if !cols.iter().any(|&(im, k)| get(im, k, op).is_some()) {
                 continue;
             }
-            let mut cells = vec![format!("{i}×{o}"), r.to_string(), t.to_string()];
+            let mut cells = vec![format!("{d_in}×{d_out}"), r.to_string(), t.to_string()];
             for &(im, k) in &cols {
-                cells.push(get(im, k, op).map_or("–".into(), time_cell));
+                cells.push(get(im, k, op).map_or("–".into(), |r| time_cell(&r.time)));
             }
             let fused = get(imp::DORAFUSE, LayerKind::Dora, op);
-            // Inference is compared with the base layer's forward (the base has no cached
-            // state, its inference is its forward).
+            // Inference is compared with the base forward (the base layer caches nothing).
             let base_op = if op == Op::Inference { Op::Forward } else { op };
             let base = get(imp::BASE, LayerKind::Base, base_op)
                 .or_else(|| get(imp::PEFT_EAGER, LayerKind::Base, base_op));
-            let lora = get(imp::DORAFUSE, LayerKind::Lora, base_op);
-            let unfused = get(imp::UNFUSED, LayerKind::Dora, op);
             cells.push(ratio(fused, base));
-            cells.push(ratio(fused, lora));
-            cells.push(ratio(unfused, fused));
+            cells.push(ratio(fused, get(imp::DORAFUSE, LayerKind::Lora, base_op)));
+            cells.push(ratio(get(imp::UNFUSED, LayerKind::Dora, op), fused));
             if has_peft {
                 let peft = get(imp::PEFT_COMPILE, LayerKind::Dora, op)
                     .or_else(|| get(imp::PEFT_EAGER, LayerKind::Dora, op));
@@ -183,12 +148,10 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
 
 /// `12.3 MiB`, `4.0 KiB`, `0 B`.
 fn fmt_bytes(b: u64) -> String {
-    if b >= 1 << 20 {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    } else if b >= 1 << 10 {
-        format!("{:.1} KiB", b as f64 / 1024.0)
-    } else {
-        format!("{b} B")
+    match b {
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
     }
 }
 
@@ -196,10 +159,10 @@ fn pct(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{:.0}%", 100.0 * v))
 }
 
-/// Every dorafuse and unfused DoRA row against the ceilings: time, GB/s, TFLOP/s and the
-/// fractions of copy bandwidth, GEMM rate and the floor; extra memory where known.
+/// Every DoRA and base row against the ceilings: time, GB/s, TFLOP/s and the fractions of
+/// copy bandwidth, GEMM rate and the floor; extra memory where known.
 pub fn ceiling_table(rep: &Report) -> Table {
-    let header = [
+    let header = strings(&[
         "op",
         "impl",
         "shape",
@@ -212,285 +175,215 @@ pub fn ceiling_table(rep: &Report) -> Table {
         "of GEMM",
         "of floor",
         "extra mem",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut rows: Vec<&Row> = rep
-        .rows
-        .iter()
+    ]);
+    let mut rows: Vec<&Row> = (rep.rows.iter())
         .filter(|r| r.kind == LayerKind::Dora || r.implementation == imp::BASE)
         .collect();
     rows.sort_by_key(|r| (r.op, r.d_in, r.d_out, r.r, r.t, r.series()));
-    let rows = rows
-        .into_iter()
-        .map(|r| {
-            vec![
-                r.op.name().to_string(),
-                r.series(),
-                format!("{}×{}", r.d_in, r.d_out),
-                r.r.to_string(),
-                if r.t == 0 {
-                    "–".into()
-                } else {
-                    r.t.to_string()
-                },
-                fmt_time(r.time.median_s),
-                format!("{:.1}", r.gbps),
-                format!("{:.3}", r.tflops),
-                pct(r.frac_copy),
-                pct(r.frac_gemm),
-                pct(r.frac_floor),
-                r.extra_mem_bytes.map_or("–".into(), fmt_bytes),
-            ]
-        })
-        .collect();
+    let cells = |r: &Row| {
+        vec![
+            r.op.name().to_string(),
+            r.series(),
+            format!("{}×{}", r.d_in, r.d_out),
+            r.r.to_string(),
+            if r.t == 0 {
+                "–".into()
+            } else {
+                r.t.to_string()
+            },
+            fmt_time(r.time.median_s),
+            format!("{:.1}", r.gbps),
+            format!("{:.3}", r.tflops),
+            pct(r.frac_copy),
+            pct(r.frac_gemm),
+            pct(r.frac_floor),
+            r.extra_mem_bytes.map_or("–".into(), fmt_bytes),
+        ]
+    };
+    let rows = rows.into_iter().map(cells).collect();
     Table { header, rows }
 }
 
-/// The issue-5 targets (H200-class GPU, bf16, 4096×4096 and 4096×11008, r = 16), checked
-/// against the rows: one line per target and shape with the figure and met/missed. `None`
-/// unless the report is a CUDA run with rows at those shapes.
+/// The GPU targets of docs/design.md §5 (H200-class GPU, bf16, 4096×4096 and 4096×11008,
+/// r = 16), checked against the rows: one line per target and shape with the figure and
+/// met/missed. `None` unless the report is a CUDA run with rows at those shapes.
 pub fn targets_table(rep: &Report) -> Option<Table> {
     if rep.device.kind != "cuda" {
         return None;
     }
     let mut rows = Vec::new();
-    let dora = |op: Op, s: Shape| rep.find(imp::DORAFUSE, LayerKind::Dora, op, s);
-    let ratio_of = |a: Option<&Row>, b: Option<&Row>| match (a, b) {
-        (Some(a), Some(b)) => Some(a.time.median_s / b.time.median_s),
-        _ => None,
-    };
     for (d_in, d_out) in [(4096, 4096), (4096, 11008)] {
         let r = 16;
-        let at = |t: usize| Shape { t, d_in, d_out, r };
-        let shape = format!("{d_in}×{d_out}");
-        let tokens: Vec<usize> = {
-            let set: BTreeSet<usize> = rep
-                .rows
-                .iter()
-                .filter(|x| {
-                    (x.d_in, x.d_out, x.r) == (d_in, d_out, r) && x.dtype == "bf16" && x.t > 0
-                })
-                .map(|x| x.t)
-                .collect();
-            set.into_iter().collect()
-        };
-        if tokens.is_empty() {
+        let tokens = tokens_of(rep, (d_in, d_out, r), |x| x.dtype == "bf16");
+        let Some(&t_big) = tokens.last() else {
             continue;
-        }
-        let t_big = *tokens.iter().max().expect("non-empty");
-        let mut line = |what: String,
-                        fig: Option<f64>,
-                        fmt: &dyn Fn(f64) -> String,
-                        ok: &dyn Fn(f64) -> bool| {
-            rows.push(vec![
-                what,
-                shape.clone(),
-                fig.map_or("not measured".into(), fmt),
-                fig.map_or("–".into(), |v| {
-                    if ok(v) {
-                        "met".into()
-                    } else {
-                        "missed".into()
-                    }
-                }),
-            ]);
         };
-        let pctf = |v: f64| format!("{:.0}% of copy bandwidth", 100.0 * v);
-        let times = |v: f64| format!("{v:.2}×");
-        line(
-            "norm ≥ 85% of copy bandwidth".into(),
-            dora(Op::Norm, at(0)).and_then(|x| x.frac_copy),
-            &pctf,
-            &|v| v >= 0.85,
-        );
-        line(
-            format!("forward epilogue ≥ 80% of copy bandwidth (T = {t_big})"),
-            dora(Op::Epilogue, at(t_big)).and_then(|x| x.frac_copy),
-            &pctf,
-            &|v| v >= 0.80,
-        );
-        line(
-            format!("training forward ≤ 1.10× base GEMM (T = {t_big})"),
-            ratio_of(
-                dora(Op::Forward, at(t_big)),
-                rep.find(imp::BASE, LayerKind::Base, Op::Forward, at(t_big)),
-            ),
-            &times,
-            &|v| v <= 1.10,
-        );
-        line(
-            format!("forward+backward ≤ 1.15× base forward+backward (T = {t_big})"),
-            ratio_of(
-                dora(Op::ForwardBackward, at(t_big)),
-                rep.find(imp::BASE, LayerKind::Base, Op::ForwardBackward, at(t_big)),
-            ),
-            &times,
-            &|v| v <= 1.15,
-        );
-        // Inference: the worst T.
-        let worst_inf = tokens
-            .iter()
-            .filter_map(|&t| {
-                ratio_of(
-                    dora(Op::Inference, at(t)),
-                    rep.find(imp::BASE, LayerKind::Base, Op::Forward, at(t)),
-                )
-                .map(|v| (v, t))
-            })
+        let at = |t: usize| Shape { t, d_in, d_out, r };
+        let dora = |op: Op, t: usize| rep.find(imp::DORAFUSE, LayerKind::Dora, op, at(t));
+        let base = |op: Op, t: usize| rep.find(imp::BASE, LayerKind::Base, op, at(t));
+        // Inference at its worst T; fused over unfused at its worst T ≤ 512.
+        let worst_inf = (tokens.iter())
+            .filter_map(|&t| Some((over(dora(Op::Inference, t), base(Op::Forward, t))?, t)))
             .max_by(|a, b| a.0.total_cmp(&b.0));
-        line(
-            format!(
-                "inference (cached g) ≤ 1.05× base GEMM (worst T{})",
-                worst_inf.map_or(String::new(), |(_, t)| format!(" = {t}"))
-            ),
-            worst_inf.map(|x| x.0),
-            &times,
-            &|v| v <= 1.05,
-        );
-        // Fused over unfused: the worst T ≤ 512, forward and forward+backward.
-        let worst_gain = tokens
-            .iter()
-            .filter(|&&t| t <= 512)
-            .flat_map(|&t| [Op::Forward, Op::ForwardBackward].map(move |op| (op, t)))
+        let worst_gain = (tokens.iter().filter(|&&t| t <= 512))
+            .flat_map(|&t| [Op::Forward, Op::ForwardBackward].map(|op| (op, t)))
             .filter_map(|(op, t)| {
-                ratio_of(
-                    rep.find(imp::UNFUSED, LayerKind::Dora, op, at(t)),
-                    dora(op, at(t)),
-                )
-                .map(|v| (v, op, t))
+                let unfused = rep.find(imp::UNFUSED, LayerKind::Dora, op, at(t));
+                Some((over(unfused, dora(op, t))?, op, t))
             })
             .min_by(|a, b| a.0.total_cmp(&b.0));
-        line(
-            format!(
-                "fused ≥ 2× faster than unfused at T ≤ 512 (worst{})",
-                worst_gain.map_or(String::new(), |(_, op, t)| format!(
-                    ": {} T = {t}",
-                    op.name()
-                ))
+        // (target, figure, limit, the figure must be at least the limit, a copy fraction).
+        let checks = [
+            (
+                "norm ≥ 85% of copy bandwidth".to_string(),
+                dora(Op::Norm, 0).and_then(|x| x.frac_copy),
+                0.85,
+                true,
+                true,
             ),
-            worst_gain.map(|x| x.0),
-            &times,
-            &|v| v >= 2.0,
-        );
+            (
+                format!("compose ≥ 80% of copy bandwidth (T = {t_big})"),
+                dora(Op::Compose, t_big).and_then(|x| x.frac_copy),
+                0.80,
+                true,
+                true,
+            ),
+            (
+                format!("training forward ≤ 1.10× base GEMM (T = {t_big})"),
+                over(dora(Op::Forward, t_big), base(Op::Forward, t_big)),
+                1.10,
+                false,
+                false,
+            ),
+            (
+                format!("forward+backward ≤ 1.15× base forward+backward (T = {t_big})"),
+                over(
+                    dora(Op::ForwardBackward, t_big),
+                    base(Op::ForwardBackward, t_big),
+                ),
+                1.15,
+                false,
+                false,
+            ),
+            (
+                format!(
+                    "inference (cached g) ≤ 1.05× base GEMM (worst T{})",
+                    worst_inf.map_or(String::new(), |(_, t)| format!(" = {t}"))
+                ),
+                worst_inf.map(|x| x.0),
+                1.05,
+                false,
+                false,
+            ),
+            (
+                format!(
+                    "fused ≥ 2× faster than unfused at T ≤ 512 (worst{})",
+                    worst_gain.map_or(String::new(), |(_, op, t)| format!(
+                        ": {} T = {t}",
+                        op.name()
+                    ))
+                ),
+                worst_gain.map(|x| x.0),
+                2.0,
+                true,
+                false,
+            ),
+        ];
+        for (what, fig, limit, at_least, copy) in checks {
+            let show = |v: f64| match copy {
+                true => format!("{:.0}% of copy bandwidth", 100.0 * v),
+                false => format!("{v:.2}×"),
+            };
+            let met = |v: f64| if at_least { v >= limit } else { v <= limit };
+            rows.push(vec![
+                what,
+                format!("{d_in}×{d_out}"),
+                fig.map_or("not measured".into(), show),
+                fig.map_or("–".into(), |v| verdict(met(v))),
+            ]);
+        }
     }
-    if rows.is_empty() {
-        return None;
-    }
-    Some(Table {
-        header: [
-            "target (issue 5, bf16, r = 16)",
-            "shape",
-            "measured",
-            "verdict",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        rows,
-    })
+    let header = strings(&["target (bf16, r = 16)", "shape", "measured", "verdict"]);
+    (!rows.is_empty()).then_some(Table { header, rows })
 }
 
-/// The heading lines of a report: device, dtype, date, commit, ceilings, notes.
+/// The heading lines of a report: device, dtype, date, commit, ceilings, timing, notes.
 pub fn preamble(rep: &Report) -> Vec<String> {
-    let units = match (rep.device.kind.as_str(), rep.device.units) {
+    let (d, s) = (&rep.device, &rep.settings);
+    let units = match (d.kind.as_str(), d.units) {
         ("cpu", Some(n)) => format!(", {n} cores"),
         (_, Some(n)) => format!(", {n} units"),
         _ => String::new(),
     };
     let dtypes: BTreeSet<&str> = rep.rows.iter().map(|r| r.dtype.as_str()).collect();
+    let dtypes = dtypes.into_iter().collect::<Vec<_>>().join("/");
+    let commit = rep.git_commit.as_deref().unwrap_or("unknown");
     let mut v = vec![format!(
-        "device: {} ({}{}) · dtype {} · {} · commit {}",
-        rep.device.kind,
-        rep.device.name,
-        units,
-        dtypes.into_iter().collect::<Vec<_>>().join("/"),
-        rep.date,
-        rep.git_commit.as_deref().unwrap_or("unknown"),
+        "device: {} ({}{units}) · dtype {dtypes} · {} · commit {commit}",
+        d.kind, d.name, rep.date
     )];
-    match &rep.ceilings {
-        Some(c) => v.push(format!(
+    v.push(match &rep.ceilings {
+        Some(c) => format!(
             "ceilings measured in this run: copy {:.1} GB/s ({}); GEMM {:.3} TFLOP/s {} ({})",
             c.copy_gbps, c.copy_method, c.gemm_tflops, c.gemm_dtype, c.gemm_method
-        )),
-        None => v.push("no ceilings: fractions of the hardware limit are not given".into()),
-    }
+        ),
+        None => "no ceilings: fractions of the hardware limit are not given".into(),
+    });
     v.push(format!(
         "timing: {}; warm-up {}, {}–{} timed runs per row; median ±half the p10–p90 spread; {}",
-        rep.settings.clock,
-        rep.settings.warmup,
-        rep.settings.min_reps,
-        rep.settings.max_reps,
-        rep.settings.cache_policy
+        s.clock, s.warmup, s.min_reps, s.max_reps, s.cache_policy
     ));
-    for n in &rep.notes {
-        v.push(format!("note: {n}"));
-    }
+    v.extend(rep.notes.iter().map(|n| format!("note: {n}")));
     v
 }
 
-/// Titles of the layer operations' tables.
-fn op_title(op: Op) -> &'static str {
-    match op {
-        Op::Forward => "Training forward (norm + base + adapter + scale)",
-        Op::ForwardBackward => "Forward + backward (norm detached, as PEFT)",
-        Op::Inference => "Inference forward with cached g (compared with the base forward)",
-        Op::Backward => "Backward alone",
-        Op::Norm => "Norm",
-        Op::Epilogue => "Epilogue",
-    }
-}
-
-/// The whole report as terminal text.
-pub fn render_text(rep: &Report) -> String {
-    let mut out = preamble(rep).join("\n");
-    out.push('\n');
-    for op in [
-        Op::Forward,
-        Op::ForwardBackward,
-        Op::Inference,
-        Op::Backward,
-    ] {
-        if let Some(t) = overhead_table(rep, op) {
-            out.push_str(&format!("\n{}\n", op_title(op)));
-            out.push_str(&t.to_text());
-        }
-    }
-    if let Some(t) = targets_table(rep) {
-        out.push_str("\nTargets\n");
-        out.push_str(&t.to_text());
-    }
-    out.push_str("\nAgainst the ceilings (bytes and FLOPs by formula, src/bench/formula.rs)\n");
-    out.push_str(&ceiling_table(rep).to_text());
-    out
-}
-
-/// The whole report as Markdown (no top-level heading; the caller places it).
-pub fn render_markdown(rep: &Report) -> String {
+/// The whole report as terminal text, or as Markdown (no top-level heading; the caller
+/// places it).
+pub fn render(rep: &Report, markdown: bool) -> String {
     let mut out = String::new();
     for l in preamble(rep) {
-        out.push_str(&format!("- {l}\n"));
+        out.push_str(&if markdown {
+            format!("- {l}\n")
+        } else {
+            format!("{l}\n")
+        });
     }
-    for op in [
-        Op::Forward,
-        Op::ForwardBackward,
-        Op::Inference,
-        Op::Backward,
+    let mut section = |title: &str, t: &Table| {
+        out.push_str(&match markdown {
+            true => format!("\n**{title}**\n\n{}", t.to_markdown()),
+            false => format!("\n{title}\n{}", t.to_text()),
+        });
+    };
+    for (op, title) in [
+        (
+            Op::Forward,
+            "Training forward (norm + base + adapter + scale)",
+        ),
+        (
+            Op::ForwardBackward,
+            "Forward + backward (norm detached, as PEFT)",
+        ),
+        (
+            Op::Inference,
+            "Inference forward with cached g (compared with the base forward)",
+        ),
+        (Op::Backward, "Backward alone"),
     ] {
         if let Some(t) = overhead_table(rep, op) {
-            out.push_str(&format!("\n**{}**\n\n", op_title(op)));
-            out.push_str(&t.to_markdown());
+            section(title, &t);
         }
     }
     if let Some(t) = targets_table(rep) {
-        out.push_str("\n**Targets** (issue 5; measured on this device, not a timed test)\n\n");
-        out.push_str(&t.to_markdown());
+        section(
+            "Targets (docs/design.md §5; measured on this device, not a timed test)",
+            &t,
+        );
     }
-    out.push_str(
-        "\n**Against the ceilings** (bytes and FLOPs by formula, `src/bench/formula.rs`)\n\n",
+    let t = ceiling_table(rep);
+    section(
+        "Against the ceilings (bytes and FLOPs by formula, src/bench/formula.rs)",
+        &t,
     );
-    out.push_str(&ceiling_table(rep).to_markdown());
     out
 }
 
@@ -510,25 +403,18 @@ pub fn section_markers(name: &str) -> (String, String) {
 pub fn replace_section(doc: &str, name: &str, body: &str) -> Result<String> {
     let (begin, end) = section_markers(name);
     let block = format!("{begin}\n{}\n{end}", body.trim_end());
-    match doc.find(&begin) {
-        Some(b) => {
-            let e = doc[b..]
-                .find(&end)
-                .with_context(|| format!("section {name:?}: begin marker without end marker"))?
-                + b;
-            Ok(format!("{}{block}{}", &doc[..b], &doc[e + end.len()..]))
-        }
-        None => {
-            let sep = if doc.is_empty() || doc.ends_with("\n\n") {
-                ""
-            } else if doc.ends_with('\n') {
-                "\n"
-            } else {
-                "\n\n"
-            };
-            Ok(format!("{doc}{sep}{block}\n"))
-        }
-    }
+    let Some(b) = doc.find(&begin) else {
+        let sep = match doc {
+            "" => "",
+            d if d.ends_with("\n\n") => "",
+            d if d.ends_with('\n') => "\n",
+            _ => "\n\n",
+        };
+        return Ok(format!("{doc}{sep}{block}\n"));
+    };
+    let e = (doc[b..].find(&end))
+        .with_context(|| format!("section {name:?}: begin marker without end marker"))?;
+    Ok(format!("{}{block}{}", &doc[..b], &doc[b + e + end.len()..]))
 }
 
 /// Writes `body` as the generated section `name` of the Markdown file at `path` (created when
@@ -550,41 +436,34 @@ pub fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
 pub(crate) mod tests {
     use super::*;
     use crate::bench::report::{Ceilings, DeviceInfo, Settings};
-    use crate::bench::stats::Stats;
     use crate::dtype::DType;
 
+    /// A CPU report at 64×32, r = 4, T = 1 and 16, with times in ms set so the ratios are
+    /// round: fused/base 1.50×, fused/LoRA 1.25×, unfused/fused 2.00×.
     pub(crate) fn report() -> Report {
-        let mut rep = Report::new(
-            DeviceInfo {
-                kind: "cpu".into(),
-                name: "test CPU".into(),
-                units: Some(2),
-                memory_bytes: None,
-            },
-            Settings {
-                clock: "scripted".into(),
-                warmup: 1,
-                min_reps: 3,
-                max_reps: 3,
-                budget_s: None,
-                cache_policy: "none".into(),
-            },
-            Some(Ceilings {
-                copy_gbps: 10.0,
-                copy_method: "m".into(),
-                gemm_tflops: 0.1,
-                gemm_dtype: "f32".into(),
-                gemm_method: "g".into(),
-            }),
-        );
-        let s = |ms: f64| Stats::from_samples(&[ms * 1e-3]).unwrap();
+        let device = DeviceInfo {
+            kind: "cpu".into(),
+            name: "test CPU".into(),
+            units: Some(2),
+            memory_bytes: None,
+        };
+        let settings = Settings {
+            clock: "scripted".into(),
+            warmup: 1,
+            min_reps: 3,
+            max_reps: 3,
+            budget_s: None,
+            cache_policy: "none".into(),
+        };
+        let ceilings = Ceilings {
+            copy_gbps: 10.0,
+            copy_method: "memcpy".into(),
+            gemm_tflops: 0.1,
+            gemm_dtype: "f32".into(),
+            gemm_method: "sgemm".into(),
+        };
+        let mut rep = Report::new(device, settings, Some(ceilings));
         for t in [1, 16] {
-            let shape = Shape {
-                t,
-                d_in: 64,
-                d_out: 32,
-                r: 4,
-            };
             for (im, k, op, ms) in [
                 (imp::BASE, LayerKind::Base, Op::Forward, 1.0),
                 (imp::DORAFUSE, LayerKind::Lora, Op::Forward, 1.2),
@@ -592,15 +471,14 @@ pub(crate) mod tests {
                 (imp::DORAFUSE, LayerKind::Dora, Op::Forward, 1.5),
                 (imp::DORAFUSE, LayerKind::Dora, Op::Inference, 1.1),
             ] {
-                let row = Row::new(
-                    im,
-                    k,
-                    op,
-                    shape,
-                    DType::F32,
-                    s(ms * t as f64),
-                    rep.ceilings.as_ref(),
-                );
+                let shape = Shape {
+                    t,
+                    d_in: 64,
+                    d_out: 32,
+                    r: 4,
+                };
+                let st = Stats::from_samples(&[ms * 1e-3 * t as f64]).unwrap();
+                let row = Row::new(im, k, op, shape, DType::F32, st, rep.ceilings.as_ref());
                 rep.rows.push(row.unwrap());
             }
         }
@@ -608,56 +486,53 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn overhead_ratios() {
+    fn overhead_ratios_and_both_renderings() {
         let rep = report();
         let t = overhead_table(&rep, Op::Forward).unwrap();
         assert_eq!(t.rows.len(), 2);
-        let h = &t.header;
-        let col = |name: &str| h.iter().position(|c| c == name).unwrap();
-        assert_eq!(t.rows[0][col("fused/base")], "1.50×");
-        assert_eq!(t.rows[0][col("fused/LoRA")], "1.25×");
-        assert_eq!(t.rows[0][col("unfused/fused")], "2.00×");
-        assert_eq!(t.rows[1][col("T")], "16");
+        let col = |t: &Table, name: &str| t.header.iter().position(|c| c == name).unwrap();
+        assert_eq!(t.rows[0][col(&t, "fused/base")], "1.50×");
+        assert_eq!(t.rows[0][col(&t, "fused/LoRA")], "1.25×");
+        assert_eq!(t.rows[0][col(&t, "unfused/fused")], "2.00×");
+        assert_eq!(t.rows[1][col(&t, "T")], "16");
         // Inference compares with the base forward.
         let t = overhead_table(&rep, Op::Inference).unwrap();
-        assert_eq!(
-            t.rows[0][t.header.iter().position(|c| c == "fused/base").unwrap()],
-            "1.10×"
-        );
+        assert_eq!(t.rows[0][col(&t, "fused/base")], "1.10×");
         assert!(overhead_table(&rep, Op::Backward).is_none());
-    }
-
-    #[test]
-    fn text_and_markdown_carry_the_same_numbers() {
-        let rep = report();
-        let text = render_text(&rep);
-        let md = render_markdown(&rep);
-        for needle in ["1.50×", "2.00×", "test CPU", "2 cores"] {
-            assert!(text.contains(needle), "text lacks {needle}:\n{text}");
-            assert!(md.contains(needle), "markdown lacks {needle}:\n{md}");
+        let (text, md) = (render(&rep, false), render(&rep, true));
+        for needle in [
+            "1.50×",
+            "2.00×",
+            "test CPU",
+            "2 cores",
+            "Against the ceilings",
+        ] {
+            assert!(
+                text.contains(needle) && md.contains(needle),
+                "{needle}:\n{text}\n{md}"
+            );
         }
-        assert!(md.contains("| ---"));
+        assert!(md.contains("|---") && !text.contains("|---"), "{md}");
+        // The forward table: a title, then header and rows right-aligned to one width.
+        let lines: Vec<&str> = text.split("\n\n").nth(1).unwrap().lines().skip(1).collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width), "{text}");
     }
 
     #[test]
     fn sections_are_replaced_in_place() {
         let doc = "# Title\n\nhand-written intro\n";
         let once = replace_section(doc, "cpu", "table 1").unwrap();
-        assert!(once.starts_with(doc));
-        assert!(once.contains("table 1"));
+        assert!(once.starts_with(doc) && once.contains("table 1"));
         let twice = replace_section(&once, "cpu", "table 2").unwrap();
         assert!(!twice.contains("table 1") && twice.contains("table 2"));
-        assert!(twice.starts_with(doc));
         // Another section is left alone.
         let both = replace_section(&twice, "cuda", "gpu").unwrap();
         let again = replace_section(&both, "cpu", "table 3").unwrap();
-        assert!(again.contains("gpu") && again.contains("table 3"));
+        assert!(again.starts_with(doc) && again.contains("gpu") && again.contains("table 3"));
         let (b, _) = section_markers("x");
         assert!(replace_section(&format!("{b}\nno end"), "x", "y").is_err());
-    }
-
-    #[test]
-    fn write_section_creates_and_updates_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("B.md");
         write_section(&p, "cpu", "one").unwrap();
@@ -673,7 +548,6 @@ pub(crate) mod tests {
         rep.device.kind = "cuda".into();
         // No rows at the target shapes: nothing to say.
         assert!(targets_table(&rep).is_none());
-        let st = |s: f64| Stats::from_samples(&[s]).unwrap();
         for (im, k, op, t, s) in [
             (imp::BASE, LayerKind::Base, Op::Forward, 4096, 1.0),
             (imp::DORAFUSE, LayerKind::Dora, Op::Forward, 4096, 1.05),
@@ -689,34 +563,18 @@ pub(crate) mod tests {
                 d_out: 4096,
                 r: 16,
             };
-            rep.rows.push(
-                Row::new(im, k, op, shape, DType::BF16, st(s), rep.ceilings.as_ref()).unwrap(),
-            );
+            let st = Stats::from_samples(&[s]).unwrap();
+            let row = Row::new(im, k, op, shape, DType::BF16, st, rep.ceilings.as_ref());
+            rep.rows.push(row.unwrap());
         }
         let t = targets_table(&rep).unwrap();
-        let find = |prefix: &str| {
-            t.rows
-                .iter()
-                .find(|r| r[0].starts_with(prefix))
-                .unwrap()
-                .clone()
-        };
-        assert_eq!(find("training forward")[2], "1.05×");
-        assert_eq!(find("training forward")[3], "met");
+        let find = |p: &str| t.rows.iter().find(|r| r[0].starts_with(p)).unwrap().clone();
+        assert_eq!(find("training forward")[2..], ["1.05×", "met"]);
         let inf = find("inference");
         assert!(inf[0].contains("T = 16"), "{inf:?}");
-        assert_eq!((inf[2].as_str(), inf[3].as_str()), ("1.20×", "missed"));
-        assert_eq!(find("fused ≥ 2×")[2], "3.00×");
-        assert_eq!(find("norm")[2], "not measured");
-        assert!(render_markdown(&rep).contains("**Targets**"));
-    }
-
-    #[test]
-    fn text_table_aligns() {
-        let t = Table {
-            header: vec!["a".into(), "bb".into()],
-            rows: vec![vec!["long".into(), "1".into()]],
-        };
-        assert_eq!(t.to_text(), "a     bb\nlong   1\n");
+        assert_eq!(inf[2..], ["1.20×", "missed"]);
+        assert_eq!(find("fused ≥ 2×")[2..], ["3.00×", "met"]);
+        assert_eq!(find("norm")[2..], ["not measured", "–"]);
+        assert!(render(&rep, true).contains("**Targets"));
     }
 }

@@ -2,12 +2,12 @@
 //! each operation runs to the machine's measured ceilings.
 
 use super::Device;
-use anyhow::{bail, Context, Result};
+use anyhow::{ensure, Context, Result};
 use dorafuse::bench::formula::Op;
 use dorafuse::bench::measure::Plan;
 use dorafuse::bench::report::Report;
-use dorafuse::bench::suite::{self, Config};
-use dorafuse::bench::{plot, table};
+use dorafuse::bench::runner::{self, Config};
+use dorafuse::bench::{cpu, device, plot, table};
 use dorafuse::dtype::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -23,24 +23,24 @@ pub struct Args {
     #[arg(long, value_enum)]
     device: Option<Device>,
     /// Layer shapes as D_INxD_OUT, comma-separated (e.g. 4096x4096,4096x11008).
-    #[arg(long, value_name = "LIST")]
-    shapes: Option<String>,
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_shape)]
+    shapes: Vec<(usize, usize)>,
     /// Token counts T, comma-separated (e.g. 1,16,128,512,4096).
-    #[arg(long, value_name = "LIST")]
-    tokens: Option<String>,
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = positive)]
+    tokens: Vec<usize>,
     /// Adapter ranks, comma-separated (e.g. 16,64).
-    #[arg(long, value_name = "LIST")]
-    ranks: Option<String>,
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = positive)]
+    ranks: Vec<usize>,
     /// Activation and weight dtype: f32, f16 or bf16 (default: bf16 on a GPU and the
     /// emulator, f32 on the CPU).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Operations, comma-separated: norm, epilogue, forward, backward, forward_backward,
-    /// inference (default: all that the device has).
-    #[arg(long, value_name = "LIST")]
-    ops: Option<String>,
+    #[arg(long, value_parser = DType::parse)]
+    dtype: Option<DType>,
+    /// Operations, comma-separated: norm, compose, forward, backward, forward_backward,
+    /// inference (default: the device's set).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = Op::parse)]
+    ops: Vec<Op>,
     /// Exactly N timed runs per row (default: adaptive, within a time budget per row).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = positive)]
     reps: Option<usize>,
     /// Untimed warm-up runs per row.
     #[arg(long, value_name = "N")]
@@ -107,6 +107,24 @@ fn pick_device(asked: Option<Device>) -> (Device, Option<&'static str>) {
     }
 }
 
+/// A size of at least 1.
+fn positive(s: &str) -> Result<usize> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .with_context(|| format!("{s:?} is not a number"))?;
+    ensure!(v > 0, "must be at least 1, got {v}");
+    Ok(v)
+}
+
+/// `4096x11008` (d_in x d_out, as docs/design.md §5 lists them).
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = (s.trim().split_once(['x', 'X', '×']))
+        .with_context(|| format!("shape {s:?}: expected D_INxD_OUT, e.g. 4096x11008"))?;
+    let size = |v: &str, what: &str| positive(v).with_context(|| format!("shape {s:?}: {what}"));
+    Ok((size(a, "d_in")?, size(b, "d_out")?))
+}
+
 /// The configuration: the device's default set, overridden by the flags.
 fn config(args: &Args, device: Device) -> Result<Config> {
     let mut cfg = match device {
@@ -114,33 +132,23 @@ fn config(args: &Args, device: Device) -> Result<Config> {
         Device::Cpu => Config::default_cpu(),
         Device::Emu => Config::default_emu(),
     };
-    if let Some(s) = &args.shapes {
-        cfg.shapes = suite::parse_shapes(s)?;
+    if !args.shapes.is_empty() {
+        cfg.shapes.clone_from(&args.shapes);
     }
-    if let Some(s) = &args.tokens {
-        cfg.tokens = suite::parse_list(s, "token count")?;
+    if !args.tokens.is_empty() {
+        cfg.tokens.clone_from(&args.tokens);
     }
-    if let Some(s) = &args.ranks {
-        cfg.ranks = suite::parse_list(s, "rank")?;
+    if !args.ranks.is_empty() {
+        cfg.ranks.clone_from(&args.ranks);
     }
-    if let Some(s) = &args.dtype {
-        cfg.dtype = DType::parse(s)?;
+    if !args.ops.is_empty() {
+        cfg.ops.clone_from(&args.ops);
     }
-    if let Some(s) = &args.ops {
-        cfg.ops = s
-            .split(',')
-            .map(|o| Op::parse(o.trim()))
-            .collect::<Result<_>>()?;
-    }
+    cfg.dtype = args.dtype.unwrap_or(cfg.dtype);
     if let Some(n) = args.reps {
-        if n == 0 {
-            bail!("--reps must be at least 1");
-        }
         cfg.plan = Plan::fixed(cfg.plan.warmup, n);
     }
-    if let Some(w) = args.warmup {
-        cfg.plan.warmup = w;
-    }
+    cfg.plan.warmup = args.warmup.unwrap_or(cfg.plan.warmup);
     cfg.validate()?;
     Ok(cfg)
 }
@@ -169,8 +177,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ProgressBar::hidden()
         } else {
             let total = match device {
-                Device::Cpu => suite::cpu_row_count(&cfg),
-                Device::Cuda | Device::Emu => dorafuse::bench::device::row_count(&cfg),
+                Device::Cpu => runner::row_count(&cfg, cpu::has),
+                Device::Cuda | Device::Emu => runner::row_count(&cfg, device::has),
             };
             let b = ProgressBar::new(total as u64 + 1);
             b.set_style(
@@ -184,9 +192,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bar.inc(1);
         };
         let rep = match device {
-            Device::Cpu => suite::run_cpu(&cfg, &mut progress)?,
-            Device::Cuda => dorafuse::bench::device::run_cuda(&cfg, &mut progress)?,
-            Device::Emu => dorafuse::bench::device::run_emu(&cfg, &mut progress)?,
+            Device::Cpu => cpu::run_cpu(&cfg, &mut progress)?,
+            Device::Cuda => dorafuse::bench::cuda::run_cuda(&cfg, &mut progress)?,
+            Device::Emu => device::run_emu(&cfg, &mut progress)?,
         };
         bar.finish_and_clear();
         let mut rep = rep;
@@ -196,7 +204,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         rep
     };
-    print!("{}", table::render_text(&report));
+    print!("{}", table::render(&report, false));
     if let Some(p) = &args.json {
         report.write(p)?;
         println!("wrote {}", p.display());
@@ -214,7 +222,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let body = format!(
             "Generated by `dorafuse {}`; do not edit by hand.\n\n{}",
             cmd.join(" "),
-            table::render_markdown(&report)
+            table::render(&report, true)
         );
         table::write_section(p, &name, &body)?;
         println!("wrote section {name:?} of {}", p.display());
