@@ -13,7 +13,7 @@
 //! Modules:
 //! - [`dtype`], [`tensor`], [`layer`]: element types, host tensors, the layer description;
 //! - [`cpu`]: the CPU reference path (forward, backward, norm);
-//! - [`case`]: the layer-case safetensors format shared with PyTorch;
+//! - [`case`], [`case_multi`]: the layer-case safetensors formats shared with PyTorch;
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
@@ -25,6 +25,7 @@ pub mod adapter;
 pub mod backend;
 pub mod bench;
 pub mod case;
+pub mod case_multi;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;

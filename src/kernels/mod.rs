@@ -23,6 +23,7 @@
 mod device;
 mod host;
 mod launch;
+pub mod multi;
 pub mod spec;
 
 pub use device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
