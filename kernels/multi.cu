@@ -86,6 +86,8 @@ __device__ __forceinline__ void multi_shrink(
     const TA* a = reinterpret_cast<const TA*>(a_ptrs[k]) + (long long)i * d_in;
     const T* xr = x + (long long)t * ldx;
     float acc = 0.f;
+    // Unrolled so that several loads are in flight; the sum stays in column order.
+#pragma unroll 8
     for (int c = lane; c < d_in; c += 32) acc += to_f32(xr[c]) * to_f32(a[c]);
     acc = warp_sum(acc);
     if (lane == 0) u[(long long)t * ldu + i] = acc;
@@ -131,6 +133,7 @@ __device__ __forceinline__ void multi_expand(
     if (k >= 0) {
         const TA* bk = reinterpret_cast<const TA*>(b_ptrs[k]) + (long long)j * r;
         float acc = 0.f;
+#pragma unroll 8
         for (int i = 0; i < r; ++i) acc += us[i] * to_f32(bk[i]);
         z += scales[k] * acc;
         const float* g = reinterpret_cast<const float*>(g_ptrs[k]);
