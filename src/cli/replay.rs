@@ -41,7 +41,7 @@ use std::process::ExitCode;
 /// Arguments of `dorafuse replay`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Layer-case files (safetensors, docs/design.md §2) to run.
+    /// Layer-case files (safetensors, docs/design.md §2) or multi-adapter cases (§2b) to run.
     #[arg(required = true, value_name = "CASE")]
     cases: Vec<PathBuf>,
     /// Where to compute: the CPU path, the kernels on the CPU emulator, or the kernels on a GPU.
@@ -51,7 +51,8 @@ pub struct Args {
     /// (`<case stem>.out.safetensors` in it).
     #[arg(long, value_name = "OUT")]
     out: Option<PathBuf>,
-    /// Exact gradient (the norm not detached) instead of PEFT's detached one.
+    /// Exact gradient (the norm not detached) instead of PEFT's detached one (layer cases;
+    /// multi-adapter cases are forward only).
     #[arg(long)]
     exact_grad: bool,
 }
@@ -282,6 +283,9 @@ fn replay_multi(args: &Args, path: &Path, case: &MultiCase, out: Option<PathBuf>
             .map(|o| format!(", outputs -> {}", o.display()))
             .unwrap_or_default()
     );
+    if args.exact_grad {
+        println!("  --exact-grad does not apply: a multi-adapter case is forward only");
+    }
     let mut ok = true;
     match &case.expected_y {
         Some(want) => {
