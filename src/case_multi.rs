@@ -305,6 +305,14 @@ impl MultiCase {
             .parse()
             .with_context(|| format!("metadata adapters is {k_s:?}, expected a count"))?;
 
+        // Two tensors per adapter at least: a larger count cannot be right (and must not
+        // allocate before the missing tensors are named).
+        let tensors = st.names().len();
+        ensure!(
+            count <= tensors / 2,
+            "metadata adapters is {count}, but the file holds only {tensors} tensors \
+             (each adapter has adapters.<k>.lora_A and adapters.<k>.lora_B)"
+        );
         let mut x = None;
         let mut weight = None;
         let mut bias = None;

@@ -883,6 +883,11 @@ fn malformed_case_files_get_one_line_errors_naming_the_tensor() {
     );
     expect(
         &good,
+        &[("adapters", "1000000000000"), ("adapters.0.scaling", "2.0")],
+        "metadata adapters is 1000000000000, but the file holds only 5 tensors",
+    );
+    expect(
+        &good,
         &[("adapters", "1")],
         "metadata adapters.0.scaling is missing",
     );
