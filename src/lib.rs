@@ -14,7 +14,7 @@
 //! - [`dtype`], [`tensor`], [`layer`]: element types, host tensors, the layer description;
 //! - [`error`]: error kinds a caller can branch on;
 //! - [`cpu`]: the CPU reference path (forward, backward, norm);
-//! - [`case`]: the layer-case safetensors format shared with PyTorch;
+//! - [`case`], [`case_multi`]: the layer-case safetensors formats shared with PyTorch;
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
@@ -32,6 +32,7 @@ pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod case;
+pub mod case_multi;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -18,6 +18,11 @@
 //! bias on those rows and that every output is finite. The exit status is non-zero when any
 //! comparison fails or any case cannot be run.
 //!
+//! Multi-adapter cases (docs/design.md §2b; a file with an `adapter_index` tensor) run the
+//! same way, forward only: y against `expected.y` with the same bars (PyTorch's own error from
+//! `peft_rel_err.y`), and for each `zero_rows.<k>` entry a check that y equals the bias in
+//! those rows for every token on adapter k.
+//!
 //! `--out`: with one case, the file to write its outputs to; with several, an existing
 //! directory that receives `<case stem>.out.safetensors` for each. Outputs are written
 //! atomically (temporary file + rename), so a failure never leaves a partial file.
@@ -25,6 +30,7 @@
 use super::Device;
 use anyhow::{ensure, Context, Result};
 use dorafuse::case::{named_outputs, write_outputs, LayerCase};
+use dorafuse::case_multi::{is_multi_case, MultiCase};
 use dorafuse::dtype::DType;
 use dorafuse::layer::{GradMode, Outputs};
 use dorafuse::tensor::{rel_l2, Tensor};
@@ -35,7 +41,7 @@ use std::process::ExitCode;
 /// Arguments of `dorafuse replay`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Layer-case files (safetensors, docs/design.md §2) to run.
+    /// Layer-case files (safetensors, docs/design.md §2) or multi-adapter cases (§2b) to run.
     #[arg(required = true, value_name = "CASE")]
     cases: Vec<PathBuf>,
     /// Where to compute: the CPU path, the kernels on the CPU emulator, or the kernels on a GPU.
@@ -45,7 +51,8 @@ pub struct Args {
     /// (`<case stem>.out.safetensors` in it).
     #[arg(long, value_name = "OUT")]
     out: Option<PathBuf>,
-    /// Exact gradient (the norm not detached) instead of PEFT's detached one.
+    /// Exact gradient (the norm not detached) instead of PEFT's detached one (layer cases;
+    /// multi-adapter cases are forward only).
     #[arg(long)]
     exact_grad: bool,
 }
@@ -110,7 +117,15 @@ fn out_path(out: &Path, case: &Path, n: usize) -> Result<PathBuf> {
 
 /// Runs one case: compute, write (if asked), compare. Returns whether every check passed.
 fn replay_one(args: &Args, path: &Path, out: Option<PathBuf>) -> Result<bool> {
-    let case = LayerCase::read(path)?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read layer case {}", path.display()))?;
+    if is_multi_case(&bytes).with_context(|| format!("case {}", path.display()))? {
+        let case = MultiCase::from_bytes(&bytes)
+            .with_context(|| format!("multi-adapter case {}", path.display()))?;
+        return replay_multi(args, path, &case, out);
+    }
+    let case =
+        LayerCase::from_bytes(&bytes).with_context(|| format!("layer case {}", path.display()))?;
     let shape = case.shape()?;
     let mode = if args.exact_grad {
         GradMode::Exact
@@ -195,6 +210,120 @@ fn replay_one(args: &Args, path: &Path, out: Option<PathBuf>) -> Result<bool> {
     }
     if let Some(rows) = case.metadata.get("zero_rows") {
         ok &= check_zero_rows(&case, &outputs, rows)?;
+    }
+    Ok(ok)
+}
+
+/// Computes a multi-adapter case's y on `device`.
+fn run_multi_on(device: Device, case: &MultiCase) -> Result<Tensor> {
+    let (layer, x, index) = (&case.layer, &case.x, case.adapter_index.as_slice());
+    let base = dorafuse::kernels::multi::MultiBase::Compute;
+    match device {
+        Device::Cpu => dorafuse::cpu::multi::forward(layer, x, index),
+        Device::Emu => {
+            let b = dorafuse::emu::EmuBackend::from_env()?;
+            dorafuse::kernels::multi::run_multi(&b, layer, x, index, base)
+        }
+        Device::Cuda => {
+            let b = dorafuse::cuda::CudaBackend::new(0)?;
+            dorafuse::kernels::multi::run_multi(&b, layer, x, index, base)
+        }
+    }
+}
+
+/// The bar y of a multi-adapter case is held to, as [`bar`] does for a layer case.
+fn multi_bar(case: &MultiCase) -> (f64, String) {
+    let comp = case.x.dtype();
+    if comp == DType::F32 {
+        return (DType::F32.tolerance(), "f32 tolerance".into());
+    }
+    let cap = comp.tolerance();
+    match case.peft_rel_err() {
+        Some(e) => {
+            let b = (2.0 * e).min(cap).max(comp.unit_roundoff());
+            (b, format!("2x PyTorch's {e:.2e}, cap {cap:.0e}"))
+        }
+        None => (cap, format!("{comp} tolerance")),
+    }
+}
+
+/// Runs one multi-adapter case: compute, write (if asked), compare y and the zero rows.
+fn replay_multi(args: &Args, path: &Path, case: &MultiCase, out: Option<PathBuf>) -> Result<bool> {
+    let (t, d_in, d_out) = case.layer.check_call(&case.x, &case.adapter_index)?;
+    let y = run_multi_on(args.device, case).with_context(|| {
+        format!(
+            "multi-adapter case {}: running on {}",
+            path.display(),
+            device_name(args.device)
+        )
+    })?;
+    if let Some(o) = &out {
+        let mut meta = BTreeMap::new();
+        meta.insert("source_case".into(), path.display().to_string());
+        meta.insert("device".into(), device_name(args.device).into());
+        let outputs = Outputs {
+            y: y.clone(),
+            grads: None,
+        };
+        write_outputs(o, &outputs, &meta)?;
+    }
+    let adapters = &case.layer.adapters;
+    let dora = adapters.iter().filter(|a| a.is_dora()).count();
+    let ranks: Vec<String> = adapters.iter().map(|a| a.rank().to_string()).collect();
+    let base_only = case.adapter_index.iter().filter(|&&k| k < 0).count();
+    println!(
+        "{}: multi-adapter, {} adapters ({dora} DoRA, {} LoRA; ranks {}), T={t} ({base_only} base-only) d_in={d_in} d_out={d_out}, x {}, device {}, forward only{}",
+        path.display(),
+        adapters.len(),
+        adapters.len() - dora,
+        ranks.join("/"),
+        case.x.dtype(),
+        device_name(args.device),
+        out.as_ref()
+            .map(|o| format!(", outputs -> {}", o.display()))
+            .unwrap_or_default()
+    );
+    if args.exact_grad {
+        println!("  --exact-grad does not apply: a multi-adapter case is forward only");
+    }
+    let mut ok = true;
+    match &case.expected_y {
+        Some(want) => {
+            let err = rel_l2(&y.to_f64(), &want.to_f64());
+            let (b, why) = multi_bar(case);
+            let pass = err <= b;
+            ok &= pass;
+            println!(
+                "  {:<15} {:<5} rel_err {err:.3e}  bar {b:.3e} ({why})  {}",
+                "y",
+                y.dtype().name(),
+                if pass { "PASS" } else { "FAIL" }
+            );
+        }
+        None => println!("  no expected.y in this case: nothing compared"),
+    }
+    let yv = y.to_f64();
+    let bias: Vec<f64> = match &case.layer.bias {
+        Some(b) => b.cast(case.x.dtype()).to_f64(),
+        None => vec![0.0; d_out],
+    };
+    for (k, rows) in case.zero_rows()? {
+        let tokens: Vec<usize> = (0..t)
+            .filter(|&i| case.adapter_index[i] == k as i32)
+            .collect();
+        let exact = tokens
+            .iter()
+            .all(|&i| rows.iter().all(|&j| yv[i * d_out + j] == bias[j]));
+        let finite = y.first_non_finite().is_none();
+        let pass = exact && finite && !tokens.is_empty();
+        ok &= pass;
+        let list: Vec<String> = rows.iter().map(usize::to_string).collect();
+        println!(
+            "  zero rows {} of adapter {k} ({} tokens): y = bias there {exact}, y finite {finite}  {}",
+            list.join(","),
+            tokens.len(),
+            if pass { "PASS" } else { "FAIL" }
+        );
     }
     Ok(ok)
 }

@@ -31,6 +31,7 @@
 //! every input it reads, and [`Layer::check_finite`] does it for other callers.
 
 pub mod gemm;
+pub mod multi;
 pub mod reference;
 
 use crate::dtype::DType;

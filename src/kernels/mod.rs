@@ -30,6 +30,7 @@ mod device;
 mod engine;
 mod host;
 mod launch;
+pub mod multi;
 pub mod spec;
 mod view;
 

@@ -10,6 +10,8 @@ mod engine_api;
 mod engine_example;
 mod gpu_util;
 mod layer;
+mod multi_adapter;
+mod multi_adapter_cuda;
 mod registry;
 
 /// The build script's kernel list and code generation (build/kernel_list.rs), whose unit tests
