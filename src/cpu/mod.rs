@@ -32,6 +32,7 @@
 
 pub mod gemm;
 pub mod reference;
+pub mod rows;
 
 use crate::dtype::DType;
 use crate::layer::{GradMode, Grads, Layer, Outputs, Shape, NORM_EPS};
