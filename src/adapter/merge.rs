@@ -4,8 +4,11 @@
 //! The output mirrors the input: the same shard files under the same names, each with the
 //! input's header copied byte for byte (merged weights keep their dtype and shape, so every
 //! offset is unchanged), every tensor the adapter does not touch copied byte for byte, and
-//! the index and the model's other files (config.json, tokenizer, ...) copied. Only one
-//! tensor is ever held in memory. Everything is written into a hidden temporary directory
+//! the index and the model's other files (config.json, tokenizer, ...) copied. Reading,
+//! computing and writing overlap: a writer thread writes one tensor while the next is
+//! computed (on all cores, on the CPU path), so at most one input weight and three output
+//! tensors' bytes are held in memory, whatever the model's size; the output buffers are
+//! reused from tensor to tensor. Everything is written into a hidden temporary directory
 //! beside the output and renamed into place at the end, so a failed merge leaves nothing.
 //!
 //! `dora_unmerge.safetensors` beside the shards keeps what undoing the merge needs: for each
@@ -135,8 +138,15 @@ fn write_model(
         let dest = tmp.path().join(&fname);
         let file = std::fs::File::create(&dest)
             .with_context(|| format!("cannot create {}", dest.display()))?;
-        write_shard(shard, base, file, rw, &bar, &mut report, &mut spare)
-            .with_context(|| format!("writing {}", dest.display()))?;
+        write_shard(
+            shard,
+            base,
+            (file, &dest),
+            rw,
+            &bar,
+            &mut report,
+            &mut spare,
+        )?;
         written.push(fname);
     }
     bar.finish_and_clear();
@@ -169,11 +179,12 @@ enum Piece<'m> {
 /// Writes one shard: its header as is, then every tensor, new bytes from `rw` or the
 /// mapped bytes. A writer thread writes while the calling thread computes the next tensor
 /// (the queue holds one tensor), so reading, computing and writing overlap. The file is
-/// flushed to disk before this returns.
+/// flushed to disk before this returns. I/O errors name `dest`; errors of `rw` come as they
+/// are (they name the module).
 fn write_shard(
     shard: &super::base::Shard,
     base: &BaseModel,
-    file: std::fs::File,
+    (file, dest): (std::fs::File, &Path),
     rw: &mut dyn Rewrite,
     bar: &indicatif::ProgressBar,
     report: &mut MergeReport,
@@ -234,8 +245,9 @@ fn write_shard(
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         produced?;
-        let file = written?;
-        file.sync_all().context("flushing to disk")?;
+        let file = written.with_context(|| format!("writing {}", dest.display()))?;
+        file.sync_all()
+            .with_context(|| format!("flushing {}", dest.display()))?;
         Ok(())
     })?;
     spare.extend(returned.try_iter());
