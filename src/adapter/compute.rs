@@ -2,7 +2,8 @@
 //! and the merged weight W' = diag(g)·(W0 + s·B·A), on the CPU path or on a GPU.
 
 use crate::layer::Layer;
-use anyhow::{ensure, Result};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
 
 /// Where `merge` computes W'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +57,86 @@ pub fn merged_weight(layer: &Layer, device: MergeDevice) -> Result<(Vec<f32>, Op
     };
     let g = magnitude_scale(layer)?;
     Ok((w, g))
+}
+
+/// W' = diag(g)·(W0 + s·B·A) as the bytes that replace W0 in the model file: W0's dtype
+/// (round-to-nearest-even) and stored layout (`[d_out, d_in]`, or `[d_in, d_out]` for
+/// `fan_in_fan_out`), little-endian, written into `out` (resized to `d_out · d_in · size`;
+/// its allocation is reused from call to call). Returns the g that undoing the merge divides
+/// by (`None` for plain LoRA).
+///
+/// On the CPU with a `[d_out, d_in]` weight this is one pass over W0 on all cores
+/// ([`crate::cpu::rows::merged_weight_into`]; the returned g is the one each row was scaled
+/// by); otherwise [`merged_weight`], rounded.
+///
+/// # Errors
+/// As [`merged_weight`]; a non-finite element of W' (before rounding), named by row and
+/// column.
+pub fn merged_weight_bytes(
+    layer: &Layer,
+    device: MergeDevice,
+    out: &mut Vec<u8>,
+) -> Result<Option<Vec<f32>>> {
+    let n = layer.weight.len() * layer.weight.dtype().size();
+    if device == MergeDevice::Cpu && !layer.fan_in_fan_out {
+        out.resize(n, 0);
+        return crate::cpu::rows::merged_weight_into(layer, out);
+    }
+    let (d_in, d_out, _) = layer.dims()?;
+    let (w, g) = merged_weight(layer, device)?;
+    if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "the merged weight has a non-finite element at row {}, column {}",
+            i / d_in,
+            i % d_in
+        );
+    }
+    let stored = if layer.fan_in_fan_out {
+        transpose(&w, d_out, d_in)
+    } else {
+        w
+    };
+    let t = Tensor::from_f32(layer.weight.dtype(), layer.weight.shape().to_vec(), &stored)?;
+    out.clear();
+    out.extend_from_slice(t.as_bytes());
+    Ok(g)
+}
+
+/// Undoes a merge into the bytes that replace W' in the model file: `W0 = W'/g − s·B·A`
+/// from the merged weight in `layer.weight` (stored layout, any dtype; the magnitude is
+/// ignored), in the weight's dtype and stored layout, written into `out` (resized; its
+/// allocation is reused from call to call).
+///
+/// On a `[d_out, d_in]` weight this is one pass on all cores
+/// ([`crate::cpu::rows::unmerged_weight_into`]); otherwise [`unmerge_weight`], rounded. Both
+/// give the same bits.
+///
+/// # Errors
+/// As [`unmerge_weight`].
+pub fn unmerged_weight_bytes(layer: &Layer, g: Option<&[f32]>, out: &mut Vec<u8>) -> Result<()> {
+    let (d_in, d_out, _) = layer.dims()?;
+    if !layer.fan_in_fan_out {
+        out.resize(layer.weight.len() * layer.weight.dtype().size(), 0);
+        return crate::cpu::rows::unmerged_weight_into(layer, g, out);
+    }
+    let rows = transpose(&layer.weight.to_f32(), d_in, d_out);
+    let w0 = unmerge_weight(&rows, layer, g)?;
+    let stored = transpose(&w0, d_out, d_in);
+    let t = Tensor::from_f32(layer.weight.dtype(), layer.weight.shape().to_vec(), &stored)?;
+    out.clear();
+    out.extend_from_slice(t.as_bytes());
+    Ok(())
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = v[i * cols + j];
+        }
+    }
+    t
 }
 
 #[cfg(feature = "cuda")]

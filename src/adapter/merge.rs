@@ -4,8 +4,11 @@
 //! The output mirrors the input: the same shard files under the same names, each with the
 //! input's header copied byte for byte (merged weights keep their dtype and shape, so every
 //! offset is unchanged), every tensor the adapter does not touch copied byte for byte, and
-//! the index and the model's other files (config.json, tokenizer, ...) copied. Only one
-//! tensor is ever held in memory. Everything is written into a hidden temporary directory
+//! the index and the model's other files (config.json, tokenizer, ...) copied. Reading,
+//! computing and writing overlap: a writer thread writes one tensor while the next is
+//! computed (on all cores, on the CPU path), so at most one input weight and three output
+//! tensors' bytes are held in memory, whatever the model's size; the output buffers are
+//! reused from tensor to tensor. Everything is written into a hidden temporary directory
 //! beside the output and renamed into place at the end, so a failed merge leaves nothing.
 //!
 //! `dora_unmerge.safetensors` beside the shards keeps what undoing the merge needs: for each
@@ -18,7 +21,7 @@ use super::model::Adapter;
 use crate::dtype::DType;
 use crate::layer::Layer;
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,28 +54,11 @@ pub struct MergeReport {
     pub bytes: u64,
 }
 
-/// Round f32 values to `dtype` and return the little-endian bytes.
-fn to_bytes(dtype: DType, shape: &[usize], v: &[f32]) -> Result<Vec<u8>> {
-    Ok(Tensor::from_f32(dtype, shape.to_vec(), v)?
-        .as_bytes()
-        .to_vec())
-}
-
-/// `[d_out, d_in]` → `[d_in, d_out]`.
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; v.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            t[j * rows + i] = v[i * cols + j];
-        }
-    }
-    t
-}
-
 /// What changes between the input and the output of [`write_model`].
 trait Rewrite {
-    /// The new bytes of a tensor, or `None` to copy it.
-    fn replace(&mut self, name: &str, entry: &TensorEntry) -> Result<Option<Vec<u8>>>;
+    /// Writes the new bytes of a tensor into `out` (resized; its allocation is reused) and
+    /// returns true, or returns false to copy the tensor unchanged.
+    fn replace(&mut self, name: &str, entry: &TensorEntry, out: &mut Vec<u8>) -> Result<bool>;
     /// Files to add beside the shards, computed once every tensor was seen.
     fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>>;
 }
@@ -146,6 +132,9 @@ fn write_model(
         bytes: 0,
     };
     let mut written: Vec<String> = Vec::new();
+    // Buffers for new tensor bytes, handed back by the writer once written: at most three
+    // exist (one being computed, one queued, one being written), whatever the model's size.
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     for shard in &base.shards {
         let fname = shard
             .path
@@ -156,40 +145,15 @@ fn write_model(
         let dest = tmp.path().join(&fname);
         let file = std::fs::File::create(&dest)
             .with_context(|| format!("cannot create {}", dest.display()))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        // The header is copied as is: same names, dtypes, shapes and offsets.
-        w.write_all(&shard.map[..shard.header_len])
-            .with_context(|| format!("writing {}", dest.display()))?;
-        for name in &shard.names {
-            let e = &base.tensors[name];
-            bar.set_message(name.clone());
-            match rw.replace(name, e)? {
-                Some(bytes) => {
-                    ensure!(
-                        bytes.len() == e.range.len(),
-                        "{name}: new data is {} bytes, the slot is {}",
-                        bytes.len(),
-                        e.range.len()
-                    );
-                    w.write_all(&bytes)
-                        .with_context(|| format!("writing {}", dest.display()))?;
-                    report.modules += 1;
-                }
-                None => {
-                    w.write_all(&shard.map[e.range.clone()])
-                        .with_context(|| format!("writing {}", dest.display()))?;
-                    report.copied += 1;
-                }
-            }
-            report.bytes += e.range.len() as u64;
-            bar.inc(e.range.len() as u64);
-        }
-        let file = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("writing {}", dest.display()))?;
-        file.sync_all()
-            .with_context(|| format!("flushing {}", dest.display()))?;
+        write_shard(
+            shard,
+            base,
+            (file, &dest),
+            rw,
+            &bar,
+            &mut report,
+            &mut spare,
+        )?;
         written.push(fname);
     }
     bar.finish_and_clear();
@@ -209,6 +173,92 @@ fn write_model(
             .with_context(|| format!("cannot rename the finished output to {}", out.display()));
     }
     Ok(report)
+}
+
+/// What the writer thread writes next.
+enum Piece<'m> {
+    /// Bytes of the input mapping, copied as they are.
+    Mapped(&'m [u8]),
+    /// New bytes, handed back to the computing thread once written.
+    New(Vec<u8>),
+}
+
+/// Writes one shard: its header as is, then every tensor, new bytes from `rw` or the
+/// mapped bytes. A writer thread writes while the calling thread computes the next tensor
+/// (the queue holds one tensor), so reading, computing and writing overlap. The file is
+/// flushed to disk before this returns. I/O errors name `dest`; errors of `rw` come as they
+/// are (they name the module).
+fn write_shard(
+    shard: &super::base::Shard,
+    base: &BaseModel,
+    (file, dest): (std::fs::File, &Path),
+    rw: &mut dyn Rewrite,
+    bar: &indicatif::ProgressBar,
+    report: &mut MergeReport,
+    spare: &mut Vec<Vec<u8>>,
+) -> Result<()> {
+    let (to_writer, queue) = std::sync::mpsc::sync_channel::<Piece<'_>>(1);
+    let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|sc| -> Result<()> {
+        let writer = sc.spawn(move || -> Result<std::fs::File> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+            // The header is copied as is: same names, dtypes, shapes and offsets.
+            w.write_all(&shard.map[..shard.header_len])?;
+            for piece in queue {
+                match piece {
+                    Piece::Mapped(b) => w.write_all(b)?,
+                    Piece::New(buf) => {
+                        w.write_all(&buf)?;
+                        // The computing side may have finished already; then the buffer
+                        // is simply dropped.
+                        let _ = give_back.send(buf);
+                    }
+                }
+            }
+            w.into_inner().map_err(|e| e.into_error().into())
+        });
+        let mut produce = || -> Result<()> {
+            for name in &shard.names {
+                let e = &base.tensors[name];
+                bar.set_message(name.clone());
+                spare.extend(returned.try_iter());
+                let mut buf = spare.pop().unwrap_or_default();
+                let piece = if rw.replace(name, e, &mut buf)? {
+                    ensure!(
+                        buf.len() == e.range.len(),
+                        "{name}: new data is {} bytes, the slot is {}",
+                        buf.len(),
+                        e.range.len()
+                    );
+                    report.modules += 1;
+                    Piece::New(buf)
+                } else {
+                    spare.push(buf);
+                    report.copied += 1;
+                    Piece::Mapped(&shard.map[e.range.clone()])
+                };
+                if to_writer.send(piece).is_err() {
+                    // The writer stopped on an error; joining it below reports that error.
+                    break;
+                }
+                report.bytes += e.range.len() as u64;
+                bar.inc(e.range.len() as u64);
+            }
+            Ok(())
+        };
+        let produced = produce();
+        drop(to_writer);
+        let written = writer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        produced?;
+        let file = written.with_context(|| format!("writing {}", dest.display()))?;
+        file.sync_all()
+            .with_context(|| format!("flushing {}", dest.display()))?;
+        Ok(())
+    })?;
+    spare.extend(returned.try_iter());
+    Ok(())
 }
 
 /// Copies every file and directory under `from` into `to`, except top-level names in `skip`.
@@ -246,27 +296,15 @@ struct Merger<'m, 'a> {
 }
 
 impl Rewrite for Merger<'_, '_> {
-    fn replace(&mut self, name: &str, e: &TensorEntry) -> Result<Option<Vec<u8>>> {
+    fn replace(&mut self, name: &str, _e: &TensorEntry, out: &mut Vec<u8>) -> Result<bool> {
         let Some(module) = self.by_weight.get(name) else {
-            return Ok(None);
+            return Ok(false);
         };
         let layer = self.model.layer(module)?;
         layer.check_finite().with_context(|| module.clone())?;
-        let (d_in, d_out, _) = layer.dims()?;
-        let (w, g) = compute::merged_weight(&layer, self.device)
+        let (_, d_out, _) = layer.dims()?;
+        let g = compute::merged_weight_bytes(&layer, self.device, out)
             .with_context(|| format!("{module}: computing the merged weight"))?;
-        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "{module}: the merged weight has a non-finite element at row {}, column {}",
-                i / d_in,
-                i % d_in
-            );
-        }
-        let stored = if layer.fan_in_fan_out {
-            transpose(&w, d_out, d_in)
-        } else {
-            w
-        };
         self.unmerge
             .push((format!("{module}.lora_A"), layer.lora_a.clone()));
         self.unmerge
@@ -282,9 +320,7 @@ impl Rewrite for Merger<'_, '_> {
             .insert(format!("scaling.{module}"), format!("{:?}", layer.scaling));
         self.meta
             .insert(format!("weight.{module}"), name.to_string());
-        Ok(Some(
-            to_bytes(layer.weight.dtype(), &e.shape, &stored).with_context(|| module.clone())?,
-        ))
+        Ok(true)
     }
 
     fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
@@ -429,31 +465,25 @@ pub fn read_unmerge(dir: &Path) -> Result<BTreeMap<String, UnmergeEntry>> {
 /// # Errors
 /// The module's weight is missing from `merged` or disagrees in shape.
 pub fn unmerge_module(merged: &BaseModel, entry: &UnmergeEntry) -> Result<Tensor> {
-    let w = merged.tensor(&entry.weight_name)?;
-    let layer = Layer {
-        weight: w,
+    let layer = unmerge_layer(merged, entry)?;
+    let mut out = Vec::new();
+    compute::unmerged_weight_bytes(&layer, entry.g.as_deref(), &mut out)
+        .with_context(|| entry.weight_name.clone())?;
+    Tensor::from_bytes(layer.weight.dtype(), layer.weight.shape().to_vec(), &out)
+}
+
+/// The layer whose weight is the merged W' of one module (no magnitude: g comes from the
+/// unmerge file).
+fn unmerge_layer(merged: &BaseModel, entry: &UnmergeEntry) -> Result<Layer> {
+    Ok(Layer {
+        weight: merged.tensor(&entry.weight_name)?,
         bias: None,
         lora_a: entry.lora_a.clone(),
         lora_b: entry.lora_b.clone(),
         magnitude: None,
         scaling: entry.scaling,
         fan_in_fan_out: entry.fan_in_fan_out,
-    };
-    let (d_in, d_out, _) = layer.dims().with_context(|| entry.weight_name.clone())?;
-    let wf = layer.weight.to_f32();
-    let rows = if entry.fan_in_fan_out {
-        transpose(&wf, d_in, d_out)
-    } else {
-        wf
-    };
-    let w0 = compute::unmerge_weight(&rows, &layer, entry.g.as_deref())
-        .with_context(|| entry.weight_name.clone())?;
-    let stored = if entry.fan_in_fan_out {
-        transpose(&w0, d_out, d_in)
-    } else {
-        w0
-    };
-    Tensor::from_f32(layer.weight.dtype(), layer.weight.shape().to_vec(), &stored)
+    })
 }
 
 /// Writes the model in `merged` (a directory written by [`merge_model`]) back with every
@@ -469,12 +499,15 @@ pub fn unmerge_model(merged: &BaseModel, out: &Path, progress: bool) -> Result<M
         merged: &'b BaseModel,
     }
     impl Rewrite for U<'_> {
-        fn replace(&mut self, name: &str, _e: &TensorEntry) -> Result<Option<Vec<u8>>> {
+        fn replace(&mut self, name: &str, _e: &TensorEntry, out: &mut Vec<u8>) -> Result<bool> {
             match self.by_weight.get(name) {
-                Some(entry) => Ok(Some(
-                    unmerge_module(self.merged, entry)?.as_bytes().to_vec(),
-                )),
-                None => Ok(None),
+                Some(entry) => {
+                    let layer = unmerge_layer(self.merged, entry)?;
+                    compute::unmerged_weight_bytes(&layer, entry.g.as_deref(), out)
+                        .with_context(|| entry.weight_name.clone())?;
+                    Ok(true)
+                }
+                None => Ok(false),
             }
         }
         fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>> {

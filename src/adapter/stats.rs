@@ -100,6 +100,10 @@ pub fn module_stats(m: &AdapterModule) -> ModuleStats {
 /// # Errors
 /// Inconsistent layer shapes.
 pub fn figure2(layer: &Layer) -> Result<(f64, f64, f64)> {
+    if !layer.fan_in_fan_out {
+        // One pass on all cores, V formed block by block with an f64 GEMM.
+        return crate::cpu::rows::figure2(layer);
+    }
     let (d_in, d_out, r) = layer.dims()?;
     let w = layer.weight.to_f64();
     let a = layer.lora_a.to_f64();

@@ -104,6 +104,9 @@ impl<'a, T> ViewMut<'a, T> {
 
 /// The element types `matrixmultiply` multiplies.
 pub trait Scalar: Copy {
+    /// 1 (β = 1 accumulates into C).
+    const ONE: Self;
+
     /// C ← α·A·B + β·C, straight to `matrixmultiply`.
     ///
     /// # Safety
@@ -129,6 +132,8 @@ pub trait Scalar: Copy {
 }
 
 impl Scalar for f32 {
+    const ONE: f32 = 1.0;
+
     unsafe fn raw_gemm(
         m: usize,
         k: usize,
@@ -153,6 +158,8 @@ impl Scalar for f32 {
 }
 
 impl Scalar for f64 {
+    const ONE: f64 = 1.0;
+
     unsafe fn raw_gemm(
         m: usize,
         k: usize,

@@ -33,6 +33,7 @@
 pub mod gemm;
 pub mod multi;
 pub mod reference;
+pub mod rows;
 
 use crate::dtype::DType;
 use crate::layer::{GradMode, Grads, Layer, Outputs, Shape, NORM_EPS};

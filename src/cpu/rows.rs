@@ -1,0 +1,567 @@
+//! Row-block passes over a whole weight, at memory speed: merging an adapter into W0,
+//! undoing that merge, and the DoRA paper's Figure-2 statistics.
+//!
+//! Each pass splits the `d_out` rows of W into one contiguous range per core; each thread
+//! walks its range in blocks of rows small enough to stay in the core's cache
+//! ([`BLOCK_ELEMS`]), widens the block once from the stored dtype (`half`'s slice
+//! conversions), applies the rank-`r` update `± s·B_blk·A` with [`gemm`] on column panels
+//! of [`PANEL_COLS`] (small enough that `matrixmultiply` runs each on the calling thread, so
+//! the two threads never queue on its pool), finishes each row (norm, scale) and rounds the
+//! block straight into the output bytes. W is read once, the output written once, and
+//! nothing of size `d_out × d_in` is allocated besides the output.
+//!
+//! The merged values are bit-identical to [`super::merged_weight`] followed by rounding to
+//! the stored dtype: every element sees the same products in the same order (blocks and
+//! panels start on multiples of the GEMM kernels' tile sizes, so no tile is split
+//! differently), the same row sum of squares and the same rounding.
+//!
+//! These passes take row-major `[d_out, d_in]` weights (`fan_in_fan_out == false`); the
+//! callers use [`super::merged_weight`] and the f64 loops for `[d_in, d_out]` weights.
+
+use super::gemm::{gemm, Scalar, View, ViewMut};
+use super::{sumsq, threads, widen, EPS, PAR_MIN_ELEMS};
+use crate::dtype::DType;
+use crate::layer::{Layer, NORM_EPS};
+use crate::tensor::TensorData;
+use anyhow::{bail, ensure, Context, Result};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use std::ops::Range;
+
+/// Elements of one thread's block of rows (f32: 512 KiB), so that the block, A's column
+/// panel and the GEMM's packing buffers stay in a core's L2 cache.
+const BLOCK_ELEMS: usize = 1 << 17;
+
+/// Columns per GEMM call. `matrixmultiply` splits a product over its own thread pool when
+/// `m·k + k·n ≥ 2¹⁴`; with `k = r ≤ 16` and at most 256 block rows, 512 columns stay below
+/// that for `r ≤ 10`, and for larger `r` the split costs only a queue on its pool. A
+/// multiple of every x86 kernel's tile width (8 and 16), so tiles are never split.
+const PANEL_COLS: usize = 512;
+
+/// Rows per block: a multiple of 16 (every `matrixmultiply` kernel's row tile divides it),
+/// at least 16, at most 256.
+fn block_rows(d_in: usize) -> usize {
+    ((BLOCK_ELEMS / d_in.max(1)) / 16 * 16).clamp(16, 256)
+}
+
+/// The element types a pass accumulates in, widened from any stored dtype.
+trait Acc: Scalar + Default + Send + Sync {
+    /// `dst ← w[start..start + dst.len()]`, widened exactly.
+    fn load(w: &TensorData, start: usize, dst: &mut [Self]);
+}
+
+impl Acc for f32 {
+    fn load(w: &TensorData, start: usize, dst: &mut [f32]) {
+        let r = start..start + dst.len();
+        match w {
+            TensorData::F32(v) => dst.copy_from_slice(&v[r]),
+            TensorData::F16(v) => v[r].convert_to_f32_slice(dst),
+            TensorData::BF16(v) => v[r].convert_to_f32_slice(dst),
+        }
+    }
+}
+
+impl Acc for f64 {
+    fn load(w: &TensorData, start: usize, dst: &mut [f64]) {
+        let r = start..start + dst.len();
+        match w {
+            TensorData::F32(v) => dst.iter_mut().zip(&v[r]).for_each(|(d, &s)| *d = s as f64),
+            // bf16 is the top half of an f32: a shift, vectorised.
+            TensorData::BF16(v) => dst
+                .iter_mut()
+                .zip(&v[r])
+                .for_each(|(d, s)| *d = f32::from_bits((s.to_bits() as u32) << 16) as f64),
+            // Through f32 in cache-sized pieces (`half` converts f16 slices with F16C).
+            TensorData::F16(v) => {
+                let mut tmp = [0.0f32; 256];
+                for (d, s) in dst.chunks_mut(256).zip(v[r].chunks(256)) {
+                    let t = &mut tmp[..s.len()];
+                    s.convert_to_f32_slice(t);
+                    d.iter_mut().zip(t.iter()).for_each(|(d, &x)| *d = x as f64);
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `src` to `dtype` (round-to-nearest-even, as [`crate::tensor::Tensor::from_f32`])
+/// and writes the little-endian bytes to `dst` (`src.len() · dtype.size()` bytes).
+fn store(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
+    match dtype {
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(src),
+            Err(_) => dst
+                .chunks_exact_mut(2)
+                .zip(src)
+                .for_each(|(d, &s)| d.copy_from_slice(&f16::from_f32(s).to_le_bytes())),
+        },
+        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, bf16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(src),
+            Err(_) => dst
+                .chunks_exact_mut(2)
+                .zip(src)
+                .for_each(|(d, &s)| d.copy_from_slice(&bf16::from_f32(s).to_le_bytes())),
+        },
+    }
+}
+
+/// One contiguous range of rows per thread (one range for small weights).
+fn row_ranges(d_out: usize, d_in: usize) -> Vec<Range<usize>> {
+    let nt = if d_out * d_in < PAR_MIN_ELEMS {
+        1
+    } else {
+        threads().min(d_out.div_ceil(16)).max(1)
+    };
+    // Split on multiples of 16 rows, so that every block starts on a kernel tile.
+    let per = d_out.div_ceil(nt).div_ceil(16) * 16;
+    (0..nt)
+        .map(|i| (i * per).min(d_out)..((i + 1) * per).min(d_out))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Runs `f(state, rows, block)` over every block of rows of `w` (`[d_out, d_in]`), one
+/// thread per range of `ranges` with its own state; `block` holds rows `rows` widened to
+/// `T`, `[rows.len(), d_in]`. Returns the states in row order, or the first error in row
+/// order.
+fn for_row_blocks<T, S, F>(
+    w: &TensorData,
+    d_in: usize,
+    ranges: &[Range<usize>],
+    states: Vec<S>,
+    f: F,
+) -> Result<Vec<S>>
+where
+    T: Acc,
+    S: Send,
+    F: Fn(&mut S, Range<usize>, &mut [T]) -> Result<()> + Sync,
+{
+    let br = block_rows(d_in);
+    let work = |range: Range<usize>, mut st: S| -> Result<S> {
+        let mut buf = vec![T::default(); br.min(range.len()) * d_in];
+        let mut j0 = range.start;
+        while j0 < range.end {
+            let j1 = (j0 + br).min(range.end);
+            let blk = &mut buf[..(j1 - j0) * d_in];
+            T::load(w, j0 * d_in, blk);
+            f(&mut st, j0..j1, blk)?;
+            j0 = j1;
+        }
+        Ok(st)
+    };
+    if ranges.len() <= 1 {
+        return states
+            .into_iter()
+            .zip(ranges)
+            .map(|(s, r)| work(r.clone(), s))
+            .collect();
+    }
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .cloned()
+            .zip(states)
+            .map(|(r, s)| {
+                let work = &work;
+                sc.spawn(move || work(r, s))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// `v += α·B_blk·A` for one block: `b_blk [rows, r]`, `a [r, d_in]`, `v [rows, d_in]`, one
+/// [`gemm`] per column panel.
+fn rank_update<T: Scalar>(alpha: T, b_blk: &[T], a: &[T], r: usize, d_in: usize, v: &mut [T]) {
+    let rows = v.len() / d_in.max(1);
+    let mut c0 = 0;
+    while c0 < d_in {
+        let w = PANEL_COLS.min(d_in - c0);
+        gemm(
+            alpha,
+            View::new(b_blk, rows, r),
+            View::strided(&a[c0..], r, w, d_in, 1),
+            T::ONE,
+            ViewMut::strided(&mut v[c0..], rows, w, d_in),
+        );
+        c0 += w;
+    }
+}
+
+/// Checks a row-major `[d_out, d_in]` layer for the row-block passes.
+fn dims_row_major(layer: &Layer) -> Result<(usize, usize, usize)> {
+    let dims = layer.dims()?;
+    ensure!(
+        !layer.fan_in_fan_out,
+        "weight stored [d_in, d_out] (fan_in_fan_out): the row-block passes take [d_out, d_in]"
+    );
+    Ok(dims)
+}
+
+/// Splits `out` (`d_out` rows of `row_bytes`) and `g` (`d_out` values, or empty) by
+/// `ranges`.
+fn split_by<'o, 'g>(
+    ranges: &[Range<usize>],
+    mut out: &'o mut [u8],
+    row_bytes: usize,
+    mut g: &'g mut [f32],
+) -> Vec<(usize, &'o mut [u8], &'g mut [f32])> {
+    let mut parts = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (o, rest) = std::mem::take(&mut out).split_at_mut(r.len() * row_bytes);
+        out = rest;
+        let gl = if g.is_empty() { 0 } else { r.len() };
+        let (gp, grest) = std::mem::take(&mut g).split_at_mut(gl);
+        g = grest;
+        parts.push((r.start, o, gp));
+    }
+    parts
+}
+
+/// `W' = diag(g)·(W0 + s·B·A)` (g = 1 for plain LoRA), rounded to W0's dtype and written as
+/// little-endian bytes into `out` (`d_out · d_in · size` bytes, `[d_out, d_in]` row-major);
+/// returns g `[d_out]` (f32, `m / max(‖W0_j + s·B_j·A‖, ε)`, the value each row was scaled
+/// by), or `None` for plain LoRA.
+///
+/// Bit-identical to [`super::merged_weight`] rounded to W0's dtype; both cores, one pass
+/// over W0.
+///
+/// # Errors
+/// An invalid or `fan_in_fan_out` layer; `out` of the wrong length; a non-finite element of
+/// W' (f32, before rounding), named by row and column.
+pub fn merged_weight_into(layer: &Layer, out: &mut [u8]) -> Result<Option<Vec<f32>>> {
+    let (d_in, d_out, r) = dims_row_major(layer)?;
+    let dtype = layer.weight.dtype();
+    let row_bytes = d_in * dtype.size();
+    ensure!(
+        out.len() == d_out * row_bytes,
+        "merged weight: output buffer is {} bytes, expected {d_out}×{d_in} {dtype}",
+        out.len()
+    );
+    let (a, b) = (widen(&layer.lora_a), widen(&layer.lora_b));
+    let m = layer.magnitude.as_ref().map(widen);
+    let s = layer.scaling as f32;
+    let mut g = vec![0.0f32; if m.is_some() { d_out } else { 0 }];
+    let ranges = row_ranges(d_out, d_in);
+    let states = split_by(&ranges, out, row_bytes, &mut g);
+    for_row_blocks(
+        layer.weight.data(),
+        d_in,
+        &ranges,
+        states,
+        |(first, out, gs): &mut (usize, &mut [u8], &mut [f32]), rows, v: &mut [f32]| {
+            rank_update(s, &b[rows.start * r..rows.end * r], &a, r, d_in, v);
+            if let Some(m) = &m {
+                for (jj, row) in v.chunks_exact_mut(d_in).enumerate() {
+                    let j = rows.start + jj;
+                    let gj = m[j] / sumsq(row).sqrt().max(EPS);
+                    row.iter_mut().for_each(|e| *e *= gj);
+                    gs[j - *first] = gj;
+                }
+            }
+            // A branch-free scan (vectorised); the position only when there is one.
+            if v.iter().fold(false, |any, x| any | !x.is_finite()) {
+                let i = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                bail!(
+                    "the merged weight has a non-finite element at row {}, column {}",
+                    rows.start + i / d_in,
+                    i % d_in
+                );
+            }
+            let o = (rows.start - *first) * row_bytes..(rows.end - *first) * row_bytes;
+            store(dtype, v, &mut out[o]);
+            Ok(())
+        },
+    )?;
+    Ok(m.is_some().then_some(g))
+}
+
+/// Undoes a merge row block by row block: `W0 = W'/g − s·B·A` (`W0 = W' − s·B·A` for plain
+/// LoRA) from the merged weight in `layer.weight` (`[d_out, d_in]`, any dtype; the
+/// magnitude is ignored), with the g the merge used, rounded to the weight's dtype and
+/// written as little-endian bytes into `out`. A zero g loses its row: it comes back as
+/// `−s·B_j·A`.
+///
+/// Bit-identical to [`crate::adapter::compute::unmerge_weight`] rounded to the weight's
+/// dtype.
+///
+/// # Errors
+/// An invalid or `fan_in_fan_out` layer; `g` or `out` of the wrong length.
+pub fn unmerged_weight_into(layer: &Layer, g: Option<&[f32]>, out: &mut [u8]) -> Result<()> {
+    let (d_in, d_out, r) = dims_row_major(layer)?;
+    let dtype = layer.weight.dtype();
+    let row_bytes = d_in * dtype.size();
+    ensure!(
+        out.len() == d_out * row_bytes,
+        "unmerged weight: output buffer is {} bytes, expected {d_out}×{d_in} {dtype}",
+        out.len()
+    );
+    if let Some(g) = g {
+        ensure!(
+            g.len() == d_out,
+            "g has {} elements, expected {d_out}",
+            g.len()
+        );
+    }
+    let (a, b) = (widen(&layer.lora_a), widen(&layer.lora_b));
+    let s = layer.scaling as f32;
+    let ranges = row_ranges(d_out, d_in);
+    let states = split_by(&ranges, out, row_bytes, &mut []);
+    for_row_blocks(
+        layer.weight.data(),
+        d_in,
+        &ranges,
+        states,
+        |(first, out, _): &mut (usize, &mut [u8], &mut [f32]), rows, v: &mut [f32]| {
+            if let Some(g) = g {
+                for (row, &gj) in v.chunks_exact_mut(d_in).zip(&g[rows.clone()]) {
+                    let inv = if gj != 0.0 { 1.0 / gj } else { 0.0 };
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+            rank_update(-s, &b[rows.start * r..rows.end * r], &a, r, d_in, v);
+            let o = (rows.start - *first) * row_bytes..(rows.end - *first) * row_bytes;
+            store(dtype, v, &mut out[o]);
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// `(‖w‖², ‖v‖², w·v)` of two rows in one pass, each summed in 8 independent f64 lanes
+/// (vectorisable, and a shorter rounding chain than one running sum).
+fn row_sums(w: &[f64], v: &[f64]) -> (f64, f64, f64) {
+    const L: usize = 8;
+    let (mut ww, mut vv, mut wv) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
+    let (wc, vc) = (w.chunks_exact(L), v.chunks_exact(L));
+    let (wt, vt) = (wc.remainder(), vc.remainder());
+    for (a, b) in wc.zip(vc) {
+        for l in 0..L {
+            ww[l] += a[l] * a[l];
+            vv[l] += b[l] * b[l];
+            wv[l] += a[l] * b[l];
+        }
+    }
+    for (l, (a, b)) in wt.iter().zip(vt).enumerate() {
+        ww[l] += a * a;
+        vv[l] += b * b;
+        wv[l] += a * b;
+    }
+    (ww.iter().sum(), vv.iter().sum(), wv.iter().sum())
+}
+
+/// The DoRA paper's Figure-2 quantities of a layer, in f64 (Liu et al. 2024, §3.2):
+/// ΔM = mean_j |m_j − ‖W0_j‖|, ΔD = mean_j (1 − cos(W0_j, W'_j)) and ‖W0‖_F, with
+/// `V = W0 + s·B·A`, `g_j = m_j / max(‖V_j‖, ε)` and `W'_j = g_j·V_j`; for plain LoRA
+/// `m_j = ‖V_j‖` and `W' = V`. A row where W0_j or W'_j is zero has no direction and counts
+/// as cos = 1.
+///
+/// One pass over W0 on both cores, each block of V formed in f64 by a GEMM.
+///
+/// # Errors
+/// An invalid or `fan_in_fan_out` layer.
+pub fn figure2(layer: &Layer) -> Result<(f64, f64, f64)> {
+    let (d_in, d_out, r) = dims_row_major(layer)?;
+    let a = layer.lora_a.to_f64();
+    let b = layer.lora_b.to_f64();
+    let m = layer.magnitude.as_ref().map(|t| t.to_f64());
+    let s = layer.scaling;
+    let ranges = row_ranges(d_out, d_in);
+    let br = block_rows(d_in);
+    // Per thread: (dm, dd, ‖W0‖² sums, a scratch block for V).
+    let states: Vec<(f64, f64, f64, Vec<f64>)> = ranges
+        .iter()
+        .map(|rg| (0.0, 0.0, 0.0, vec![0.0; br.min(rg.len()) * d_in]))
+        .collect();
+    let sums = for_row_blocks(
+        layer.weight.data(),
+        d_in,
+        &ranges,
+        states,
+        |(dm, dd, w0sq, vbuf), rows, w0: &mut [f64]| {
+            let v = &mut vbuf[..w0.len()];
+            v.copy_from_slice(w0);
+            rank_update(s, &b[rows.start * r..rows.end * r], &a, r, d_in, v);
+            for (jj, (w0r, vr)) in w0.chunks_exact(d_in).zip(v.chunks_exact(d_in)).enumerate() {
+                let j = rows.start + jj;
+                let (w0n2, vn2, dot) = row_sums(w0r, vr);
+                let vn = vn2.sqrt();
+                let w0n = w0n2.sqrt();
+                *w0sq += w0n2;
+                let (mj, gj) = match &m {
+                    Some(m) => (m[j], m[j] / vn.max(NORM_EPS)),
+                    None => (vn, 1.0),
+                };
+                *dm += (mj - w0n).abs();
+                let wn = gj.abs() * vn;
+                let cos = if w0n > 0.0 && wn > 0.0 {
+                    gj * dot / (w0n * wn)
+                } else {
+                    1.0
+                };
+                *dd += 1.0 - cos;
+            }
+            Ok(())
+        },
+    )
+    .context("Figure-2 statistics")?;
+    let (dm, dd, w0sq) = sums.iter().fold((0.0, 0.0, 0.0), |acc, s| {
+        (acc.0 + s.0, acc.1 + s.1, acc.2 + s.2)
+    });
+    Ok((dm / d_out as f64, dd / d_out as f64, w0sq.sqrt()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+    use rand::{Rng, SeedableRng};
+
+    /// A layer with W0 in `dtype`, f32 adapter tensors, `s·B·A` about a tenth of W0.
+    fn layer(d_out: usize, d_in: usize, r: usize, dtype: DType, dora: bool, seed: u64) -> Layer {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut v = |n: usize, sc: f32| -> Vec<f32> {
+            (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * sc).collect()
+        };
+        let t = |shape: Vec<usize>, vals: Vec<f32>, dt: DType| {
+            Tensor::from_f32(dt, shape, &vals).unwrap()
+        };
+        Layer {
+            weight: t(vec![d_out, d_in], v(d_out * d_in, 0.05), dtype),
+            bias: None,
+            lora_a: t(vec![r, d_in], v(r * d_in, 0.05), DType::F32),
+            lora_b: t(vec![d_out, r], v(d_out * r, 0.05), DType::F32),
+            magnitude: dora.then(|| t(vec![d_out], v(d_out, 1.0), DType::F32)),
+            scaling: 2.0,
+            fan_in_fan_out: false,
+        }
+    }
+
+    /// Sizes off every tile: one block on one thread, and several blocks on every core with
+    /// ragged row blocks and column panels; ranks below, at and above the 16-wide tiles.
+    const SIZES: [(usize, usize, usize); 4] =
+        [(37, 101, 3), (333, 1031, 16), (290, 1500, 33), (16, 512, 8)];
+
+    #[test]
+    fn merge_is_bit_identical_to_the_whole_matrix_merge() {
+        for (i, &(d_out, d_in, r)) in SIZES.iter().enumerate() {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for dora in [true, false] {
+                    let l = layer(d_out, d_in, r, dtype, dora, i as u64);
+                    let want = Tensor::from_f32(
+                        dtype,
+                        vec![d_out, d_in],
+                        &super::super::merged_weight(&l).unwrap(),
+                    )
+                    .unwrap();
+                    let mut out = vec![0u8; want.as_bytes().len()];
+                    let g = merged_weight_into(&l, &mut out).unwrap();
+                    assert!(
+                        out == want.as_bytes(),
+                        "{d_out}x{d_in} r{r} {dtype} dora={dora}"
+                    );
+                    match g {
+                        Some(g) => {
+                            let want_g = super::super::magnitude_scale(&l).unwrap().unwrap();
+                            assert_eq!(g.len(), d_out);
+                            for (a, b) in g.iter().zip(&want_g) {
+                                assert!((a - b).abs() <= 1e-5 * b.abs(), "g {a} vs {b}");
+                            }
+                        }
+                        None => assert!(!dora),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unmerge_is_bit_identical_to_the_whole_matrix_unmerge() {
+        for (i, &(d_out, d_in, r)) in SIZES.iter().enumerate() {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let l = layer(d_out, d_in, r, dtype, true, 10 + i as u64);
+                let mut merged = vec![0u8; l.weight.len() * dtype.size()];
+                let g = merged_weight_into(&l, &mut merged).unwrap().unwrap();
+                let mut wl = l.clone();
+                wl.weight = Tensor::from_bytes(dtype, vec![d_out, d_in], &merged).unwrap();
+                wl.magnitude = None;
+                let want =
+                    crate::adapter::compute::unmerge_weight(&wl.weight.to_f32(), &wl, Some(&g))
+                        .unwrap();
+                let want = Tensor::from_f32(dtype, vec![d_out, d_in], &want).unwrap();
+                let mut out = vec![0u8; merged.len()];
+                unmerged_weight_into(&wl, Some(&g), &mut out).unwrap();
+                assert!(out == want.as_bytes(), "{d_out}x{d_in} r{r} {dtype}");
+                // And W0 comes back to the dtype's rounding.
+                let back = Tensor::from_bytes(dtype, vec![d_out, d_in], &out)
+                    .unwrap()
+                    .to_f64();
+                let e = crate::tensor::rel_l2(&back, &l.weight.to_f64());
+                assert!(
+                    e < 4.0 * dtype.unit_roundoff(),
+                    "{dtype}: unmerge rel error {e:.2e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_merged_element_is_named() {
+        let mut l = layer(40, 600, 4, DType::F32, false, 3);
+        let mut a = l.lora_a.to_f32();
+        a[2 * 600 + 77] = f32::MAX;
+        l.lora_a = Tensor::from_f32(DType::F32, vec![4, 600], &a).unwrap();
+        let mut b = l.lora_b.to_f32();
+        b[33 * 4 + 2] = 1e30;
+        l.lora_b = Tensor::from_f32(DType::F32, vec![40, 4], &b).unwrap();
+        let mut out = vec![0u8; 40 * 600 * 4];
+        let e = merged_weight_into(&l, &mut out).unwrap_err().to_string();
+        assert!(e.contains("row 33, column 77"), "{e}");
+    }
+
+    #[test]
+    fn wrong_buffer_and_fan_in_fan_out_are_refused() {
+        let l = layer(20, 30, 2, DType::BF16, true, 4);
+        assert!(merged_weight_into(&l, &mut [0u8; 7])
+            .unwrap_err()
+            .to_string()
+            .contains("output buffer"));
+        let mut f = l.clone();
+        f.fan_in_fan_out = true;
+        f.weight = Tensor::from_f32(DType::BF16, vec![30, 20], &vec![0.0; 600]).unwrap();
+        assert!(merged_weight_into(&f, &mut [0u8; 1200])
+            .unwrap_err()
+            .to_string()
+            .contains("fan_in_fan_out"));
+    }
+
+    #[test]
+    fn figure2_matches_the_row_loop() {
+        for (i, &(d_out, d_in, r)) in SIZES.iter().enumerate() {
+            for dtype in [DType::F32, DType::BF16] {
+                for dora in [true, false] {
+                    let l = layer(d_out, d_in, r, dtype, dora, 20 + i as u64);
+                    let got = figure2(&l).unwrap();
+                    // The same layer stored [d_in, d_out] takes the per-row f64 loop.
+                    let mut t = l.clone();
+                    let w = l.weight.to_f32();
+                    let wt = crate::adapter::compute::transpose(&w, d_out, d_in);
+                    t.weight = Tensor::from_f32(dtype, vec![d_in, d_out], &wt).unwrap();
+                    t.fan_in_fan_out = true;
+                    let want = crate::adapter::stats::figure2(&t).unwrap();
+                    for (a, b) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
+                        assert!(
+                            (a - b).abs() <= 1e-12 * b.abs(),
+                            "{d_out}x{d_in} {dtype} dora={dora}: {a:e} vs {b:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
