@@ -119,7 +119,10 @@ impl std::fmt::Debug for CudaBuffer {
 }
 
 impl CudaBuffer {
-    /// Wraps memory the caller allocated with cudarc (on the stream it will be used on).
+    /// Wraps memory the caller allocated with cudarc (on the stream it will be used on), for
+    /// the [`DoraLayer`](crate::kernels::DoraLayer) API. No cudarc event is waited on or
+    /// recorded for it; typed slices of any element go through [`Backend::view`] and
+    /// [`DoraLinear`](crate::kernels::DoraLinear) instead, which keep cudarc's ordering.
     pub fn from_slice(slice: CudaSlice<u8>) -> CudaBuffer {
         let bytes = slice.len();
         let ptr = {

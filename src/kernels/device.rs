@@ -1,6 +1,9 @@
-//! The device-level API: a DoRA/LoRA layer over device buffers, for inference engines and
-//! training loops. Everything is ordered on the backend's stream; nothing here synchronises
-//! with the host or allocates once the workspaces have grown to the largest call seen.
+//! The device-level API over borrowed device buffers: a DoRA/LoRA layer for training loops
+//! (and a simple inference forward). Inference engines use [`super::DoraLinear`] and
+//! [`super::DoraAdapter`] instead (owned weights, g per adapter, typed checked views, caller
+//! workspace; docs/engine.md). Everything is ordered on the backend's stream; nothing here
+//! synchronises with the host or allocates once the workspaces have grown to the largest call
+//! seen.
 //!
 //! Dtypes: W0, x, base, y, dy and grad_x share the layer dtype (f32, f16 or bf16); A and B
 //! are in the layer dtype or in f32 (PEFT's default beside a 16-bit base: read as stored);
