@@ -5,7 +5,7 @@
 //! GEMM crate's large sgemm rate).
 
 use super::formula::{LayerKind, Op};
-use super::inputs::{random_set, InputSet};
+use super::inputs::{random_set, uniform, InputSet};
 use super::measure::{measure, HostClock, Phase, Plan};
 use super::report::{host_cpu, imp, load_average, load_note, Ceilings, Report};
 use super::runner::{self, Config, Layer, Machine, RowSpec, Target};
@@ -363,8 +363,8 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> Result<f64> {
 /// # Errors
 /// A broken clock.
 pub fn sgemm_rate(n: usize, reps: usize) -> Result<f64> {
-    let mut rng = super::inputs::SplitMix::new(0x5eed);
-    let (a, b) = (rng.fill(n * n, 1.0), rng.fill(n * n, 1.0));
+    let rng = &mut <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(0x5eed);
+    let (a, b) = (uniform(rng, n * n, 1.0), uniform(rng, n * n, 1.0));
     let mut c = vec![0f32; n * n];
     let st = measure(&mut HostClock, &Plan::fixed(1, reps), 1, 1, |p, _, _| {
         if p == Phase::Timed {

@@ -70,6 +70,7 @@ impl Config {
             shapes: vec![(256, 256)],
             tokens: vec![1, 16],
             ranks: vec![16],
+            dtype: DType::BF16,
             plan: Plan {
                 warmup: 1,
                 min_reps: 2,
@@ -78,11 +79,6 @@ impl Config {
             },
             ..Config::default_cpu()
         }
-        .with_dtype(DType::BF16)
-    }
-
-    fn with_dtype(self, dtype: DType) -> Config {
-        Config { dtype, ..self }
     }
 
     /// Checks the set is non-empty and every size is at least 1.
