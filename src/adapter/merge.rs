@@ -193,7 +193,7 @@ fn write_shard(
     base: &BaseModel,
     (file, dest): (std::fs::File, &Path),
     rw: &mut dyn Rewrite,
-    bar: &indicatif::ProgressBar,
+    bar: &Progress,
     report: &mut MergeReport,
     spare: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
@@ -527,6 +527,12 @@ pub fn unmerge_model(merged: &BaseModel, out: &Path, progress: bool) -> Result<M
     let mut u = U { by_weight, merged };
     write_model(merged, out, progress, &[UNMERGE_FILE], &mut u)
 }
+
+/// The merge's progress bar: indicatif's with the `cli` feature, else one that shows nothing.
+#[cfg(feature = "cli")]
+type Progress = indicatif::ProgressBar;
+#[cfg(not(feature = "cli"))]
+type Progress = NoProgress;
 
 /// The progress bar of a build without the `cli` feature: shows nothing.
 #[cfg(not(feature = "cli"))]
