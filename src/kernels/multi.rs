@@ -43,7 +43,7 @@ pub const ERR_EMPTY: i32 = 2;
 /// Ranks per `multi_shrink` block (one warp each; `MS_WARPS` in kernels/multi.cu).
 pub const SHRINK_RANKS: usize = 8;
 /// Output columns per `multi_expand` block (one per thread).
-pub const EXPAND_COLS: usize = spec::THREADS as usize;
+pub const EXPAND_COLS: usize = spec::THREADS;
 
 /// One occupied slot: where its adapter lives and what it is.
 #[derive(Clone, Copy, Debug, PartialEq)]
