@@ -27,23 +27,19 @@ fn check(calls: &[serve::Call]) {
     }
 }
 
-mod engine_example {
-    use super::*;
+#[test]
+fn emu() {
+    let calls = serve::run(Arc::new(dorafuse::emu::EmuBackend::new(11))).unwrap();
+    check(&calls);
+}
 
-    #[test]
-    fn emu() {
-        let calls = serve::run(Arc::new(dorafuse::emu::EmuBackend::new(11))).unwrap();
-        check(&calls);
-    }
-
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn cuda() {
-        let b0 = crate::gpu_util::backend();
-        let stream = b0.context().new_stream().unwrap();
-        let backend = Arc::new(dorafuse::cuda::CudaBackend::from_stream(stream.clone()).unwrap());
-        let calls = serve::run(backend).unwrap();
-        stream.synchronize().unwrap();
-        check(&calls);
-    }
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda() {
+    let b0 = crate::gpu_util::backend();
+    let stream = b0.context().new_stream().unwrap();
+    let backend = Arc::new(dorafuse::cuda::CudaBackend::from_stream(stream.clone()).unwrap());
+    let calls = serve::run(backend).unwrap();
+    stream.synchronize().unwrap();
+    check(&calls);
 }
