@@ -947,6 +947,27 @@ fn malformed_case_files_get_one_line_errors_naming_the_tensor() {
         &meta,
         "expected.y is [3, 5], expected [3, 4]",
     );
+    // Through the command line: one line on stderr, a failing exit, no output file left.
+    write_raw(
+        &p,
+        &with("adapter_index", I32, vec![3], i32s(&[0, 1, 0])),
+        &meta,
+    );
+    let out = dir.path().join("y.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+        .args(["replay", "--device", "emu", "--out"])
+        .arg(&out)
+        .arg(&p)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("adapter_index[1] is 1, outside -1..=0"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output for a refused case");
     let mut nan = f(20);
     nan[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     expect(
