@@ -18,6 +18,8 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    apply: super::merge::ApplyArgs,
 }
 
 /// Everything inspect reports.
@@ -52,7 +54,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let base = args.base.as_ref().map(|p| BaseModel::open(p)).transpose()?;
     let model = base
         .as_ref()
-        .map(|b| AdaptedModel::new(b, &adapter))
+        .map(|b| AdaptedModel::with_options(b, &adapter, &args.apply.options()))
         .transpose()?;
     let mut rows = Vec::new();
     let mut params = 0usize;
