@@ -62,6 +62,7 @@ fn check_against_peft(
                 let g = merged.tensor(name).unwrap().to_f64();
                 let w = want.tensor(name).unwrap().to_f64();
                 let e = rel_l2(&g, &w);
+                eprintln!("{what}: {name}: relative L2 to PEFT's merge {e:.2e}");
                 assert!(
                     e <= tol,
                     "{what}: {name} differs from PEFT's merge by {e:e} (> {tol:e})"
@@ -507,4 +508,72 @@ fn cli_refusal_is_one_line_and_writes_nothing() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors").exists());
+}
+
+#[test]
+fn inspect_reports_each_module_layer_as_decided() {
+    let c = cases().join("mixed-fan-in-fan-out/head_last");
+    let o = dorafuse()
+        .arg("inspect")
+        .arg(c.join("adapter"))
+        .arg("--base")
+        .arg(c.join("base"))
+        .args(["--fan-in-fan-out", r"backbone\..*", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers: Vec<(String, String)> = v["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["module"].as_str().unwrap().to_string(),
+                m["layer"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(layers.len() == 3, "{layers:?}");
+    for (m, l) in &layers {
+        let want = if m.starts_with("backbone.") {
+            "conv1d"
+        } else {
+            "linear"
+        };
+        assert_eq!(l, want, "{m}");
+    }
+    // Without the choice, inspect refuses like merge, in one line.
+    let o = dorafuse()
+        .arg("inspect")
+        .arg(c.join("adapter"))
+        .arg("--base")
+        .arg(c.join("base"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--fan-in-fan-out") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    let c = cases().join("kinds/embedding");
+    let o = dorafuse()
+        .arg("inspect")
+        .arg(c.join("adapter"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let embed = v["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["module"] == "embed")
+        .unwrap();
+    assert_eq!(embed["layer"], "embedding");
+    assert_eq!(
+        (embed["d_in"].as_u64(), embed["d_out"].as_u64()),
+        (Some(21), Some(12))
+    );
 }
