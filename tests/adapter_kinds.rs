@@ -363,6 +363,18 @@ fn lora_bias_is_merged_into_the_bias() {
 }
 
 #[test]
+fn biases_trained_with_bias_all_replace_the_base_biases() {
+    let c = cases().join("kinds/trained_bias");
+    check_against_peft(
+        &c.join("base"),
+        &c.join("adapter"),
+        &c.join("expected_merged.safetensors"),
+        all_linear(),
+        1e-6,
+    );
+}
+
+#[test]
 fn lora_bias_with_dora_is_refused_as_peft_does() {
     let c = cases().join("kinds/two_towers/adapter");
     let mut cfg: serde_json::Value =
@@ -378,7 +390,13 @@ fn lora_bias_with_dora_is_refused_as_peft_does() {
 
 #[test]
 fn adapter_kinds_save_and_load_round_trip() {
-    for case in ["embedding", "conv2d", "modules_to_save", "lora_bias"] {
+    for case in [
+        "embedding",
+        "conv2d",
+        "modules_to_save",
+        "lora_bias",
+        "trained_bias",
+    ] {
         let c = cases().join("kinds").join(case).join("adapter");
         let a = Adapter::load(&c).unwrap();
         let tmp = tempfile::tempdir().unwrap();

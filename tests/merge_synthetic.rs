@@ -614,7 +614,7 @@ fn corrupt_and_mismatched_inputs_fail_cleanly() {
     // Unsupported configurations, each named.
     for (field, value, needle) in [
         ("lora_bias", serde_json::json!(true), "lora_bias"),
-        ("bias", serde_json::json!("all"), "bias"),
+        ("bias", serde_json::json!("everything"), "bias"),
         ("peft_type", serde_json::json!("LOHA"), "LOHA"),
         ("use_qalora", serde_json::json!(true), "use_qalora"),
         (

@@ -111,10 +111,15 @@ impl<'a> AdaptedModel<'a> {
         if let Some(e) = tied_head_reason(adapter, &cfg) {
             return Err(e);
         }
+        let saved: Vec<String> = adapter
+            .saved
+            .keys()
+            .map(|k| super::model::saved_base_name(k))
+            .collect();
         let names = NameMap::resolve_with(
             base,
             adapter.modules.keys().map(String::as_str),
-            adapter.saved.keys().map(String::as_str),
+            saved.iter().map(String::as_str),
             opts.names.as_ref(),
         )?;
         let fifo_re = opts
@@ -153,9 +158,9 @@ impl<'a> AdaptedModel<'a> {
         format!("{}.bias", self.names.base_name(module))
     }
 
-    /// The base tensor a `modules_to_save` tensor replaces.
+    /// The base tensor a saved full tensor (`modules_to_save`, a trained bias) replaces.
     pub fn saved_name(&self, tensor: &str) -> String {
-        self.names.base_name(tensor)
+        self.names.base_name(&super::model::saved_base_name(tensor))
     }
 
     /// Checks one module against its base weight and decides its layout (true: stored
@@ -464,10 +469,13 @@ fn tied_head_reason(adapter: &Adapter, cfg: &BaseConfig) -> Option<anyhow::Error
     if cfg.tie_word_embeddings != Some(true) {
         return None;
     }
-    let head = adapter
-        .modules
-        .keys()
-        .find(|m| m.as_str() == "lm_head" || m.ends_with(".lm_head"))?;
+    let is_head = |m: &str| m == "lm_head" || m.ends_with(".lm_head");
+    let head = adapter.modules.keys().find(|m| is_head(m)).or_else(|| {
+        adapter
+            .saved
+            .keys()
+            .find(|t| is_head(t.rsplit_once('.').map_or(t.as_str(), |(m, _)| m)))
+    })?;
     Some(anyhow::anyhow!(
         "{head}: the base ties lm_head to the input embedding (tie_word_embeddings in config.json, true unless set false), so one tensor serves both; PEFT's merge writes the merged weight into that shared tensor and so changes the input embedding too, which the adapter never trained; untie the base first (load it with tie_word_embeddings=False, save it) and merge into that"
     ))

@@ -137,7 +137,8 @@ pub struct LoraFields {
     /// Per-module alpha overrides.
     #[serde(default)]
     pub alpha_pattern: OrderedMap<f64>,
-    /// `"none"`, `"all"` or `"lora_only"`: whether biases were trained.
+    /// `"none"`, `"all"` or `"lora_only"`: whether base biases were trained (and saved in
+    /// the adapter file, whence they replace the base's when merging).
     #[serde(default)]
     pub bias: Option<String>,
     /// A trainable bias on lora_B.
@@ -440,9 +441,10 @@ impl AdapterConfig {
             bail!("lora_bias is true with use_dora: PEFT itself refuses a trainable lora_B bias with DoRA, so no PEFT model exists to reproduce");
         }
         if let Some(b) = &l.bias {
-            if b != "none" {
-                bail!("bias is {b:?}: adapters that train the base biases are not supported (only \"none\")");
-            }
+            ensure!(
+                ["none", "all", "lora_only"].contains(&b.as_str()),
+                "bias is {b:?}: PEFT takes \"none\", \"all\" or \"lora_only\""
+            );
         }
         self.init()?;
         for (field, why) in UNSUPPORTED_FIELDS {

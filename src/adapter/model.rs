@@ -91,9 +91,17 @@ pub struct Adapter {
     pub modules: BTreeMap<String, AdapterModule>,
     /// `__metadata__` of the weights file (PEFT writes `{"format": "pt"}`).
     pub metadata: BTreeMap<String, String>,
-    /// The trained copies of `modules_to_save`, by tensor name relative to the base model
+    /// The trained copies of `modules_to_save`, and the base biases trained with `bias`
+    /// `"all"`/`"lora_only"`, by tensor name relative to the base model
     /// (`classifier.weight`): they replace the base's tensors when merging.
     pub saved: BTreeMap<String, Tensor>,
+}
+
+/// The base model's name of a saved full tensor: PEFT saves the trained bias of an adapted
+/// module under its wrapper's name, `<module>.base_layer.bias`, for the base's
+/// `<module>.bias`.
+pub fn saved_base_name(name: &str) -> String {
+    name.replace(".base_layer.", ".")
 }
 
 /// What one key of `adapter_model.safetensors` holds.
@@ -158,8 +166,8 @@ struct Parts {
 impl Adapter {
     /// Loads an adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
     ///
-    /// Every module is checked: lora_A `[r, d_in]` and lora_B `[d_out, r]` both present and
-    /// 2-D (a conv adapter is refused), r equal to the config's rank for that module
+    /// Every module is checked: lora_A `[r, d_in]` and lora_B `[d_out, r]` both present
+    /// (2-D, or a convolution's, or `lora_embedding_A`/`_B`), r equal to the config's rank for that module
     /// (`rank_pattern` aware), the magnitude `[d_out]` present exactly when `use_dora`, the
     /// module a target of the config, and every value finite.
     ///
@@ -215,8 +223,12 @@ impl Adapter {
                 if rest.contains(".modules_to_save.") {
                     bail!("{module}: tensor {key} keeps PEFT's in-memory modules_to_save wrapper name; re-save the adapter with PEFT's save_pretrained");
                 }
-                if module.is_empty() || !matcher.in_modules_to_save(module) {
-                    bail!("{}: adapter tensor {key} is a full tensor of a module that modules_to_save does not list (a trained bias, bias=\"all\"/\"lora_only\", is not supported)", if module.is_empty() { rest } else { module });
+                // bias="all" / "lora_only": PEFT trains and saves base biases, loaded over the
+                // base's own (`get_peft_model_state_dict`, `set_peft_model_state_dict`).
+                let trained_bias = config.lora.bias.as_deref().is_some_and(|b| b != "none")
+                    && rest.ends_with(".bias");
+                if module.is_empty() || !(matcher.in_modules_to_save(module) || trained_bias) {
+                    bail!("{}: adapter tensor {key} is a full tensor of a module that neither modules_to_save lists nor the config's bias ({:?}) trains", if module.is_empty() { rest } else { module }, config.lora.bias.as_deref().unwrap_or("none"));
                 }
                 let t = Tensor::from_view(&key, &view)
                     .with_context(|| format!("{module}: modules_to_save tensor {key}"))?;
