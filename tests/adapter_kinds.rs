@@ -146,6 +146,20 @@ fn pissa_and_olora_merge_onto_the_residual_base_peft_derives() {
 }
 
 #[test]
+fn pissa_on_conv1d_weights_takes_the_residual_of_the_rows() {
+    // GPT-2's Conv1D weights are stored [in, out]; PEFT transposes before the SVD. The base's
+    // config.json (model_type gpt2) tells the square c_proj's layout.
+    let c = cases().join("kinds/pissa_conv1d");
+    check_against_peft(
+        &c.join("base"),
+        &c.join("adapter"),
+        &c.join("expected_merged.safetensors"),
+        ApplyOptions::default(),
+        1e-5,
+    );
+}
+
+#[test]
 fn inits_that_cannot_be_rederived_are_refused_by_name() {
     let d = cases().join("pissa-residual-base");
     for (init, why) in [
