@@ -483,7 +483,27 @@ fn tied_lm_head_is_refused_with_the_reason() {
         &base,
         &ad,
         ApplyOptions::default(),
-        &["lm_head", "tie_word_embeddings", "input embedding"],
+        &["lm_head", "tie_word_embeddings is true", "input embedding"],
+    );
+    // The key omitted (left to the model class's default) and no lm_head.weight stored: tied.
+    std::fs::write(base.join("config.json"), r#"{"model_type": "qwen2"}"#).unwrap();
+    expect_refusal(
+        &base,
+        &ad,
+        ApplyOptions::default(),
+        &["lm_head", "stores no lm_head.weight", "input embedding"],
+    );
+    // Untied: the missing weight is just absent.
+    std::fs::write(
+        base.join("config.json"),
+        r#"{"model_type": "llama", "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    expect_refusal(
+        &base,
+        &ad,
+        ApplyOptions::default(),
+        &["lm_head.weight: absent from the base model"],
     );
 }
 
@@ -604,6 +624,30 @@ fn inspect_reports_each_module_layer_as_decided() {
         .find(|m| m["module"] == "embed")
         .unwrap();
     assert_eq!(embed["layer"], "embedding");
+    // A convolution with its base: ΔM and ΔD per output channel.
+    let c = cases().join("kinds/conv2d");
+    let o = dorafuse()
+        .arg("inspect")
+        .arg(c.join("adapter"))
+        .arg("--base")
+        .arg(c.join("base"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let conv1 = v["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["module"] == "conv1")
+        .unwrap();
+    assert_eq!(conv1["layer"], "conv");
+    assert_eq!(
+        (conv1["d_in"].as_u64(), conv1["d_out"].as_u64()),
+        (Some(27), Some(8))
+    );
+    assert!(conv1["delta_d"].as_f64().unwrap() > 0.0, "{conv1}");
     assert_eq!(
         (embed["d_in"].as_u64(), embed["d_out"].as_u64()),
         (Some(21), Some(12))

@@ -108,7 +108,7 @@ impl<'a> AdaptedModel<'a> {
         } else {
             BaseConfig::default()
         };
-        if let Some(e) = tied_head_reason(adapter, &cfg) {
+        if let Some(e) = tied_head_reason(base, adapter, &cfg) {
             return Err(e);
         }
         let saved: Vec<String> = adapter
@@ -463,12 +463,15 @@ impl<'a> AdaptedModel<'a> {
     }
 }
 
-/// An adapted `lm_head` in a base whose `config.json` ties it to the input embedding
-/// (`tie_word_embeddings`, transformers' default true): the refusal with its reason.
-fn tied_head_reason(adapter: &Adapter, cfg: &BaseConfig) -> Option<anyhow::Error> {
-    if cfg.tie_word_embeddings != Some(true) {
-        return None;
-    }
+/// An adapted `lm_head` (or one in `modules_to_save`) in a base that ties it to the input
+/// embedding: the refusal with its reason. Tied means `tie_word_embeddings: true` in
+/// `config.json`, or the key omitted while the base stores no `lm_head.weight` (transformers
+/// drops a tied weight when saving).
+fn tied_head_reason(
+    base: &BaseModel,
+    adapter: &Adapter,
+    cfg: &BaseConfig,
+) -> Option<anyhow::Error> {
     let is_head = |m: &str| m == "lm_head" || m.ends_with(".lm_head");
     let head = adapter.modules.keys().find(|m| is_head(m)).or_else(|| {
         adapter
@@ -476,8 +479,20 @@ fn tied_head_reason(adapter: &Adapter, cfg: &BaseConfig) -> Option<anyhow::Error
             .keys()
             .find(|t| is_head(t.rsplit_once('.').map_or(t.as_str(), |(m, _)| m)))
     })?;
+    let stored = base.tensors.keys().any(|k| k.ends_with("lm_head.weight"));
+    let tied = match cfg.tie_word_embeddings {
+        Some(t) => t,
+        None => cfg.present && !stored,
+    };
+    if !tied {
+        return None;
+    }
+    let why = match cfg.tie_word_embeddings {
+        Some(_) => "tie_word_embeddings is true in config.json".to_string(),
+        None => "config.json leaves tie_word_embeddings to the model's default and the base stores no lm_head.weight".to_string(),
+    };
     Some(anyhow::anyhow!(
-        "{head}: the base ties lm_head to the input embedding (tie_word_embeddings in config.json, true unless set false), so one tensor serves both; PEFT's merge writes the merged weight into that shared tensor and so changes the input embedding too, which the adapter never trained; untie the base first (load it with tie_word_embeddings=False, save it) and merge into that"
+        "{head}: the base ties lm_head to the input embedding ({why}), so one tensor serves both; PEFT's merge writes the merged weight into that shared tensor and so changes the input embedding too, which the adapter never trained; untie the base first (load it with tie_word_embeddings=False, save it) and merge into that"
     ))
 }
 

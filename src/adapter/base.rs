@@ -437,8 +437,12 @@ pub struct BaseConfig {
     /// `model_type`, when the file names one and no `auto_map` (custom modelling code, whose
     /// layer classes transformers does not define) is present.
     pub model_type: Option<String>,
-    /// `tie_word_embeddings` (transformers' default, true, when the file omits it).
+    /// `tie_word_embeddings` as the file states it; `None` when it omits it (transformers
+    /// writes only values that differ from the config class's own default, which differs
+    /// between model types).
     pub tie_word_embeddings: Option<bool>,
+    /// True when the base has a `config.json`.
+    pub present: bool,
 }
 
 /// Model types whose transformers modelling code (5.x, `models/*/modeling_*.py`) builds some
@@ -482,11 +486,12 @@ impl BaseConfig {
         };
         let tie = match o.get("tie_word_embeddings") {
             Some(serde_json::Value::Bool(b)) => Some(*b),
-            _ => Some(true),
+            _ => None,
         };
         Ok(Self {
             model_type,
             tie_word_embeddings: tie,
+            present: true,
         })
     }
 
