@@ -653,3 +653,38 @@ fn inspect_reports_each_module_layer_as_decided() {
         (Some(21), Some(12))
     );
 }
+
+/// The cost of re-deriving a PiSSA residual base (one thin SVD per module): a measurement,
+/// not a check. `cargo test --release --test adapter_kinds -- --ignored --nocapture pissa_cost`
+#[test]
+#[ignore = "timing only"]
+fn pissa_cost() {
+    use dorafuse::adapter::residual::residual_base;
+    use dorafuse::adapter::{Init, ModuleKind};
+    use dorafuse::dtype::DType;
+    use dorafuse::tensor::Tensor;
+    for n in [1024usize, 2048] {
+        let r = 16;
+        let vals: Vec<f32> = (0..n * n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5)
+            .collect();
+        let w = Tensor::from_f32(DType::F32, vec![n, n], &vals).unwrap();
+        let m = dorafuse::adapter::AdapterModule {
+            name: "m".into(),
+            lora_a: Tensor::from_f32(DType::F32, vec![r, n], &vec![0.0; r * n]).unwrap(),
+            lora_b: Tensor::from_f32(DType::F32, vec![n, r], &vec![0.0; r * n]).unwrap(),
+            magnitude: None,
+            rank: r,
+            alpha: 16.0,
+            scaling: 1.0,
+            kind: ModuleKind::Linear,
+            lora_bias: None,
+        };
+        let t = std::time::Instant::now();
+        residual_base(&w, false, &m, Init::Pissa).unwrap();
+        eprintln!(
+            "PiSSA residual of a {n}x{n} f32 weight, r = {r}: {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
