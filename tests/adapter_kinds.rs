@@ -688,3 +688,58 @@ fn pissa_cost() {
         );
     }
 }
+
+/// A residual that the files do not determine is refused: PiSSA with σ_r = σ_{r+1} (any
+/// rank-r subspace of the tied singular vectors is an SVD), OLoRA with dependent leading
+/// columns.
+#[test]
+fn residuals_that_are_not_unique_are_refused() {
+    use dorafuse::adapter::residual::residual_base;
+    use dorafuse::adapter::{Init, ModuleKind};
+    use dorafuse::dtype::DType;
+    use dorafuse::tensor::Tensor;
+    let (n, r) = (6usize, 2usize);
+    let module = dorafuse::adapter::AdapterModule {
+        name: "m".into(),
+        lora_a: Tensor::from_f32(DType::F32, vec![r, n], &vec![0.0; r * n]).unwrap(),
+        lora_b: Tensor::from_f32(DType::F32, vec![n, r], &vec![0.0; r * n]).unwrap(),
+        magnitude: None,
+        rank: r,
+        alpha: 2.0,
+        scaling: 1.0,
+        kind: ModuleKind::Linear,
+        lora_bias: None,
+    };
+    // diag(3, 2, 2, 1, 1, 1): σ_2 = σ_3.
+    let mut w = vec![0f32; n * n];
+    for (i, s) in [3.0, 2.0, 2.0, 1.0, 1.0, 1.0].iter().enumerate() {
+        w[i * n + i] = *s;
+    }
+    let t = Tensor::from_f32(DType::F32, vec![n, n], &w).unwrap();
+    let e = format!(
+        "{:#}",
+        residual_base(&t, false, &module, Init::Pissa).unwrap_err()
+    );
+    assert!(e.contains("tied"), "{e}");
+    // diag(3, 2.5, 2, ...): unique, and W_res keeps everything but the top two.
+    w[n + 1] = 2.5;
+    let t = Tensor::from_f32(DType::F32, vec![n, n], &w).unwrap();
+    let (res, _) = residual_base(&t, false, &module, Init::Pissa).unwrap();
+    let v = res.to_f32();
+    for i in 0..n {
+        let want = if i < 2 { 0.0 } else { w[i * n + i] };
+        assert!((v[i * n + i] - want).abs() < 1e-6, "{i}: {}", v[i * n + i]);
+    }
+    // OLoRA: the second column a multiple of the first.
+    let mut w = vec![0.5f32; n * n];
+    for i in 0..n {
+        w[i * n] = i as f32 + 1.0;
+        w[i * n + 1] = 2.0 * (i as f32 + 1.0);
+    }
+    let t = Tensor::from_f32(DType::F32, vec![n, n], &w).unwrap();
+    let e = format!(
+        "{:#}",
+        residual_base(&t, false, &module, Init::Olora).unwrap_err()
+    );
+    assert!(e.contains("depends on the columns before it"), "{e}");
+}
