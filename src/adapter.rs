@@ -23,14 +23,15 @@ pub mod compute;
 pub mod config;
 pub mod merge;
 pub mod model;
+pub mod residual;
 pub mod stats;
 
-pub use apply::{AdaptedModel, InferenceLayer};
-pub use base::{BaseModel, NameMap};
+pub use apply::{AdaptedModel, ApplyOptions, InferenceLayer};
+pub use base::{BaseConfig, BaseModel, NameMap};
 pub use compute::MergeDevice;
-pub use config::AdapterConfig;
+pub use config::{AdapterConfig, Init};
 pub use merge::{
     merge_model, read_unmerge, unmerge_model, unmerge_module, MergeOptions, MergeReport,
     UnmergeEntry, UNMERGE_FILE,
 };
-pub use model::{Adapter, AdapterModule};
+pub use model::{Adapter, AdapterModule, ModuleKind};

@@ -2,7 +2,92 @@
 
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Outputs being written (temporary files and directories): removed if the process is
+/// interrupted by a signal before they are renamed into place.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes a path, file or directory, ignoring a missing one.
+fn remove_path(p: &Path) {
+    if p.is_dir() {
+        // A writer may still be creating files in it: try a few times.
+        for _ in 0..5 {
+            if std::fs::remove_dir_all(p).is_ok() || !p.exists() {
+                break;
+            }
+        }
+    } else {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// A temporary output registered for removal on SIGINT, SIGTERM or SIGHUP (see
+/// [`install_signal_cleanup`]); dropping the guard (after the rename, or on an error path,
+/// where the temporary's own guard removes it) unregisters it.
+#[derive(Debug)]
+pub struct PendingOutput {
+    path: PathBuf,
+}
+
+impl PendingOutput {
+    /// Registers `path`, a temporary file or directory about to be filled.
+    pub fn register(path: &Path) -> Self {
+        PENDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.to_path_buf());
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Runs `f` (the final rename) while no signal handler can remove the temporary, and
+    /// unregisters it: an interruption lands either before (nothing left) or after (the
+    /// complete output) the rename, never in between.
+    pub fn commit<T>(self, f: impl FnOnce() -> T) -> T {
+        let mut list = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f();
+        list.retain(|p| p != &self.path);
+        drop(list);
+        std::mem::forget(self);
+        out
+    }
+}
+
+impl Drop for PendingOutput {
+    fn drop(&mut self) {
+        PENDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.path);
+    }
+}
+
+/// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove every registered temporary
+/// output and exit with 128 + the signal number, so that an interrupted command leaves no
+/// partial output behind. (SIGKILL cannot be caught: its leftovers are dot-prefixed
+/// temporaries, never a file under the output's name.)
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn install_signal_cleanup() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            // Held until exit, so no rename can complete after the removal.
+            let list = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+            for p in list.iter() {
+                remove_path(p);
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
+}
 
 /// Writes `path` atomically: `write` fills a temporary file created in the destination's own
 /// directory (so the final rename never crosses a file system), the data is flushed to disk,
@@ -45,11 +130,13 @@ where
             dir.display()
         )
     })?;
+    let pending = PendingOutput::register(tmp.path());
     write(tmp.as_file_mut()).with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("writing {}: flushing to disk", path.display()))?;
-    tmp.persist(path)
+    pending
+        .commit(|| tmp.persist(path))
         .map_err(|e| e.error)
         .with_context(|| format!("cannot write {}: rename failed", path.display()))?;
     Ok(())

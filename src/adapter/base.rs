@@ -239,14 +239,13 @@ impl BaseModel {
 /// PEFT names a module relative to the model given to `get_peft_model`; the base file may
 /// have been saved from a different wrapper of the same network (`BertModel` writes
 /// `encoder.…`, `BertForSequenceClassification` writes `bert.encoder.…`). One mapping is
-/// chosen for the whole adapter, never per module, in this order:
-/// 1. identity: `<module>.weight`;
-/// 2. strip the module's first component (`bert.encoder.x` → `encoder.x`), the same for all;
-/// 3. add one prefix `P.` found in the base (`encoder.x` → `bert.encoder.x`), the same `P` for
-///    all modules.
-///
-/// The first mapping under which every module's `.weight` exists wins; if none does, the
-/// error names the first module missing under the identity mapping.
+/// used for the whole adapter, never per module. The candidates are: identity
+/// (`<module>.weight`); stripping the first component that every module name shares
+/// (`bert.encoder.x` → `encoder.x`); adding one prefix `P.` (`encoder.x` → `bert.encoder.x`)
+/// for every `P` under which the first module exists. A candidate fits when every module's
+/// `.weight` (and every `modules_to_save` tensor) exists under it. Exactly one fitting
+/// candidate is used; two or more (the two towers of a model with the same structure, say)
+/// are refused, naming them, and an explicit mapping settles it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameMap {
     /// Module names are base names.
@@ -255,6 +254,16 @@ pub enum NameMap {
     Strip(String),
     /// Each module name gains this prefix (without the dot).
     Add(String),
+}
+
+impl std::fmt::Display for NameMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameMap::Identity => write!(f, "the names as they are (--base-prefix \"\")"),
+            NameMap::Strip(p) => write!(f, "\"{p}.\" removed (--strip-prefix {p})"),
+            NameMap::Add(p) => write!(f, "\"{p}.\" added (--base-prefix {p})"),
+        }
+    }
 }
 
 impl NameMap {
@@ -271,56 +280,232 @@ impl NameMap {
         }
     }
 
-    /// Chooses the mapping for `modules` against `base` (see the type's documentation).
+    /// The adapter module name of a base module name, when it is under this mapping.
+    pub fn module_name(&self, base_module: &str) -> Option<String> {
+        match self {
+            NameMap::Identity => Some(base_module.to_string()),
+            NameMap::Strip(p) => Some(format!("{p}.{base_module}")),
+            NameMap::Add(p) => base_module
+                .strip_prefix(p.as_str())
+                .and_then(|m| m.strip_prefix('.'))
+                .map(str::to_string),
+        }
+    }
+
+    /// Every candidate mapping (see the type) for modules whose first name is `first`.
+    fn candidates(base: &BaseModel, first: &str, all_share: Option<&str>) -> Vec<NameMap> {
+        let mut c = vec![NameMap::Identity];
+        if let Some(p) = all_share {
+            c.push(NameMap::Strip(p.to_string()));
+        }
+        let suffix = format!(".{first}.weight");
+        c.extend(
+            base.tensors
+                .keys()
+                .filter_map(|k| k.strip_suffix(suffix.as_str()))
+                .map(|p| NameMap::Add(p.to_string())),
+        );
+        c
+    }
+
+    /// Chooses the mapping for `modules` (module names whose `.weight` must exist) and
+    /// `tensors` (full tensor names that must exist, the `modules_to_save` copies) against
+    /// `base`, or checks `chosen` when the user gave one (see the type's documentation).
     ///
     /// # Errors
-    /// No mapping finds every module; the message names the first missing module.
+    /// Two or more mappings fit (both named); none fits (the modules that match no base
+    /// tensor under any candidate are listed, or, when each matches under some mapping but
+    /// no one mapping fits all, the first two that disagree); a `chosen` mapping under which
+    /// a module is missing.
+    pub fn resolve_with<'a>(
+        base: &BaseModel,
+        modules: impl IntoIterator<Item = &'a str> + Clone,
+        tensors: impl IntoIterator<Item = &'a str> + Clone,
+        chosen: Option<&NameMap>,
+    ) -> Result<Self> {
+        let missing_under = |m: &NameMap| -> Option<String> {
+            modules
+                .clone()
+                .into_iter()
+                .map(|n| format!("{}.weight", m.base_name(n)))
+                .chain(tensors.clone().into_iter().map(|t| m.base_name(t)))
+                .find(|k| !base.tensors.contains_key(k))
+        };
+        if let Some(c) = chosen {
+            if let Some(k) = missing_under(c) {
+                bail!("with the module names mapped by {c}, the base model has no tensor {k}");
+            }
+            return Ok(c.clone());
+        }
+        let names: Vec<&str> = modules.clone().into_iter().collect();
+        let full: Vec<&str> = tensors.clone().into_iter().collect();
+        // The first name decides the prefixes to try: a module's `.weight`, else a saved tensor
+        // (whose own name already ends in `.weight` / `.bias`).
+        let (first, first_is_module) = match (names.first(), full.first()) {
+            (Some(m), _) => (*m, true),
+            (None, Some(t)) => (*t, false),
+            (None, None) => bail!("the adapter has no modules"),
+        };
+        let lead = |n: &str| n.split_once('.').map(|(p, _)| p.to_string());
+        let share = lead(first).filter(|p| {
+            names
+                .iter()
+                .chain(full.iter())
+                .all(|n| n.starts_with(&format!("{p}.")))
+        });
+        let probe = if first_is_module {
+            first.to_string()
+        } else {
+            first.rsplit_once('.').map_or(first, |(m, _)| m).to_string()
+        };
+        let fits: Vec<NameMap> = Self::candidates(base, &probe, share.as_deref())
+            .into_iter()
+            .filter(|m| missing_under(m).is_none())
+            .collect();
+        match fits.len() {
+            1 => return Ok(fits.into_iter().next().expect("one")),
+            0 => {}
+            _ => {
+                let listed: Vec<String> = fits
+                    .iter()
+                    .map(|m| format!("{m}: {}", m.base_name(&probe)))
+                    .collect();
+                bail!(
+                    "the adapter's module names fit the base model in {} ways ({}); PEFT applies an adapter to the one model it is loaded onto, so choose with --base-prefix or --strip-prefix",
+                    fits.len(),
+                    listed.join("; ")
+                );
+            }
+        }
+        // Nothing fits: name the modules (and saved tensors) that exist under no candidate.
+        let exists_somewhere = |probe: &str, key: &dyn Fn(&NameMap) -> String| {
+            let own = lead(probe).filter(|p| probe.starts_with(&format!("{p}.")));
+            Self::candidates(base, probe, own.as_deref())
+                .iter()
+                .any(|m| base.tensors.contains_key(&key(m)))
+        };
+        let unmatched: Vec<String> = names
+            .iter()
+            .filter(|n| !exists_somewhere(n, &|m: &NameMap| format!("{}.weight", m.base_name(n))))
+            .map(|n| format!("{n}.weight"))
+            .chain(
+                full.iter()
+                    .filter(|t| {
+                        let module = t.rsplit_once('.').map_or(**t, |(m, _)| m);
+                        !exists_somewhere(module, &|m: &NameMap| m.base_name(t))
+                    })
+                    .map(|t| t.to_string()),
+            )
+            .collect();
+        if !unmatched.is_empty() {
+            let total = names.len() + full.len();
+            let shown: Vec<&str> = unmatched.iter().take(4).map(String::as_str).collect();
+            let more = if unmatched.len() > shown.len() {
+                format!(" and {} more", unmatched.len() - shown.len())
+            } else {
+                String::new()
+            };
+            bail!(
+                "{}: absent from the base model, under the adapter's name and under any prefix added or removed{}; {} of {total} adapter tensors match no base tensor",
+                shown[0],
+                if shown.len() > 1 { format!(" (also {}{more})", shown[1..].join(", ")) } else { more },
+                unmatched.len(),
+            );
+        }
+        let missing = missing_under(&NameMap::Identity).unwrap_or_default();
+        bail!(
+            "no single prefix maps every adapter module onto the base model (each exists under some prefix, but not all under one; e.g. {missing} is absent as named); choose with --base-prefix or --strip-prefix"
+        )
+    }
+
+    /// [`NameMap::resolve_with`] for modules alone, with no explicit choice.
+    ///
+    /// # Errors
+    /// As [`NameMap::resolve_with`].
     pub fn resolve<'a>(
         base: &BaseModel,
         modules: impl IntoIterator<Item = &'a str> + Clone,
     ) -> Result<Self> {
-        let has = |m: &NameMap| {
-            modules.clone().into_iter().all(|n| {
-                base.tensors
-                    .contains_key(&format!("{}.weight", m.base_name(n)))
-            })
+        Self::resolve_with(base, modules, std::iter::empty(), None)
+    }
+}
+
+/// What the base model's `config.json` (transformers' `PretrainedConfig`) says about the
+/// layout of its weights and its tied embeddings; every field `None` without one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BaseConfig {
+    /// `model_type`, when the file names one and no `auto_map` (custom modelling code, whose
+    /// layer classes transformers does not define) is present.
+    pub model_type: Option<String>,
+    /// `tie_word_embeddings` as the file states it; `None` when it omits it (transformers
+    /// writes only values that differ from the config class's own default, which differs
+    /// between model types).
+    pub tie_word_embeddings: Option<bool>,
+    /// True when the base has a `config.json`.
+    pub present: bool,
+}
+
+/// Model types whose transformers modelling code (5.x, `models/*/modeling_*.py`) builds some
+/// projections as `Conv1D` (weight stored `[in, out]`), with the module names that are
+/// `Conv1D`; every other module of these models is an `nn.Linear`.
+const CONV1D_MODELS: &[(&str, &[&str])] = &[
+    ("gpt2", &["c_attn", "q_attn", "c_proj", "c_fc"]),
+    ("openai-gpt", &["c_attn", "c_proj", "c_fc"]),
+    ("imagegpt", &["c_attn", "q_attn", "c_proj", "c_fc"]),
+    (
+        "decision_transformer",
+        &["c_attn", "q_attn", "c_proj", "c_fc"],
+    ),
+];
+
+/// Model types whose modelling code mixes `Conv1D` and `nn.Linear` under names that do not
+/// tell them apart: no layout is read from their config.
+const CONV1D_MIXED_MODELS: &[&str] = &["clvp", "convbert", "omniasr"];
+
+impl BaseConfig {
+    /// Reads `config.json` beside the model; absent or unreadable gives no evidence.
+    ///
+    /// # Errors
+    /// A `config.json` that is not a JSON object.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join("config.json");
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            return Ok(Self::default());
         };
-        if has(&NameMap::Identity) {
-            return Ok(NameMap::Identity);
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+        let o = v
+            .as_object()
+            .with_context(|| format!("{}: not a JSON object", p.display()))?;
+        let model_type = if o.contains_key("auto_map") {
+            None
+        } else {
+            o.get("model_type")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        };
+        let tie = match o.get("tie_word_embeddings") {
+            Some(serde_json::Value::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        Ok(Self {
+            model_type,
+            tie_word_embeddings: tie,
+            present: true,
+        })
+    }
+
+    /// Whether the base module `module` (its name in the base file) is transformers'
+    /// `Conv1D`, from the model type; `None` when the config cannot tell.
+    pub fn is_conv1d(&self, module: &str) -> Option<bool> {
+        let t = self.model_type.as_deref()?;
+        if CONV1D_MIXED_MODELS.contains(&t) {
+            return None;
         }
-        let first = modules
-            .clone()
-            .into_iter()
-            .next()
-            .context("the adapter has no modules")?;
-        if let Some((p, _)) = first.split_once('.') {
-            let all_share = modules
-                .clone()
-                .into_iter()
-                .all(|n| n.starts_with(&format!("{p}.")));
-            let cand = NameMap::Strip(p.to_string());
-            if all_share && has(&cand) {
-                return Ok(cand);
-            }
+        let last = module.rsplit('.').next().unwrap_or(module);
+        match CONV1D_MODELS.iter().find(|(m, _)| *m == t) {
+            Some((_, names)) => Some(names.contains(&last)),
+            None => Some(false),
         }
-        let suffix = format!(".{first}.weight");
-        let prefixes: Vec<String> = base
-            .tensors
-            .keys()
-            .filter_map(|k| k.strip_suffix(suffix.as_str()).map(str::to_string))
-            .collect();
-        for p in prefixes {
-            let cand = NameMap::Add(p);
-            if has(&cand) {
-                return Ok(cand);
-            }
-        }
-        let missing = modules
-            .into_iter()
-            .find(|n| !base.tensors.contains_key(&format!("{n}.weight")))
-            .unwrap_or(first);
-        bail!(
-            "{missing}: target module absent from the base model (no tensor {missing}.weight, nor under one shared prefix added or removed)"
-        )
     }
 }

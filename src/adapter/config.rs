@@ -137,7 +137,8 @@ pub struct LoraFields {
     /// Per-module alpha overrides.
     #[serde(default)]
     pub alpha_pattern: OrderedMap<f64>,
-    /// `"none"`, `"all"` or `"lora_only"`: whether biases were trained.
+    /// `"none"`, `"all"` or `"lora_only"`: whether base biases were trained (and saved in
+    /// the adapter file, whence they replace the base's when merging).
     #[serde(default)]
     pub bias: Option<String>,
     /// A trainable bias on lora_B.
@@ -152,6 +153,22 @@ pub struct LoraFields {
     /// The name of the layer list (`layers`, `h`, ...) the indices refer to.
     #[serde(default)]
     pub layers_pattern: Option<StringOrList>,
+}
+
+/// What `init_lora_weights` did to the base weights when the adapter was created, and so
+/// what PEFT redoes when it loads the adapter onto the original base
+/// (`peft/tuners/lora/layer.py`, `LoraLayer.update_layer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// The base is left as it is: `true`, `false`, `"gaussian"`, `"eva"`, `"orthogonal"`,
+    /// and `"mica"` (plain LoRA only) initialise A and B alone.
+    KeepsBase,
+    /// `"pissa"`: W_res = W0 − U_r·S_r·V_rᵀ, the top-r part of W0's SVD (`pissa_init`), in f32
+    /// on `[d_out, d_in]` rows, rounded back to the base dtype.
+    Pissa,
+    /// `"olora"`: W_res = W0 − s·Q_r·R_r, Q_r·R_r the first r columns of W0's QR
+    /// decomposition (`olora_init`), in f32 on the weight as stored, rounded back.
+    Olora,
 }
 
 /// A parsed `adapter_config.json`: the fields dorafuse uses, and the whole file.
@@ -313,6 +330,12 @@ impl Matcher {
         caps.and_then(|s| s.parse().ok())
     }
 
+    /// True when `module` is one of `modules_to_save` or lies inside one (PEFT's
+    /// `re.match(rf"(^|.*\.){m}($|\..*)", key)`): its trained copy is in the adapter file.
+    pub fn in_modules_to_save(&self, module: &str) -> bool {
+        self.modules_to_save.iter().any(|r| r.is_match(module))
+    }
+
     /// The module's rank: the first matching `rank_pattern` key, else `r`.
     pub fn rank(&self, name: &str) -> usize {
         self.rank_keys
@@ -366,6 +389,38 @@ impl AdapterConfig {
         Self::from_json(&text).with_context(|| format!("{}", path.display()))
     }
 
+    /// What `init_lora_weights` did to the base (see [`Init`]).
+    ///
+    /// # Errors
+    /// An initialisation whose residual base cannot be re-derived from the files, named with
+    /// the reason: `"pissa_niter_N"` (randomised SVD), `"corda"` (needs the training
+    /// activations), `"loftq"` (needs the quantiser), `"lora_ga"` (needs the training
+    /// gradients; PEFT's own reload silently skips the residual), `"mica"` with DoRA (PEFT
+    /// has no such variant), and any value PEFT 0.21 does not know.
+    pub fn init(&self) -> Result<Init> {
+        use serde_json::Value;
+        let v = self.raw.get("init_lora_weights").unwrap_or(&Value::Null);
+        let s = match v {
+            Value::Null | Value::Bool(_) => return Ok(Init::KeepsBase),
+            Value::String(s) => s.as_str(),
+            other => bail!("init_lora_weights is {other}: PEFT takes true, false or a method name"),
+        };
+        let lower = s.to_ascii_lowercase();
+        Ok(match lower.as_str() {
+            "gaussian" | "eva" | "orthogonal" => Init::KeepsBase,
+            "mica" if !self.lora.use_dora => Init::KeepsBase,
+            "mica" => bail!("init_lora_weights is \"mica\" with use_dora: PEFT has no DoRA variant of MiCA"),
+            // PEFT compares the exact string "pissa"; "olora" case-insensitively.
+            "pissa" if s == "pissa" => Init::Pissa,
+            "olora" => Init::Olora,
+            _ if lower.starts_with("pissa_niter_") => bail!("init_lora_weights is {s:?}: the base was rewritten by a randomised SVD that cannot be reproduced; convert the adapter with PEFT (save_pretrained(path_initial_model_for_weight_conversion=...)) first"),
+            _ if lower.starts_with("corda") => bail!("init_lora_weights is {s:?}: CorDA rewrote the base from training activations that the files do not hold; convert the adapter with PEFT (path_initial_model_for_weight_conversion) first"),
+            "loftq" => bail!("init_lora_weights is \"loftq\": LoftQ replaced the base by a quantised one that the files do not hold"),
+            "lora_ga" => bail!("init_lora_weights is \"lora_ga\": LoRA-GA rewrote the base from training gradients that the files do not hold (PEFT's own reload skips it); convert the adapter with PEFT (path_initial_model_for_weight_conversion) first"),
+            _ => bail!("init_lora_weights is {s:?}: an initialisation dorafuse does not know, so whether it rewrote the base cannot be told"),
+        })
+    }
+
     /// Refuses configurations dorafuse would apply differently from PEFT.
     fn validate(&self) -> Result<()> {
         let l = &self.lora;
@@ -381,22 +436,17 @@ impl AdapterConfig {
             "lora_alpha is {}: it must be finite",
             l.lora_alpha
         );
-        if l.lora_bias {
-            bail!("lora_bias is true: a trainable bias on lora_B is not supported");
+        if l.lora_bias && l.use_dora {
+            // peft/tuners/lora/config.py: "lora_bias=True is not supported for DoRA".
+            bail!("lora_bias is true with use_dora: PEFT itself refuses a trainable lora_B bias with DoRA, so no PEFT model exists to reproduce");
         }
         if let Some(b) = &l.bias {
-            if b != "none" {
-                bail!("bias is {b:?}: adapters that train the base biases are not supported (only \"none\")");
-            }
+            ensure!(
+                ["none", "all", "lora_only"].contains(&b.as_str()),
+                "bias is {b:?}: PEFT takes \"none\", \"all\" or \"lora_only\""
+            );
         }
-        if let Some(m) = &l.modules_to_save {
-            if !m.is_empty() {
-                bail!(
-                    "modules_to_save is {m:?}: fully retrained modules ({}) are not supported",
-                    m.join(", ")
-                );
-            }
-        }
+        self.init()?;
         for (field, why) in UNSUPPORTED_FIELDS {
             if let Some(v) = self.raw.get(*field) {
                 if !is_unset(v) {

@@ -14,14 +14,14 @@
 //! `dora_unmerge.safetensors` beside the shards keeps what undoing the merge needs: for each
 //! module the g that was used, A, B, s and the base tensor name. W0 = W'/g − s·B·A.
 
-use super::apply::AdaptedModel;
+use super::apply::{AdaptedModel, ApplyOptions};
 use super::base::{BaseModel, TensorEntry};
-use super::compute::{self, MergeDevice};
+use super::compute::{self, transpose, MergeDevice};
 use super::model::Adapter;
 use crate::dtype::DType;
 use crate::layer::Layer;
 use crate::tensor::Tensor;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,13 @@ use std::path::{Path, PathBuf};
 pub const UNMERGE_FILE: &str = "dora_unmerge.safetensors";
 const UNMERGE_FORMAT: &str = "dorafuse-unmerge-1";
 
+/// Round f32 values to `dtype` and return the little-endian bytes.
+fn to_bytes(dtype: DType, shape: &[usize], v: &[f32]) -> Result<Vec<u8>> {
+    Ok(Tensor::from_f32(dtype, shape.to_vec(), v)?
+        .as_bytes()
+        .to_vec())
+}
+
 /// How to merge.
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
@@ -37,6 +44,8 @@ pub struct MergeOptions {
     pub device: MergeDevice,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// Choices the files cannot settle (name mapping, per-module layout).
+    pub apply: ApplyOptions,
 }
 
 /// What a merge wrote.
@@ -104,6 +113,8 @@ fn write_model(
             )
         })?;
 
+    // Removed by the signal handler if the run is interrupted (crate::fsutil).
+    let pending = crate::fsutil::PendingOutput::register(tmp.path());
     // Progress bars come with the `cli` feature (indicatif); a library build shows none.
     #[cfg(feature = "cli")]
     let bar = if progress {
@@ -167,7 +178,8 @@ fn write_model(
         std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))?;
     }
     let kept = tmp.keep();
-    if let Err(e) = std::fs::rename(&kept, out) {
+    let renamed = pending.commit(|| std::fs::rename(&kept, out));
+    if let Err(e) = renamed {
         let _ = std::fs::remove_dir_all(&kept);
         return Err(e)
             .with_context(|| format!("cannot rename the finished output to {}", out.display()));
@@ -286,23 +298,38 @@ fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// What the merge does to one base tensor.
+enum Action {
+    /// The weight of this adapter module becomes W'.
+    Weight(String),
+    /// The bias of this module gains s·lora_B.bias (`lora_bias`, plain LoRA).
+    LoraBias(String),
+    /// This `modules_to_save` tensor replaces the base tensor.
+    Saved(String),
+}
+
 /// The merge: adapted weights replaced by W', the unmerge data collected on the way.
 struct Merger<'m, 'a> {
     model: &'m AdaptedModel<'a>,
-    by_weight: HashMap<String, String>,
+    by_name: HashMap<String, Action>,
     device: MergeDevice,
     unmerge: Vec<(String, Tensor)>,
     meta: HashMap<String, String>,
 }
 
-impl Rewrite for Merger<'_, '_> {
-    fn replace(&mut self, name: &str, _e: &TensorEntry, out: &mut Vec<u8>) -> Result<bool> {
-        let Some(module) = self.by_weight.get(name) else {
-            return Ok(false);
+impl Merger<'_, '_> {
+    /// W' of `module` (whose weight is the base tensor `name`) into `out`, as stored.
+    fn weight(&mut self, module: &str, name: &str, out: &mut Vec<u8>) -> Result<()> {
+        let (layer, residual) = self.model.layer_and_residual(module)?;
+        let layer = {
+            let mut l = layer;
+            l.lora_a = l.lora_a.cast(DType::F32);
+            l.lora_b = l.lora_b.cast(DType::F32);
+            l.magnitude = l.magnitude.map(|m| m.cast(DType::F32));
+            l
         };
-        let layer = self.model.layer(module)?;
-        layer.check_finite().with_context(|| module.clone())?;
-        let (_, d_out, _) = layer.dims()?;
+        layer.check_finite().with_context(|| module.to_string())?;
+        let (d_in, d_out, _) = layer.dims()?;
         let g = compute::merged_weight_bytes(&layer, self.device, out)
             .with_context(|| format!("{module}: computing the merged weight"))?;
         self.unmerge
@@ -315,11 +342,89 @@ impl Rewrite for Merger<'_, '_> {
                 Tensor::from_f32(DType::F32, vec![d_out], &g)?,
             ));
         }
+        if let Some(res) = residual {
+            let p: Vec<f32> = res.p.iter().map(|&x| x as f32).collect();
+            let q: Vec<f32> = res.q.iter().map(|&x| x as f32).collect();
+            self.unmerge.push((
+                format!("{module}.residual_P"),
+                Tensor::from_f32(DType::F32, vec![d_out, res.r], &p)?,
+            ));
+            self.unmerge.push((
+                format!("{module}.residual_Q"),
+                Tensor::from_f32(DType::F32, vec![res.r, d_in], &q)?,
+            ));
+        }
         // {:?} of an f64 is the shortest string that reads back to the same value.
         self.meta
             .insert(format!("scaling.{module}"), format!("{:?}", layer.scaling));
         self.meta
             .insert(format!("weight.{module}"), name.to_string());
+        self.meta.insert(
+            format!("fan_in_fan_out.{module}"),
+            layer.fan_in_fan_out.to_string(),
+        );
+        Ok(())
+    }
+
+    fn lora_bias(&mut self, module: &str, name: &str) -> Result<Vec<u8>> {
+        let m = &self.model.adapter.modules[module];
+        let lb = m
+            .lora_bias
+            .as_ref()
+            .with_context(|| format!("{module}: no lora_B.bias"))?;
+        let b = self.model.base.tensor(name)?;
+        let s = m.scaling as f32;
+        let v: Vec<f32> = b
+            .to_f32()
+            .iter()
+            .zip(lb.to_f32())
+            .map(|(x, y)| x + y * s)
+            .collect();
+        if v.iter().any(|x| !x.is_finite()) {
+            bail!("{module}: the merged bias {name} has a non-finite element");
+        }
+        self.unmerge
+            .push((format!("{module}.lora_bias"), lb.cast(DType::F32)));
+        self.meta.insert(format!("bias.{module}"), name.to_string());
+        to_bytes(b.dtype(), b.shape(), &v).with_context(|| module.to_string())
+    }
+
+    fn saved(&mut self, tensor: &str, name: &str) -> Result<Vec<u8>> {
+        let t = &self.model.adapter.saved[tensor];
+        let orig = self.model.base.tensor(name)?;
+        // PEFT loads the saved copy with load_state_dict, which casts to the module's dtype.
+        let new = if t.dtype() == orig.dtype() {
+            t.clone()
+        } else {
+            t.cast(orig.dtype())
+        };
+        self.unmerge.push((format!("saved.{tensor}"), orig));
+        self.meta
+            .insert(format!("saved.{tensor}"), name.to_string());
+        Ok(new.as_bytes().to_vec())
+    }
+}
+
+impl Rewrite for Merger<'_, '_> {
+    fn replace(&mut self, name: &str, _e: &TensorEntry, out: &mut Vec<u8>) -> Result<bool> {
+        let bytes = match self.by_name.get(name) {
+            None => return Ok(false),
+            Some(Action::Weight(m)) => {
+                let m = m.clone();
+                self.weight(&m, name, out)?;
+                return Ok(true);
+            }
+            Some(Action::LoraBias(m)) => {
+                let m = m.clone();
+                self.lora_bias(&m, name)?
+            }
+            Some(Action::Saved(t)) => {
+                let t = t.clone();
+                self.saved(&t, name)?
+            }
+        };
+        out.clear();
+        out.extend_from_slice(&bytes);
         Ok(true)
     }
 
@@ -343,35 +448,45 @@ impl Rewrite for Merger<'_, '_> {
     }
 }
 
-/// Merges `adapter` into `base` and writes the merged model to `out` (see the module docs).
+/// Merges `adapter` into `base` and writes the merged model to `out` (see the module docs):
+/// every adapted weight becomes W' (on the residual base for PiSSA/OLoRA adapters), a
+/// `lora_bias` is added to its bias, and every `modules_to_save` tensor replaces its base
+/// tensor (cast to the base dtype, as PEFT's `load_state_dict` does).
 ///
 /// Everything is checked before anything is written: every module is matched to its base
-/// weight and its shapes and dtypes agree.
+/// weight (one name mapping, one layout per module, see [`AdaptedModel::with_options`]) and
+/// its shapes and dtypes agree.
 ///
 /// # Errors
-/// A module that does not fit the base (named), `out` already existing, I/O errors. On any
-/// error `out` does not exist afterwards.
+/// A module that does not fit the base (named), a decision the files cannot settle, `out`
+/// already existing, I/O errors. On any error `out` does not exist afterwards.
 pub fn merge_model(
     base: &BaseModel,
     adapter: &Adapter,
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
-    let model = AdaptedModel::new(base, adapter)?;
-    let by_weight = adapter
-        .modules
-        .keys()
-        .map(|m| (model.weight_name(m), m.clone()))
-        .collect();
+    let model = AdaptedModel::with_options(base, adapter, &opts.apply)?;
+    let mut by_name = HashMap::new();
+    for (m, am) in &adapter.modules {
+        by_name.insert(model.weight_name(m), Action::Weight(m.clone()));
+        if am.lora_bias.is_some() {
+            by_name.insert(model.bias_name(m), Action::LoraBias(m.clone()));
+        }
+    }
+    for t in adapter.saved.keys() {
+        let bname = model.saved_name(t);
+        ensure!(
+            !by_name.contains_key(&bname),
+            "{t}: a modules_to_save tensor and an adapted module both write {bname}"
+        );
+        by_name.insert(bname, Action::Saved(t.clone()));
+    }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), UNMERGE_FORMAT.to_string());
-    meta.insert(
-        "fan_in_fan_out".to_string(),
-        adapter.config.lora.fan_in_fan_out.to_string(),
-    );
     let mut m = Merger {
         model: &model,
-        by_weight,
+        by_name,
         device: opts.device,
         unmerge: Vec::new(),
         meta,
@@ -395,6 +510,21 @@ pub struct UnmergeEntry {
     pub scaling: f64,
     /// Whether the weight is stored `[d_in, d_out]`.
     pub fan_in_fan_out: bool,
+    /// PiSSA/OLoRA: the part P `[d_out, r]`, Q `[r, d_in]` the initialisation took out of W0,
+    /// added back so that the original base returns.
+    pub residual: Option<(Tensor, Tensor)>,
+    /// `lora_bias`: the bias tensor that gained s·lora_B.bias, and lora_B.bias.
+    pub lora_bias: Option<(String, Tensor)>,
+}
+
+/// Everything [`UNMERGE_FILE`] holds: the merged modules, and the base tensors that
+/// `modules_to_save` replaced (by base tensor name, with their original values).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UnmergeData {
+    /// Per adapter module.
+    pub modules: BTreeMap<String, UnmergeEntry>,
+    /// Base tensor name → its value before the merge.
+    pub replaced: BTreeMap<String, Tensor>,
 }
 
 /// Reads `dora_unmerge.safetensors` from a merged model directory.
@@ -402,6 +532,14 @@ pub struct UnmergeEntry {
 /// # Errors
 /// Missing or malformed file, naming the module.
 pub fn read_unmerge(dir: &Path) -> Result<BTreeMap<String, UnmergeEntry>> {
+    Ok(read_unmerge_data(dir)?.modules)
+}
+
+/// Reads all of `dora_unmerge.safetensors` (see [`UnmergeData`]).
+///
+/// # Errors
+/// Missing or malformed file, naming the module.
+pub fn read_unmerge_data(dir: &Path) -> Result<UnmergeData> {
     let p = dir.join(UNMERGE_FILE);
     let bytes = std::fs::read(&p).with_context(|| {
         format!(
@@ -420,30 +558,56 @@ pub fn read_unmerge(dir: &Path) -> Result<BTreeMap<String, UnmergeEntry>> {
         p.display(),
         meta.get("format")
     );
-    let fifo = meta.get("fan_in_fan_out").map(String::as_str) == Some("true");
-    let mut out = BTreeMap::new();
+    // Files written before layouts were decided per module carry one flag for all.
+    let global_fifo = meta.get("fan_in_fan_out").map(String::as_str) == Some("true");
+    let get = |key: &str| -> Result<Option<Tensor>> {
+        match st.tensor(key) {
+            Ok(view) => Ok(Some(Tensor::from_view(key, &view)?)),
+            Err(_) => Ok(None),
+        }
+    };
+    let mut out = UnmergeData::default();
     for (k, v) in &meta {
+        if let Some(t) = k.strip_prefix("saved.") {
+            let orig = get(&format!("saved.{t}"))?
+                .with_context(|| format!("{t}: original tensor missing from {UNMERGE_FILE}"))?;
+            out.replaced.insert(v.clone(), orig);
+            continue;
+        }
         let Some(module) = k.strip_prefix("weight.") else {
             continue;
         };
-        let get = |suffix: &str| -> Result<Option<Tensor>> {
-            let key = format!("{module}.{suffix}");
-            match st.tensor(&key) {
-                Ok(view) => Ok(Some(Tensor::from_view(&key, &view)?)),
-                Err(_) => Ok(None),
-            }
-        };
-        let lora_a = get("lora_A")?
+        let lora_a = get(&format!("{module}.lora_A"))?
             .with_context(|| format!("{module}: lora_A missing from {UNMERGE_FILE}"))?;
-        let lora_b = get("lora_B")?
+        let lora_b = get(&format!("{module}.lora_B"))?
             .with_context(|| format!("{module}: lora_B missing from {UNMERGE_FILE}"))?;
-        let g = get("g")?.map(|t| t.to_f32());
+        let g = get(&format!("{module}.g"))?.map(|t| t.to_f32());
         let scaling: f64 = meta
             .get(&format!("scaling.{module}"))
             .with_context(|| format!("{module}: scaling missing from {UNMERGE_FILE}"))?
             .parse()
             .with_context(|| format!("{module}: scaling is not a number"))?;
-        out.insert(
+        let fan_in_fan_out = match meta.get(&format!("fan_in_fan_out.{module}")) {
+            Some(f) => f == "true",
+            None => global_fifo,
+        };
+        let residual = match (
+            get(&format!("{module}.residual_P"))?,
+            get(&format!("{module}.residual_Q"))?,
+        ) {
+            (Some(p), Some(q)) => Some((p, q)),
+            (None, None) => None,
+            _ => bail!("{module}: {UNMERGE_FILE} holds half of the residual factors"),
+        };
+        let lora_bias = match meta.get(&format!("bias.{module}")) {
+            Some(b) => Some((
+                b.clone(),
+                get(&format!("{module}.lora_bias"))?
+                    .with_context(|| format!("{module}: lora_bias missing from {UNMERGE_FILE}"))?,
+            )),
+            None => None,
+        };
+        out.modules.insert(
             module.to_string(),
             UnmergeEntry {
                 weight_name: v.clone(),
@@ -451,80 +615,174 @@ pub fn read_unmerge(dir: &Path) -> Result<BTreeMap<String, UnmergeEntry>> {
                 lora_b,
                 g,
                 scaling,
-                fan_in_fan_out: fifo,
+                fan_in_fan_out,
+                residual,
+                lora_bias,
             },
         );
     }
-    ensure!(!out.is_empty(), "{}: lists no modules", p.display());
+    ensure!(
+        !out.modules.is_empty() || !out.replaced.is_empty(),
+        "{}: lists no modules",
+        p.display()
+    );
     Ok(out)
 }
 
-/// Restores one module's base weight from a merged model: W0 = W'/g − s·B·A, in the merged
-/// weight's dtype and stored layout.
+/// Restores one module's base weight from a merged model: W0 = W'/g − s·B·A (+ P·Q for a
+/// residual base), in the merged weight's dtype and stored layout (a convolution's weight
+/// keeps its 4-D shape).
 ///
 /// # Errors
 /// The module's weight is missing from `merged` or disagrees in shape.
 pub fn unmerge_module(merged: &BaseModel, entry: &UnmergeEntry) -> Result<Tensor> {
-    let layer = unmerge_layer(merged, entry)?;
     let mut out = Vec::new();
-    compute::unmerged_weight_bytes(&layer, entry.g.as_deref(), &mut out)
-        .with_context(|| entry.weight_name.clone())?;
-    Tensor::from_bytes(layer.weight.dtype(), layer.weight.shape().to_vec(), &out)
+    let (dtype, shape) = unmerged_weight_into(merged, entry, &mut out)?;
+    Tensor::from_bytes(dtype, shape, &out)
 }
 
-/// The layer whose weight is the merged W' of one module (no magnitude: g comes from the
-/// unmerge file).
-fn unmerge_layer(merged: &BaseModel, entry: &UnmergeEntry) -> Result<Layer> {
-    Ok(Layer {
-        weight: merged.tensor(&entry.weight_name)?,
+/// [`unmerge_module`] into `out` (resized; its allocation reused from call to call): the
+/// restored weight's bytes in the merged weight's dtype and stored layout. Returns that dtype
+/// and stored shape.
+fn unmerged_weight_into(
+    merged: &BaseModel,
+    entry: &UnmergeEntry,
+    out: &mut Vec<u8>,
+) -> Result<(DType, Vec<usize>)> {
+    let stored = merged.tensor(&entry.weight_name)?;
+    let shape = stored.shape().to_vec();
+    let w = if shape.len() > 2 {
+        let rest = stored.len() / shape[0].max(1);
+        Tensor::new(vec![shape[0], rest], stored.data().clone())?
+    } else {
+        stored
+    };
+    let layer = Layer {
+        weight: w,
         bias: None,
         lora_a: entry.lora_a.clone(),
         lora_b: entry.lora_b.clone(),
         magnitude: None,
         scaling: entry.scaling,
         fan_in_fan_out: entry.fan_in_fan_out,
-    })
+    };
+    if entry.residual.is_none() {
+        // The common case: one pass on all cores, no f32 copy of the weight.
+        compute::unmerged_weight_bytes(&layer, entry.g.as_deref(), out)
+            .with_context(|| entry.weight_name.clone())?;
+        return Ok((layer.weight.dtype(), shape));
+    }
+    let (d_in, d_out, _) = layer.dims().with_context(|| entry.weight_name.clone())?;
+    let wf = layer.weight.to_f32();
+    let rows = if entry.fan_in_fan_out {
+        transpose(&wf, d_in, d_out)
+    } else {
+        wf
+    };
+    let mut w0 = compute::unmerge_weight(&rows, &layer, entry.g.as_deref())
+        .with_context(|| entry.weight_name.clone())?;
+    if let Some((p, q)) = &entry.residual {
+        let r = p.shape().get(1).copied().unwrap_or(0);
+        ensure!(
+            p.shape() == [d_out, r] && q.shape() == [r, d_in],
+            "{}: residual factors {:?} and {:?} do not fit [{d_out}, {d_in}]",
+            entry.weight_name,
+            p.shape(),
+            q.shape()
+        );
+        let (p, q) = (p.to_f64(), q.to_f64());
+        for j in 0..d_out {
+            for i in 0..d_in {
+                let add: f64 = (0..r).map(|k| p[j * r + k] * q[k * d_in + i]).sum();
+                w0[j * d_in + i] = (w0[j * d_in + i] as f64 + add) as f32;
+            }
+        }
+    }
+    let w0_stored = if entry.fan_in_fan_out {
+        transpose(&w0, d_out, d_in)
+    } else {
+        w0
+    };
+    let t = Tensor::from_f32(layer.weight.dtype(), shape.clone(), &w0_stored)?;
+    out.clear();
+    out.extend_from_slice(t.as_bytes());
+    Ok((layer.weight.dtype(), shape))
 }
 
 /// Writes the model in `merged` (a directory written by [`merge_model`]) back with every
-/// merged weight restored, to `out`; the unmerge file itself is not copied.
+/// merged weight restored (and every bias and `modules_to_save` tensor the merge changed),
+/// to `out`; the unmerge file itself is not copied.
 ///
 /// # Errors
 /// As [`read_unmerge`] and [`unmerge_module`]; `out` existing; I/O errors. On any error
 /// `out` does not exist afterwards.
 pub fn unmerge_model(merged: &BaseModel, out: &Path, progress: bool) -> Result<MergeReport> {
-    let entries = read_unmerge(&merged.dir)?;
+    let data = read_unmerge_data(&merged.dir)?;
+    enum Undo {
+        Weight(Box<UnmergeEntry>),
+        Bias(f64, Tensor),
+        Restore(Tensor),
+    }
     struct U<'b> {
-        by_weight: HashMap<String, UnmergeEntry>,
+        by_name: HashMap<String, Undo>,
         merged: &'b BaseModel,
     }
     impl Rewrite for U<'_> {
         fn replace(&mut self, name: &str, _e: &TensorEntry, out: &mut Vec<u8>) -> Result<bool> {
-            match self.by_weight.get(name) {
-                Some(entry) => {
-                    let layer = unmerge_layer(self.merged, entry)?;
-                    compute::unmerged_weight_bytes(&layer, entry.g.as_deref(), out)
-                        .with_context(|| entry.weight_name.clone())?;
-                    Ok(true)
+            let bytes = match self.by_name.get(name) {
+                Some(Undo::Weight(entry)) => {
+                    unmerged_weight_into(self.merged, entry, out)?;
+                    return Ok(true);
                 }
-                None => Ok(false),
-            }
+                Some(Undo::Bias(s, lb)) => {
+                    let b = self.merged.tensor(name)?;
+                    let v: Vec<f32> = b
+                        .to_f32()
+                        .iter()
+                        .zip(lb.to_f32())
+                        .map(|(x, y)| x - y * *s as f32)
+                        .collect();
+                    to_bytes(b.dtype(), b.shape(), &v)?
+                }
+                Some(Undo::Restore(t)) => t.as_bytes().to_vec(),
+                None => return Ok(false),
+            };
+            out.clear();
+            out.extend_from_slice(&bytes);
+            Ok(true)
         }
         fn extra_files(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
             Ok(vec![])
         }
     }
-    let mut by_weight = HashMap::new();
-    for (module, e) in entries {
+    let mut by_name = HashMap::new();
+    for (module, e) in data.modules {
         ensure!(
             merged.tensors.contains_key(&e.weight_name),
             "{module}: {} names weight {}, absent from the merged model",
             UNMERGE_FILE,
             e.weight_name
         );
-        by_weight.insert(e.weight_name.clone(), e);
+        if let Some((b, lb)) = &e.lora_bias {
+            ensure!(
+                merged.tensors.contains_key(b),
+                "{module}: {UNMERGE_FILE} names bias {b}, absent from the merged model"
+            );
+            by_name.insert(b.clone(), Undo::Bias(e.scaling, lb.clone()));
+        }
+        by_name.insert(e.weight_name.clone(), Undo::Weight(Box::new(e)));
     }
-    let mut u = U { by_weight, merged };
+    for (name, t) in data.replaced {
+        let e = merged.entry(&name).with_context(|| {
+            format!("{UNMERGE_FILE} restores {name}, absent from the merged model")
+        })?;
+        ensure!(
+            e.shape == t.shape() && e.range.len() == t.as_bytes().len(),
+            "{name}: the original in {UNMERGE_FILE} does not fit the merged model's tensor"
+        );
+        by_name.insert(name, Undo::Restore(t));
+    }
+    let mut u = U { by_name, merged };
     write_model(merged, out, progress, &[UNMERGE_FILE], &mut u)
 }
 

@@ -35,6 +35,39 @@ pub struct AdapterModule {
     pub alpha: f64,
     /// The effective scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA).
     pub scaling: f64,
+    /// The kind of base layer PEFT adapted, told by the tensor names and shapes.
+    pub kind: ModuleKind,
+    /// `lora_B.bias` `[d_out]` (`lora_bias=True`, plain LoRA only): merged as
+    /// bias + s·lora_B.bias (PEFT's `Linear.merge`).
+    pub lora_bias: Option<Tensor>,
+}
+
+/// Which PEFT layer class a module is, and how its tensors map onto the linear form
+/// `W' = diag(g)·(W0 + s·B·A)` with rows `[d_out, d_in]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// `lora.Linear` over `nn.Linear` or transformers' `Conv1D` (the layout of each module is
+    /// decided against the base, see `AdaptedModel`).
+    Linear,
+    /// `lora.Embedding` over `nn.Embedding` `[num_embeddings, embedding_dim]`:
+    /// `lora_embedding_A` `[r, num_embeddings]` is A, `lora_embedding_B`
+    /// `[embedding_dim, r]` is B, and the weight is used transposed (rows = embedding
+    /// dimensions), as PEFT's `DoraEmbeddingLayer(fan_in_fan_out=True)` does: the DoRA norm
+    /// runs over the vocabulary, one magnitude per embedding dimension.
+    Embedding,
+    /// `lora.Conv2d` (or Conv1d/Conv3d) with `lora_B` a 1×1 convolution: the weight
+    /// `[out, in/groups, k...]` is used as `[out, in/groups·Πk]`, lora_A
+    /// `[r, in, k...]` as `[r, in·Πk]`, lora_B `[out, r, 1...]` as `[out, r]` and the
+    /// magnitude `[1, out, 1...]` as `[out]`; the norm is per output channel over all other
+    /// axes (`_DoraConvNdLayer.get_weight_norm`, dims 1..). The stored shapes are kept here.
+    Conv {
+        /// lora_A as stored.
+        a_shape: Vec<usize>,
+        /// lora_B as stored.
+        b_shape: Vec<usize>,
+        /// The magnitude as stored (DoRA), else empty.
+        m_shape: Vec<usize>,
+    },
 }
 
 impl AdapterModule {
@@ -58,6 +91,17 @@ pub struct Adapter {
     pub modules: BTreeMap<String, AdapterModule>,
     /// `__metadata__` of the weights file (PEFT writes `{"format": "pt"}`).
     pub metadata: BTreeMap<String, String>,
+    /// The trained copies of `modules_to_save`, and the base biases trained with `bias`
+    /// `"all"`/`"lora_only"`, by tensor name relative to the base model
+    /// (`classifier.weight`): they replace the base's tensors when merging.
+    pub saved: BTreeMap<String, Tensor>,
+}
+
+/// The base model's name of a saved full tensor: PEFT saves the trained bias of an adapted
+/// module under its wrapper's name, `<module>.base_layer.bias`, for the base's
+/// `<module>.bias`.
+pub fn saved_base_name(name: &str) -> String {
+    name.replace(".base_layer.", ".")
 }
 
 /// What one key of `adapter_model.safetensors` holds.
@@ -65,20 +109,28 @@ enum Part {
     A,
     B,
     Magnitude,
+    EmbeddingA,
+    EmbeddingB,
+    BBias,
 }
 
-/// Splits `base_model.model.<module>.<part>` into module and part.
+/// Splits `base_model.model.<module>.<part>` into module and part; `None` for a key that is
+/// no LoRA tensor (a `modules_to_save` tensor, decided by the caller).
 ///
-/// Accepted parts: `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` (what PEFT
-/// writes) and `lora_magnitude_vector.weight` (PEFT's in-memory name since DoRA became a
-/// module; its loader accepts both, `tuners/lora/model.py` `_remap_adapter_state_dict_for_load`).
-fn split_key(key: &str) -> Result<(String, Part)> {
+/// Accepted parts: `lora_A.weight`, `lora_B.weight`, `lora_B.bias`, `lora_embedding_A`,
+/// `lora_embedding_B`, `lora_magnitude_vector` (what PEFT writes) and
+/// `lora_magnitude_vector.weight` (PEFT's in-memory name since DoRA became a module; its
+/// loader accepts both, `tuners/lora/model.py` `_remap_adapter_state_dict_for_load`).
+fn split_key(key: &str) -> Result<Option<(String, Part)>> {
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
     const PARTS: &[(&str, u8)] = &[
         (".lora_A.weight", 0),
         (".lora_B.weight", 1),
         (".lora_magnitude_vector.weight", 2),
         (".lora_magnitude_vector", 2),
+        (".lora_embedding_A", 3),
+        (".lora_embedding_B", 4),
+        (".lora_B.bias", 5),
     ];
     for (suffix, p) in PARTS {
         if let Some(module) = rest.strip_suffix(suffix) {
@@ -86,30 +138,36 @@ fn split_key(key: &str) -> Result<(String, Part)> {
             let part = match p {
                 0 => Part::A,
                 1 => Part::B,
-                _ => Part::Magnitude,
+                2 => Part::Magnitude,
+                3 => Part::EmbeddingA,
+                4 => Part::EmbeddingB,
+                _ => Part::BBias,
             };
-            return Ok((module.to_string(), part));
+            return Ok(Some((module.to_string(), part)));
         }
     }
-    // Name what it is when we can, so the refusal says why.
-    let module = rest.split(".lora_").next().unwrap_or(rest);
-    if rest.contains(".lora_embedding_") {
-        bail!("{module}: LoRA/DoRA on an embedding layer is not supported (tensor {key})");
+    if rest.contains(".lora_") {
+        let module = rest.split(".lora_").next().unwrap_or(rest);
+        bail!("{module}: adapter tensor {key} is not a LoRA/DoRA tensor dorafuse knows (lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B, lora_magnitude_vector)");
     }
-    if rest.contains(".lora_bias") || rest.ends_with(".lora_B.bias") {
-        bail!("{module}: lora_bias (a trainable bias on lora_B) is not supported (tensor {key})");
-    }
-    if rest.contains(".modules_to_save.") || rest.ends_with(".bias") || rest.ends_with(".weight") {
-        bail!("{module}: the adapter carries a full base tensor ({key}); modules_to_save and trained biases are not supported");
-    }
-    bail!("adapter tensor {key:?} is not a LoRA/DoRA tensor dorafuse knows (lora_A.weight, lora_B.weight, lora_magnitude_vector)")
+    Ok(None)
+}
+
+/// The tensors of one module as read from the file.
+#[derive(Default)]
+struct Parts {
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    m: Option<Tensor>,
+    bias: Option<Tensor>,
+    embedding: bool,
 }
 
 impl Adapter {
     /// Loads an adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
     ///
-    /// Every module is checked: lora_A `[r, d_in]` and lora_B `[d_out, r]` both present and
-    /// 2-D (a conv adapter is refused), r equal to the config's rank for that module
+    /// Every module is checked: lora_A `[r, d_in]` and lora_B `[d_out, r]` both present
+    /// (2-D, or a convolution's, or `lora_embedding_A`/`_B`), r equal to the config's rank for that module
     /// (`rank_pattern` aware), the magnitude `[d_out]` present exactly when `use_dora`, the
     /// module a target of the config, and every value finite.
     ///
@@ -152,37 +210,77 @@ impl Adapter {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        type Parts = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+        let matcher = config.matcher()?;
         // Sorted, so the first error reported is the same on every run.
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
-        for (key, view) in st.tensors() {
-            let (module, part) = split_key(&key)?;
+        let mut saved = BTreeMap::new();
+        let mut keys: Vec<_> = st.tensors();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, view) in keys {
+            let Some((module, part)) = split_key(&key)? else {
+                let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+                let module = rest.rsplit_once('.').map_or("", |(m, _)| m);
+                if rest.contains(".modules_to_save.") {
+                    bail!("{module}: tensor {key} keeps PEFT's in-memory modules_to_save wrapper name; re-save the adapter with PEFT's save_pretrained");
+                }
+                // bias="all" / "lora_only": PEFT trains and saves base biases, loaded over the
+                // base's own (`get_peft_model_state_dict`, `set_peft_model_state_dict`).
+                let trained_bias = config.lora.bias.as_deref().is_some_and(|b| b != "none")
+                    && rest.ends_with(".bias");
+                if module.is_empty() || !(matcher.in_modules_to_save(module) || trained_bias) {
+                    bail!("{}: adapter tensor {key} is a full tensor of a module that neither modules_to_save lists nor the config's bias ({:?}) trains", if module.is_empty() { rest } else { module }, config.lora.bias.as_deref().unwrap_or("none"));
+                }
+                let t = Tensor::from_view(&key, &view)
+                    .with_context(|| format!("{module}: modules_to_save tensor {key}"))?;
+                t.check_finite(rest)?;
+                saved.insert(rest.to_string(), t);
+                continue;
+            };
             let t = Tensor::from_view(&key, &view).with_context(|| module.clone())?;
             let e = parts.entry(module.clone()).or_default();
             let slot = match part {
-                Part::A => &mut e.0,
-                Part::B => &mut e.1,
-                Part::Magnitude => &mut e.2,
+                Part::A => &mut e.a,
+                Part::B => &mut e.b,
+                Part::EmbeddingA => {
+                    e.embedding = true;
+                    &mut e.a
+                }
+                Part::EmbeddingB => {
+                    e.embedding = true;
+                    &mut e.b
+                }
+                Part::Magnitude => &mut e.m,
+                Part::BBias => &mut e.bias,
             };
             ensure!(
                 slot.is_none(),
-                "{module}: tensor {key} appears twice (with and without .weight)"
+                "{module}: tensor {key} appears twice (with and without .weight, or as both a linear and an embedding factor)"
             );
             *slot = Some(t);
         }
-        ensure!(!parts.is_empty(), "{WEIGHTS_FILE} holds no adapter tensors");
-        let matcher = config.matcher()?;
+        ensure!(
+            !parts.is_empty() || !saved.is_empty(),
+            "{WEIGHTS_FILE} holds no adapter tensors"
+        );
+        // A modules_to_save entry with no tensor is not an error: PEFT lists `classifier` and
+        // `score` for every sequence-classification adapter, and a model has one of them.
         let mut modules = BTreeMap::new();
-        for (name, (a, b, m)) in parts {
-            let a = a.with_context(|| format!("{name}: lora_A.weight is missing"))?;
-            let b = b.with_context(|| format!("{name}: lora_B.weight is missing"))?;
-            let module = build_module(&name, a, b, m, &config, &matcher)?;
+        for (name, p) in parts {
+            let (ka, kb) = if p.embedding {
+                ("lora_embedding_A", "lora_embedding_B")
+            } else {
+                ("lora_A.weight", "lora_B.weight")
+            };
+            let a = p.a.with_context(|| format!("{name}: {ka} is missing"))?;
+            let b = p.b.with_context(|| format!("{name}: {kb} is missing"))?;
+            let module = build_module(&name, a, b, p.m, p.bias, p.embedding, &config, &matcher)?;
             modules.insert(name, module);
         }
         Ok(Self {
             config,
             modules,
             metadata,
+            saved,
         })
     }
 
@@ -202,13 +300,71 @@ impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create adapter directory {}", dir.display()))?;
-        let mut named: Vec<(String, &Tensor)> = Vec::new();
+        let mut named: Vec<(String, Tensor)> = Vec::new();
         for (name, m) in &self.modules {
-            named.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), &m.lora_a));
-            named.push((format!("{KEY_PREFIX}{name}.lora_B.weight"), &m.lora_b));
-            if let Some(mag) = &m.magnitude {
-                named.push((format!("{KEY_PREFIX}{name}.lora_magnitude_vector"), mag));
+            let reshape = |t: &Tensor, shape: &[usize]| {
+                Tensor::new(shape.to_vec(), t.data().clone()).with_context(|| name.clone())
+            };
+            match &m.kind {
+                ModuleKind::Linear => {
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_A.weight"),
+                        m.lora_a.clone(),
+                    ));
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_B.weight"),
+                        m.lora_b.clone(),
+                    ));
+                    if let Some(mag) = &m.magnitude {
+                        named.push((
+                            format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
+                            mag.clone(),
+                        ));
+                    }
+                }
+                ModuleKind::Embedding => {
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_embedding_A"),
+                        m.lora_a.clone(),
+                    ));
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_embedding_B"),
+                        m.lora_b.clone(),
+                    ));
+                    if let Some(mag) = &m.magnitude {
+                        named.push((
+                            format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
+                            mag.clone(),
+                        ));
+                    }
+                }
+                ModuleKind::Conv {
+                    a_shape,
+                    b_shape,
+                    m_shape,
+                } => {
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_A.weight"),
+                        reshape(&m.lora_a, a_shape)?,
+                    ));
+                    named.push((
+                        format!("{KEY_PREFIX}{name}.lora_B.weight"),
+                        reshape(&m.lora_b, b_shape)?,
+                    ));
+                    if let Some(mag) = &m.magnitude {
+                        named.push((
+                            format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
+                            reshape(mag, m_shape)?,
+                        ));
+                    }
+                }
             }
+            if let Some(bias) = &m.lora_bias {
+                named.push((format!("{KEY_PREFIX}{name}.lora_B.bias"), bias.clone()));
+            }
+        }
+        for (name, t) in &self.saved {
+            named.push((format!("{KEY_PREFIX}{name}"), t.clone()));
         }
         let views = named
             .iter()
@@ -240,30 +396,89 @@ impl Adapter {
     }
 }
 
-/// Checks one module's tensors against each other and against the config.
+/// A tensor with a new shape of the same element count.
+fn reshaped(t: Tensor, shape: Vec<usize>, what: &str) -> Result<Tensor> {
+    Tensor::new(shape, t.data().clone()).with_context(|| what.to_string())
+}
+
+/// Checks one module's tensors against each other and against the config, and brings
+/// convolution factors to their linear form (see [`ModuleKind`]).
+#[allow(clippy::too_many_arguments)]
 fn build_module(
     name: &str,
     a: Tensor,
     b: Tensor,
     m: Option<Tensor>,
+    lora_bias: Option<Tensor>,
+    embedding: bool,
     config: &AdapterConfig,
     matcher: &super::config::Matcher,
 ) -> Result<AdapterModule> {
     let l = &config.lora;
     let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
-    if sa.len() != 2 || sb.len() != 2 {
-        bail!("{name}: lora_A is {sa:?} and lora_B is {sb:?}; only linear layers (2-D factors) are supported, not convolutions");
-    }
-    let (r, _d_in) = (sa[0], sa[1]);
-    let d_out = sb[0];
+    let (a, b, m, kind) = if embedding {
+        ensure!(
+            sa.len() == 2 && sb.len() == 2,
+            "{name}: lora_embedding_A is {sa:?} and lora_embedding_B is {sb:?}; both must be 2-D"
+        );
+        (a, b, m, ModuleKind::Embedding)
+    } else if sa.len() == 2 && sb.len() == 2 {
+        (a, b, m, ModuleKind::Linear)
+    } else if sa.len() >= 3 && sa.len() == sb.len() {
+        // A convolution: lora_B must be a 1x1 kernel (PEFT's default; the view it takes).
+        ensure!(
+            sb[2..].iter().all(|&k| k == 1),
+            "{name}: lora_B is {sb:?}; only a 1x1 lora_B kernel (PEFT's) is supported for convolutions"
+        );
+        let r = sa[0];
+        let k: usize = sa[1..].iter().product();
+        let m_shape = m.as_ref().map(|t| t.shape().to_vec()).unwrap_or_default();
+        let a2 = reshaped(a, vec![r, k], name)?;
+        let b2 = reshaped(b, vec![sb[0], sb[1]], name)?;
+        let m2 = match m {
+            Some(t) => {
+                let want: Vec<usize> = std::iter::once(1)
+                    .chain(std::iter::once(sb[0]))
+                    .chain(std::iter::repeat(1).take(sa.len() - 2))
+                    .collect();
+                ensure!(
+                    t.shape() == want.as_slice(),
+                    "{name}: lora_magnitude_vector is {:?}, expected {want:?} (one per output channel)",
+                    t.shape()
+                );
+                Some(reshaped(t, vec![sb[0]], name)?)
+            }
+            None => None,
+        };
+        (
+            a2,
+            b2,
+            m2,
+            ModuleKind::Conv {
+                a_shape: sa.clone(),
+                b_shape: sb.clone(),
+                m_shape,
+            },
+        )
+    } else {
+        bail!("{name}: lora_A is {sa:?} and lora_B is {sb:?}; neither a linear (2-D) nor a convolution (lora_A and lora_B of one rank ≥ 3) adapter");
+    };
+    let (fa, fb) = if embedding {
+        ("lora_embedding_A", "lora_embedding_B")
+    } else {
+        ("lora_A", "lora_B")
+    };
+    let (sa2, sb2) = (a.shape().to_vec(), b.shape().to_vec());
+    let (r, _d_in) = (sa2[0], sa2[1]);
+    let d_out = sb2[0];
     ensure!(
-        sb[1] == r,
-        "{name}: lora_B is {sb:?} but lora_A is {sa:?}: rank {} of lora_B disagrees with rank {r} of lora_A",
-        sb[1]
+        sb2[1] == r,
+        "{name}: {fb} is {sb:?} but {fa} is {sa:?}: rank {} of {fb} disagrees with rank {r} of {fa}",
+        sb2[1]
     );
     ensure!(
-        r >= 1 && sa[1] >= 1 && d_out >= 1,
-        "{name}: empty adapter tensors (lora_A {sa:?}, lora_B {sb:?})"
+        r >= 1 && sa2[1] >= 1 && d_out >= 1,
+        "{name}: empty adapter tensors ({fa} {sa:?}, {fb} {sb:?})"
     );
     ensure!(
         matcher.is_target(name),
@@ -276,7 +491,7 @@ fn build_module(
             Some(k) => format!("rank_pattern[{k:?}]"),
             None => "r".to_string(),
         };
-        bail!("{name}: lora_A is {sa:?}, so the rank is {r}, but the config gives rank {want_r} ({from})");
+        bail!("{name}: {fa} is {sa:?}, so the rank is {r}, but the config gives rank {want_r} ({from})");
     }
     match (&m, l.use_dora) {
         (None, true) => bail!("{name}: use_dora is true but lora_magnitude_vector is missing"),
@@ -285,13 +500,32 @@ fn build_module(
         }
         (Some(mag), true) => ensure!(
             mag.shape() == [d_out],
-            "{name}: lora_magnitude_vector is {:?}, expected [{d_out}] (d_out from lora_B)",
+            "{name}: lora_magnitude_vector is {:?}, expected [{d_out}] (d_out from {fb})",
             mag.shape()
         ),
         (None, false) => {}
     }
-    a.check_finite(&format!("{name}.lora_A"))?;
-    b.check_finite(&format!("{name}.lora_B"))?;
+    match (&lora_bias, l.lora_bias) {
+        (Some(_), false) => {
+            bail!("{name}: the file has lora_B.bias but the config's lora_bias is false")
+        }
+        (None, true) => bail!("{name}: lora_bias is true but lora_B.bias is missing"),
+        (Some(t), true) => {
+            ensure!(
+                matches!(kind, ModuleKind::Linear),
+                "{name}: lora_B.bias on a convolution or embedding adapter is not supported"
+            );
+            ensure!(
+                t.shape() == [d_out],
+                "{name}: lora_B.bias is {:?}, expected [{d_out}]",
+                t.shape()
+            );
+            t.check_finite(&format!("{name}.lora_B.bias"))?;
+        }
+        (None, false) => {}
+    }
+    a.check_finite(&format!("{name}.{fa}"))?;
+    b.check_finite(&format!("{name}.{fb}"))?;
     if let Some(mag) = &m {
         mag.check_finite(&format!("{name}.lora_magnitude_vector"))?;
     }
@@ -305,5 +539,7 @@ fn build_module(
         rank: r,
         alpha,
         scaling,
+        kind,
+        lora_bias,
     })
 }

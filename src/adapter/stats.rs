@@ -19,6 +19,10 @@ pub struct ModuleStats {
     pub scaling: f64,
     /// Storage dtype of the adapter tensors.
     pub dtype: String,
+    /// The base layer as PEFT wraps it: `linear`, `conv1d` (transformers' Conv1D, weight
+    /// `[in, out]`), `embedding` or `conv`; `None` for a linear module without a base (its
+    /// layout is decided against the base weight).
+    pub layer: Option<String>,
     /// Input features.
     pub d_in: usize,
     /// Output features.
@@ -79,6 +83,11 @@ pub fn module_stats(m: &AdapterModule) -> ModuleStats {
         alpha: m.alpha,
         scaling: m.scaling,
         dtype: m.dtype().name().to_string(),
+        layer: match m.kind {
+            super::model::ModuleKind::Linear => None,
+            super::model::ModuleKind::Embedding => Some("embedding".into()),
+            super::model::ModuleKind::Conv { .. } => Some("conv".into()),
+        },
         d_in,
         d_out,
         sba_fro: sba_fro(m),

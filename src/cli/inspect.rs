@@ -18,6 +18,8 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    apply: super::merge::ApplyArgs,
 }
 
 /// Everything inspect reports.
@@ -27,7 +29,8 @@ struct Report {
     base: Option<String>,
     use_dora: bool,
     use_rslora: bool,
-    fan_in_fan_out: bool,
+    /// The config's single flag; each module's own layout is in its `layer`.
+    config_fan_in_fan_out: bool,
     modules: Vec<ModuleStats>,
     summary: Summary,
 }
@@ -52,7 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let base = args.base.as_ref().map(|p| BaseModel::open(p)).transpose()?;
     let model = base
         .as_ref()
-        .map(|b| AdaptedModel::new(b, &adapter))
+        .map(|b| AdaptedModel::with_options(b, &adapter, &args.apply.options()))
         .transpose()?;
     let mut rows = Vec::new();
     let mut params = 0usize;
@@ -60,6 +63,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let mut st = stats::module_stats(m);
         params += m.lora_a.len() + m.lora_b.len() + m.magnitude.as_ref().map_or(0, |t| t.len());
         if let Some(model) = &model {
+            if st.layer.is_none() {
+                let conv1d = model.module_fan_in_fan_out(&m.name)?;
+                st.layer = Some(if conv1d { "conv1d" } else { "linear" }.into());
+            }
             let layer = model.layer(&m.name)?;
             let (dm, dd, w0) = stats::figure2(&layer).with_context(|| m.name.clone())?;
             st.delta_m = Some(dm);
@@ -93,7 +100,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         base: args.base.as_ref().map(|p| p.display().to_string()),
         use_dora: l.use_dora,
         use_rslora: l.use_rslora,
-        fan_in_fan_out: l.fan_in_fan_out,
+        config_fan_in_fan_out: l.fan_in_fan_out,
         modules: rows,
         summary,
     };
@@ -114,12 +121,13 @@ fn print_table(r: &Report) {
         .unwrap_or(6)
         .max(6);
     println!(
-        "{:w$}  {:>4} {:>7} {:>9} {:>5} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "{:w$}  {:>4} {:>7} {:>9} {:>5} {:>9} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
         "module",
         "r",
         "alpha",
         "scaling",
         "dtype",
+        "layer",
         "|sBA|_F",
         "m min",
         "m mean",
@@ -129,12 +137,13 @@ fn print_table(r: &Report) {
     );
     for m in &r.modules {
         println!(
-            "{:w$}  {:>4} {:>7} {:>9.4} {:>5} {:>11.4e} {:>11} {:>11} {:>11} {:>10} {:>10}",
+            "{:w$}  {:>4} {:>7} {:>9.4} {:>5} {:>9} {:>11.4e} {:>11} {:>11} {:>11} {:>10} {:>10}",
             m.module,
             m.rank,
             m.alpha,
             m.scaling,
             m.dtype,
+            m.layer.as_deref().unwrap_or("-"),
             m.sba_fro,
             opt(m.magnitude_min, 4),
             opt(m.magnitude_mean, 4),

@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use dorafuse::adapter::{
-    merge_model, unmerge_model, Adapter, BaseModel, MergeDevice, MergeOptions,
+    merge_model, unmerge_model, Adapter, ApplyOptions, BaseModel, MergeDevice, MergeOptions,
+    NameMap,
 };
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -18,6 +19,40 @@ pub enum Device {
     Cpu,
     /// The CUDA kernels on GPU 0 (fails without one).
     Cuda,
+}
+
+/// The choices an adapter's files cannot settle, shared by `merge` and `inspect`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApplyArgs {
+    /// Base tensor names are PREFIX + "." + the adapter's module names ("" for the names as
+    /// they are). Needed when the names fit the base in more than one way.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "strip_prefix")]
+    base_prefix: Option<String>,
+    /// Base tensor names are the adapter's module names without their first component
+    /// PREFIX (e.g. "bert").
+    #[arg(long, value_name = "PREFIX")]
+    strip_prefix: Option<String>,
+    /// Adapter modules (a regular expression over the whole module name) whose base
+    /// weights are stored [in, out] (transformers' Conv1D); all others are [out, in]. Needed
+    /// when a square weight's layout is not told by the base's config.json ("" for none).
+    #[arg(long, value_name = "REGEX")]
+    fan_in_fan_out: Option<String>,
+}
+
+impl ApplyArgs {
+    /// The library's options.
+    pub fn options(&self) -> ApplyOptions {
+        let names = match (&self.base_prefix, &self.strip_prefix) {
+            (Some(p), _) if p.trim_end_matches('.').is_empty() => Some(NameMap::Identity),
+            (Some(p), _) => Some(NameMap::Add(p.trim_end_matches('.').to_string())),
+            (None, Some(p)) => Some(NameMap::Strip(p.trim_end_matches('.').to_string())),
+            (None, None) => None,
+        };
+        ApplyOptions {
+            names,
+            fan_in_fan_out: self.fan_in_fan_out.clone(),
+        }
+    }
 }
 
 /// Arguments of `dorafuse merge`.
@@ -42,6 +77,8 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    apply: ApplyArgs,
 }
 
 /// Runs `dorafuse merge`.
@@ -82,7 +119,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &base,
         &adapter,
         &args.out,
-        &MergeOptions { device, progress },
+        &MergeOptions {
+            device,
+            progress,
+            apply: args.apply.options(),
+        },
     )?;
     eprintln!(
         "merged {} modules ({:?}), copied {} tensors unchanged, {} shard(s), {:.1} MB -> {}",

@@ -2,6 +2,7 @@
 //! all-MiniLM-L6-v2 layers, and `merge` / unmerge on synthetic and real models. One test
 //! binary for the subject.
 
+mod kinds;
 mod merge_minilm;
 mod merge_synthetic;
 mod minilm_layers;

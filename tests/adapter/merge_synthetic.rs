@@ -257,6 +257,7 @@ fn check_merge(spec: &Spec) {
     let opts = MergeOptions {
         device: spec.device,
         progress: false,
+        ..Default::default()
     };
     let rep = merge_model(&base, &adapter, &out, &opts).unwrap();
     let what = format!(
@@ -594,10 +595,17 @@ fn corrupt_and_mismatched_inputs_fail_cleanly() {
         &["encoder.layer.9.ffn.dense", "absent from the base"],
     );
 
-    // Base weight of the wrong shape for the adapter.
+    // Base weight of the wrong shape for the adapter: lora_A one input wider than the base.
     let (_t, b, a) = fresh();
-    edit_config(&a, |v| v["fan_in_fan_out"] = serde_json::json!(true));
-    merge_fails(&b, &a, &["encoder.layer.0.attn.query", "should be"]);
+    edit_adapter(&a, |v| {
+        let e = v
+            .iter_mut()
+            .find(|e| e.0.ends_with(&format!("{M}.lora_A.weight")))
+            .unwrap();
+        e.2 = vec![3, 14];
+        e.3 = vec![0u8; 3 * 14 * 4];
+    });
+    merge_fails(&b, &a, &[M, "should be [33, 14]"]);
 
     // A module the config targets but the file lacks.
     let (_t, b, a) = fresh();
@@ -607,12 +615,7 @@ fn corrupt_and_mismatched_inputs_fail_cleanly() {
     // Unsupported configurations, each named.
     for (field, value, needle) in [
         ("lora_bias", serde_json::json!(true), "lora_bias"),
-        ("bias", serde_json::json!("all"), "bias"),
-        (
-            "modules_to_save",
-            serde_json::json!(["classifier"]),
-            "classifier",
-        ),
+        ("bias", serde_json::json!("everything"), "bias"),
         ("peft_type", serde_json::json!("LOHA"), "LOHA"),
         ("use_qalora", serde_json::json!(true), "use_qalora"),
         (
@@ -635,7 +638,24 @@ fn corrupt_and_mismatched_inputs_fail_cleanly() {
             .unwrap();
         e.2 = vec![3, 13, 1, 1];
     });
-    merge_fails(&b, &a, &[M, "convolutions"]);
+    merge_fails(&b, &a, &[M, "convolution"]);
+
+    // A full tensor of a module modules_to_save does not list, and a modules_to_save tensor
+    // the base does not have.
+    let (_t, b, a) = fresh();
+    edit_adapter(&a, |v| {
+        v.push(float(
+            "base_model.model.classifier.weight",
+            DType::F32,
+            &[2, 13],
+            &[0.5; 26],
+        ))
+    });
+    merge_fails(&b, &a, &["classifier", "modules_to_save"]);
+    edit_config(&a, |v| {
+        v["modules_to_save"] = serde_json::json!(["classifier"]);
+    });
+    merge_fails(&b, &a, &["classifier.weight", "absent from the base"]);
     let (_t, b, a) = fresh();
     edit_adapter(&a, |v| {
         v.push(float(

@@ -4,4 +4,5 @@
 
 mod case_errors;
 mod inspect_table;
+mod output;
 mod replay_fixtures;

@@ -80,6 +80,8 @@ fn adapter_module(l: &Layer, name: &str) -> dorafuse::adapter::AdapterModule {
         rank: R,
         alpha: l.scaling * R as f64,
         scaling: l.scaling,
+        kind: dorafuse::adapter::ModuleKind::Linear,
+        lora_bias: None,
     }
 }
 
