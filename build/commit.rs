@@ -19,13 +19,15 @@ fn git(root: &Path, args: &[&str]) -> Option<String> {
 /// Sets `DORAFUSE_BUILD_COMMIT` for the crate and watches what moves HEAD.
 pub fn stamp(root: &Path) {
     let commit = git(root, &["rev-parse", "--short=12", "HEAD"]);
-    // HEAD names a branch (`ref: refs/heads/x`) whose own file moves on every commit; in a
-    // worktree both live in the worktree's git directory, which `--git-path` resolves.
-    let mut watch = vec!["HEAD".to_string()];
+    // HEAD names a branch (`ref: refs/heads/x`) whose own file moves on every commit, or
+    // packed-refs when the branch is packed; `--git-path` resolves them (in a worktree too).
+    // Only existing files are watched: cargo reruns on every build for a missing one.
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
     watch.extend(git(root, &["symbolic-ref", "-q", "HEAD"]));
     for p in watch {
-        if let Some(path) = git(root, &["rev-parse", "--git-path", &p]) {
-            println!("cargo:rerun-if-changed={}", root.join(path).display());
+        let path = git(root, &["rev-parse", "--git-path", &p]).map(|p| root.join(p));
+        if let Some(path) = path.filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
     println!(
