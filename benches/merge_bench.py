@@ -218,30 +218,41 @@ def main():
         return os.path.join(a.work, n)
 
     copy_sh = 'mkdir "$0" && cp "$@" "$0"/ && sync "$0"/*'
-    # (row, command, cleanup between runs). The last run's output stays: --unmerge reads
-    # the merged model, and both merges are compared at the end.
+    # (row, command, cleanup between runs, check after the last run, cleanup after it). The
+    # outputs are removed as soon as they are checked, so at most two models' worth of
+    # output is on disk at once.
+    checks = {}
+
+    def check_unmerge():
+        checks["unmerge"] = check_output(model_dir, out("unmerged"), MODULES)
+        rm(out("unmerged"))
+
+    def check_peft():
+        checks["peft"] = check_output(out("peft"), out("merged"), MODULES)
+        rm(out("peft"))
+        rm(out("merged"))
+
     rows = [
-        ("read floor (cat)", ["cat"] + files, lambda: None),
-        ("copy floor (cp + sync)", ["sh", "-c", copy_sh, out("copy")] + files, lambda: rm(out("copy"))),
+        ("read floor (cat)", ["cat"] + files, lambda: None, None),
+        ("copy floor (cp + sync)", ["sh", "-c", copy_sh, out("copy")] + files,
+         lambda: rm(out("copy")), lambda: rm(out("copy"))),
+        ("dorafuse merge", [dorafuse, "merge", "--quiet", "--device", "cpu", "--base", model_dir,
+                            "--adapter", adapter_dir, "--out", out("merged")], lambda: rm(out("merged")), None),
+        ("dorafuse merge --unmerge", [dorafuse, "merge", "--unmerge", "--quiet", "--base", out("merged"),
+                                      "--out", out("unmerged")], lambda: rm(out("unmerged")), check_unmerge),
     ]
     if not a.skip_peft:
         rows.append(("PEFT load + merge_and_unload + save",
                      [py, "-c", PEFT_MERGE, model_dir, adapter_dir, out("peft"), str(threads)],
-                     lambda: rm(out("peft"))))
-    rows += [
-        ("dorafuse merge", [dorafuse, "merge", "--quiet", "--device", "cpu", "--base", model_dir,
-                            "--adapter", adapter_dir, "--out", out("merged")], lambda: rm(out("merged"))),
-        ("dorafuse merge --unmerge", [dorafuse, "merge", "--unmerge", "--quiet", "--base", out("merged"),
-                                      "--out", out("unmerged")], lambda: rm(out("unmerged"))),
-        ("dorafuse inspect --base", [dorafuse, "inspect", "--json", "--base", model_dir, adapter_dir],
-         lambda: None),
-    ]
+                     lambda: rm(out("peft")), check_peft))
+    rows.append(("dorafuse inspect --base", [dorafuse, "inspect", "--json", "--base", model_dir, adapter_dir],
+                 lambda: None, None))
     for d in ("copy", "peft", "merged", "unmerged"):
         rm(out(d))
     # Warm the page cache with the inputs.
     run_measured(["cat"] + files)
     results = []
-    for name, cmd, cleanup in rows:
+    for name, cmd, cleanup, after in rows:
         runs = []
         n = a.peft_repeat if name.startswith("PEFT") and a.peft_repeat else a.repeat
         for i in range(n):
@@ -259,12 +270,13 @@ def main():
         results.append(res)
         print(f"{name:40} {res['wall_s']:7.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)})  "
               f"peak RSS {res['peak_rss_mb']:7.0f} MB  anon {res['peak_anon_mb']:6.0f} MB", file=sys.stderr)
-
-    worst = None
-    if not a.skip_peft:
-        worst = check_output(out("peft"), out("merged"), MODULES)
+        if after:
+            after()
+    rm(out("merged"))
+    worst = checks.get("peft")
+    if worst is not None:
         print(f"dorafuse merge vs PEFT merge: worst rel error {worst:.2e} (bf16)", file=sys.stderr)
-    worst_unmerge = check_output(model_dir, out("unmerged"), MODULES)
+    worst_unmerge = checks["unmerge"]
     print(f"dorafuse unmerge vs the base model: worst rel error {worst_unmerge:.2e} (bf16)", file=sys.stderr)
 
     meta = {
@@ -283,8 +295,6 @@ def main():
             json.dump({"meta": meta, "rows": results}, f, indent=2)
     if a.markdown:
         write_markdown(a.markdown, meta, results)
-    for d in ("copy", "peft", "merged", "unmerged"):
-        rm(out(d))
 
 
 def write_markdown(path, meta, results):

@@ -183,6 +183,9 @@ def main():
                          "rank only, because each new shape recompiles, which takes tens of seconds)")
     ap.add_argument("--cpu", action="store_true",
                     help="no GPU: a tiny CPU smoke run that checks the script and schema (not a benchmark)")
+    ap.add_argument("--cpu-full", action="store_true",
+                    help="with --cpu: time the given shapes with the given repetitions, a CPU benchmark "
+                         "to merge beside `dorafuse bench --device cpu` (instead of the smoke run)")
     args = ap.parse_args()
 
     try:
@@ -209,7 +212,7 @@ def main():
     dname = args.dtype or ("f32" if small else "bf16")
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dname]
     dev = "cuda" if cuda else "cpu"
-    if small:
+    if small and not args.cpu_full:
         args.warmup, args.min_reps, args.max_reps, args.budget = 1, 3, 5, 0.05
     timer = Timer(torch, cuda)
     torch.manual_seed(0)
@@ -232,7 +235,10 @@ def main():
         device = {"kind": "cpu", "name": model, "units": os.cpu_count(), "memory_bytes": None}
 
     notes = []
-    if small:
+    if small and args.cpu_full:
+        notes.append("PEFT on the CPU: torch %s with %d threads, host wall clock" % (torch.__version__,
+                                                                                 torch.get_num_threads()))
+    elif small:
         notes.append("peft_bench.py --cpu smoke run: checks the script and schema; says nothing about speed")
     ceil = ceilings(torch, cuda, dtype, timer, small)
     rows = []

@@ -1,5 +1,8 @@
-//! Safe strided matrix views over slices, and the one place that calls `matrixmultiply`
-//! (the CPU path, the emulator's `Backend::gemm` and the CPU benchmark all multiply here).
+//! Safe strided matrix views over slices, and the one place that calls the GEMM crates (the
+//! CPU path, the emulator's `Backend::gemm` and the CPU benchmark all multiply here):
+//! `matrixmultiply` for products of many rows, the `gemm` crate for decode-sized ones (at
+//! most [`SMALL_M`] rows against a large operand), where it reads the large operand once
+//! without packing it.
 //!
 //! Every product of the CPU path goes through [`gemm`]: transposes and the `fan_in_fan_out`
 //! weight layout are expressed as strides, so nothing is copied to transpose it.
@@ -102,10 +105,21 @@ impl<'a, T> ViewMut<'a, T> {
     }
 }
 
-/// The element types `matrixmultiply` multiplies.
-pub trait Scalar: Copy {
+/// Products with at most this many rows (and `k`, `n` ≥ [`SMALL_MIN_KN`]) go to the `gemm`
+/// crate.
+pub const SMALL_M: usize = 32;
+/// See [`SMALL_M`]. Far above the ranks of the merge's rank-r updates, so those always take
+/// `matrixmultiply`.
+pub const SMALL_MIN_KN: usize = 512;
+/// Below this many multiply-adds a `gemm`-crate product runs on the calling thread.
+const SMALL_PAR_MIN: usize = 1 << 20;
+
+/// The element types the GEMM crates multiply.
+pub trait Scalar: Copy + PartialEq + Send + Sync + 'static {
     /// 1 (β = 1 accumulates into C).
     const ONE: Self;
+    /// 0.
+    const ZERO: Self;
 
     /// C ← α·A·B + β·C, straight to `matrixmultiply`.
     ///
@@ -133,6 +147,7 @@ pub trait Scalar: Copy {
 
 impl Scalar for f32 {
     const ONE: f32 = 1.0;
+    const ZERO: f32 = 0.0;
 
     unsafe fn raw_gemm(
         m: usize,
@@ -159,6 +174,7 @@ impl Scalar for f32 {
 
 impl Scalar for f64 {
     const ONE: f64 = 1.0;
+    const ZERO: f64 = 0.0;
 
     unsafe fn raw_gemm(
         m: usize,
@@ -183,8 +199,10 @@ impl Scalar for f64 {
     }
 }
 
-/// C ← α·A·B + β·C with `A [m, k]`, `B [k, n]`, `C [m, n]` (β = 0 ignores C's old contents).
-/// `matrixmultiply` splits large products over the cores itself.
+/// C ← α·A·B + β·C with `A [m, k]`, `B [k, n]`, `C [m, n]` (β = 0 ignores C's old contents),
+/// accumulated in T. Decode-sized products (at most [`SMALL_M`] rows, `k` and `n` at least
+/// [`SMALL_MIN_KN`]) go to the `gemm` crate, split over the cores by rayon; all others to
+/// `matrixmultiply`, which splits large products over the cores itself.
 ///
 /// # Panics
 /// When the shapes disagree.
@@ -204,6 +222,41 @@ pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: Vie
         return;
     }
     let ok = |s: usize| isize::try_from(s).expect("stride fits isize");
+    if m <= SMALL_M && k >= SMALL_MIN_KN && n >= SMALL_MIN_KN {
+        let par = if m * k * n >= SMALL_PAR_MIN {
+            ::gemm::Parallelism::Rayon(0)
+        } else {
+            ::gemm::Parallelism::None
+        };
+        // SAFETY: as below (every element of A, B and C lies inside its bounds-checked
+        // slice, C is disjoint from A and B and its elements do not alias). The `gemm`
+        // crate computes dst ← α'·dst + β'·lhs·rhs with dst read only when `read_dst`: here
+        // α' = β, β' = α, and C is not read when β = 0 (its old contents are ignored).
+        unsafe {
+            ::gemm::gemm(
+                m,
+                n,
+                k,
+                c.data.as_mut_ptr(),
+                1,
+                ok(c.rs),
+                beta != T::ZERO,
+                a.data.as_ptr(),
+                ok(a.cs),
+                ok(a.rs),
+                b.data.as_ptr(),
+                ok(b.cs),
+                ok(b.rs),
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        return;
+    }
     // SAFETY: every view was bounds-checked at construction (the last element it addresses
     // lies inside its slice, strides are non-negative), so all m·k, k·n and m·n elements are
     // valid; C is borrowed mutably, hence disjoint from A and B, and its unit column stride
@@ -249,6 +302,62 @@ mod tests {
             assert_eq!(&c[i * 6 + 4..i * 6 + 6], &[7.0, 7.0], "padding untouched");
         }
         assert_eq!(a.t().at(4, 2), at[4 * 3 + 2]);
+    }
+
+    #[test]
+    fn decode_sized_products_match_loops() {
+        // Row counts on both sides of SMALL_M, k and n above SMALL_MIN_KN and off every
+        // tile; B read transposed (x·W0ᵀ) and straight (dz·W0); β = 0 ignores a NaN in C.
+        let (k, n) = (517, 611);
+        let w: Vec<f32> = (0..k * n)
+            .map(|v| ((v * 37) % 101) as f32 * 0.01 - 0.5)
+            .collect();
+        for m in [1, 5, SMALL_M, SMALL_M + 1] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|v| ((v * 13) % 29) as f32 * 0.1 - 1.4)
+                .collect();
+            for transposed in [false, true] {
+                let b = if transposed {
+                    View::new(&w, n, k).t()
+                } else {
+                    View::new(&w, k, n)
+                };
+                for beta in [0.0f32, 1.0] {
+                    let mut c = vec![f32::NAN; m * n];
+                    if beta != 0.0 {
+                        c.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, v)| *v = i as f32 * 1e-3);
+                    }
+                    let old = c.clone();
+                    gemm(
+                        0.5,
+                        View::new(&x, m, k),
+                        b,
+                        beta,
+                        ViewMut::new(&mut c, m, n),
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|l| x[i * k + l] as f64 * b.at(l, j) as f64)
+                                .sum();
+                            let base = if beta != 0.0 {
+                                old[i * n + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let want = 0.5 * dot + base;
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "m {m} transposed {transposed} beta {beta} ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The CPU path of a DoRA layer (docs/design.md §1, PEFT semantics): the norm, the forward and
-//! the backward, in f32 arithmetic with every product through `matrixmultiply`.
+//! the backward, in f32 arithmetic with every product through [`gemm::gemm`].
 //!
 //! Precision and dtypes: each tensor keeps its own storage dtype and is widened to f32 once
 //! (an f32 tensor is borrowed, not copied). Every intermediate (U, z, dz, the norm) stays in
