@@ -17,11 +17,13 @@
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
-//! - [`bench`]: the benchmark behind `dorafuse bench`.
+//! - [`bench`]: the benchmark behind `dorafuse bench`;
+//! - [`analysis`]: `analyze` (the DoRA paper's Figure 2), `resize` and `export-lora` (SVD).
 
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod analysis;
 pub mod backend;
 pub mod bench;
 pub mod case;
