@@ -99,7 +99,7 @@ pub fn render_svg(runs: &[Run]) -> Result<String> {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(SeriesLabelPosition::LowerRight)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()
