@@ -179,6 +179,14 @@ fn export_lora_refuses_bad_input() {
 #[test]
 fn analyze_refuses_bad_input() {
     has(
+        &refuses(&["analyze", "fx:tiny/dora/checkpoint-10"]),
+        &["--base"],
+    );
+    has(
+        &refuses(&["analyze", "--base", "fx:tiny/base"]),
+        &["checkpoint"],
+    );
+    has(
         &refuses(&[
             "analyze",
             "--base",

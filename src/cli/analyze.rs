@@ -22,11 +22,11 @@ use std::process::ExitCode;
 /// positive for LoRA). A step is the trailing number of a checkpoint's directory name.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The base model (directory or .safetensors file) the adapters were trained on.
+    /// The base model (directory or .safetensors file) the adapters were trained on;
+    /// required: ΔM and ΔD are measured against W0.
     #[arg(long)]
-    base: PathBuf,
-    /// Checkpoints of one run, in training order.
-    #[arg(required = true)]
+    base: Option<PathBuf>,
+    /// Checkpoints of one run, in training order (at least one).
     checkpoints: Vec<PathBuf>,
     /// Checkpoints of a second run (e.g. LoRA at the same rank), drawn in its own panel.
     #[arg(long, num_args = 1..)]
@@ -66,7 +66,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             );
         }
     }
-    let base = BaseModel::open(&args.base)?;
+    let Some(base_path) = &args.base else {
+        anyhow::bail!(
+            "analyze needs --base MODEL_DIR: ΔM and ΔD are measured against the base weights"
+        );
+    };
+    anyhow::ensure!(
+        !args.checkpoints.is_empty(),
+        "analyze needs at least one checkpoint directory"
+    );
+    let base = BaseModel::open(base_path)?;
     let mut runs = vec![analyze_run(&base, &args.checkpoints)?];
     if !args.compare.is_empty() {
         runs.push(analyze_run(&base, &args.compare).context("--compare")?);
@@ -74,7 +83,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     print_table(&runs);
     if let Some(p) = &args.json {
         let rep = Report {
-            base: args.base.display().to_string(),
+            base: base_path.display().to_string(),
             definitions: Definitions {
                 delta_m:
                     "mean over output rows j of |m_j - ||W0_j|||; LoRA: m_j = ||W0_j + s B_j A||",
