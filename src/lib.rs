@@ -18,7 +18,8 @@
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
-//! - [`bench`]: the benchmark behind `dorafuse bench`.
+//! - [`bench`]: the benchmark behind `dorafuse bench`;
+//! - [`analysis`]: `analyze` (the DoRA paper's Figure 2), `resize` and `export-lora` (SVD).
 //!
 //! Cargo features (README "Features"): `cuda` (the CUDA backend, [`cuda`]), `emu` (the C++
 //! emulator, [`emu`]), `bench` ([`bench`]), `cli` (the `dorafuse` binary); the default is
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod analysis;
 pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;

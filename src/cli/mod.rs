@@ -1,9 +1,12 @@
 //! Subcommands of the `dorafuse` binary; one file per command.
 
+mod analyze;
 mod bench;
+mod export_lora;
 mod inspect;
 mod merge;
 mod replay;
+mod resize;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -28,6 +31,12 @@ enum Command {
     Inspect(inspect::Args),
     /// Merge a PEFT adapter into a base model's safetensors weights.
     Merge(merge::Args),
+    /// The DoRA paper's Figure 2 over checkpoints: magnitude vs direction change per module.
+    Analyze(analyze::Args),
+    /// Lower an adapter's rank by SVD of each module's update (fixed rank or energy).
+    Resize(resize::Args),
+    /// Turn a DoRA adapter into a plain LoRA adapter by a randomized SVD of its full update.
+    ExportLora(export_lora::Args),
 }
 
 /// Where a layer is computed.
@@ -48,5 +57,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::ExportLora(a) => export_lora::run(a),
     }
 }
