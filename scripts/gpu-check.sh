@@ -21,7 +21,7 @@
 #      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
 #      example on its own stream), then the example program itself (`engine cuda`);
 #   3. dorafuse replay --device cuda on tests/fixtures/cases/*.safetensors (detached, then exact
-#      gradients);
+#      gradients) and on the multi-adapter cases tests/fixtures/multi/*.safetensors;
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
 #   5. compute-sanitizer --tool racecheck likewise;
 #   6. hook for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
@@ -198,6 +198,11 @@ fi
 if [ ${#cases[@]} -gt 0 ]; then
   run_step "replay --device cuda (${#cases[@]} cases)" 120 "$bin/dorafuse" replay --device cuda "${cases[@]}"
   run_step "replay --device cuda --exact-grad" 120 "$bin/dorafuse" replay --device cuda --exact-grad "${cases[@]}"
+fi
+# Multi-adapter batches (docs/design.md §2b): the serving kernels against PEFT's own outputs.
+multi=(tests/fixtures/multi/*.safetensors)
+if [ -e "${multi[0]}" ]; then
+  run_step "replay --device cuda (${#multi[@]} multi-adapter cases)" 120 "$bin/dorafuse" replay --device cuda "${multi[@]}"
 fi
 
 # --- 4, 5. compute-sanitizer --------------------------------------------------------------------
