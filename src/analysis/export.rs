@@ -82,6 +82,7 @@ pub fn export_lora(
     opts: ExportOptions,
 ) -> Result<(Adapter, Vec<ExportRow>)> {
     let adapter = model.adapter;
+    super::check_keeps_base(adapter)?;
     let rslora = adapter.config.lora.use_rslora;
     // Check every requested rank before reading any base weight.
     if let RankTarget::Rank(k) = opts.target {

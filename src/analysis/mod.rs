@@ -156,6 +156,22 @@ pub fn config_with_ranks(
     Ok(cfg)
 }
 
+/// Refuses an adapter whose `init_lora_weights` rewrote the base (PiSSA, OLoRA): its loader
+/// re-derives a residual base from the rank and the factors, so new factors would need a new
+/// residual, which `resize` and `export-lora` do not derive.
+///
+/// # Errors
+/// That initialisation, or one [`AdapterConfig::init`] refuses.
+pub fn check_keeps_base(adapter: &Adapter) -> Result<()> {
+    let init = adapter.config.init()?;
+    ensure!(
+        init == crate::adapter::Init::KeepsBase,
+        "init_lora_weights {init:?} rewrote the base: the adapter's factors are bound to that \
+         residual base, so resize and export-lora refuse it"
+    );
+    Ok(())
+}
+
 /// The adapter `src` with each module's factors replaced (magnitudes kept when `use_dora`;
 /// the `modules_to_save` tensors kept as they are).
 ///
@@ -163,12 +179,13 @@ pub fn config_with_ranks(
 /// As [`config_with_ranks`]; a module that is not a linear layer (`nn.Linear` or `Conv1D`):
 /// the factors of Embedding and convolution adapters are stored in other shapes, which these
 /// tools do not write; a module with a `lora_B.bias` (its term is scaled by s, which a new
-/// rank changes).
+/// rank changes); an adapter whose `init_lora_weights` rewrote the base (PiSSA, OLoRA).
 pub fn rebuild(
     src: &Adapter,
     new: &BTreeMap<String, NewFactors>,
     use_dora: bool,
 ) -> Result<Adapter> {
+    check_keeps_base(src)?;
     let ranks: BTreeMap<String, usize> = new.iter().map(|(n, f)| (n.clone(), f.rank)).collect();
     let config = config_with_ranks(src, &ranks, use_dora)?;
     let mut modules = BTreeMap::new();

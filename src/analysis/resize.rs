@@ -72,6 +72,7 @@ pub fn resize(
     model: Option<&AdaptedModel<'_>>,
     opts: ResizeOptions,
 ) -> Result<(Adapter, Vec<ResizeRow>)> {
+    super::check_keeps_base(adapter)?;
     let rslora = adapter.config.lora.use_rslora;
     let mut plans: BTreeMap<String, Plan> = BTreeMap::new();
     for (name, m) in &adapter.modules {

@@ -27,11 +27,14 @@ pub struct StoredWeight<'a> {
 }
 
 impl<'a> StoredWeight<'a> {
-    /// The base weight of `module` (its shape already checked by [`AdaptedModel::new`]).
+    /// The base weight of `module` (its shape already checked by [`AdaptedModel::new`]), in
+    /// the layout decided for that module (shape, the base's config.json, or the caller's
+    /// option), as merge and inspect decide it.
     ///
     /// # Errors
     /// Unknown module, or a non-float base weight.
     pub fn open(model: &AdaptedModel<'a>, module: &str) -> Result<Self> {
+        let fan_in_fan_out = model.module_fan_in_fan_out(module)?;
         let name = model.weight_name(module);
         let e = model
             .base
@@ -49,7 +52,7 @@ impl<'a> StoredWeight<'a> {
             dtype,
             rows: e.shape[0],
             cols: e.shape[1],
-            fan_in_fan_out: model.adapter.config.lora.fan_in_fan_out,
+            fan_in_fan_out,
             name,
         })
     }

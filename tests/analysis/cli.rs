@@ -239,3 +239,37 @@ fn an_existing_output_is_left_alone() {
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"x");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
 }
+
+/// A square weight whose layout neither its shape nor a config.json tells is refused, as merge
+/// refuses it, rather than read in the layout of the config's single `fan_in_fan_out` flag
+/// (which PEFT overrides per module).
+#[test]
+fn export_lora_decides_the_layout_per_module() {
+    let case = "fx:../peft_cases/mixed-fan-in-fan-out/head_first";
+    has(
+        &refuses(&[
+            "export-lora",
+            &format!("{case}/adapter"),
+            "--base",
+            &format!("{case}/base"),
+            "--out",
+            "OUT",
+            "--rank",
+            "2",
+        ]),
+        &["is square", "--fan-in-fan-out"],
+    );
+}
+
+/// PiSSA/OLoRA factors belong to the residual base their loader re-derives from the rank:
+/// new factors at another rank would be applied to another base, so both commands refuse.
+#[test]
+fn residual_base_adapters_are_refused() {
+    for init in ["pissa", "olora"] {
+        let adapter = format!("fx:../peft_cases/pissa-residual-base/{init}/adapter");
+        has(
+            &refuses(&["resize", &adapter, "--out", "OUT", "--rank", "2"]),
+            &["init_lora_weights", "rewrote the base"],
+        );
+    }
+}
