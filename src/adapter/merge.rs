@@ -649,6 +649,19 @@ fn unmerged_weight_into(
     entry: &UnmergeEntry,
     out: &mut Vec<u8>,
 ) -> Result<(DType, Vec<usize>)> {
+    // W0_j = W'_j / g_j − s·B_j·A: a row merged with g_j = 0 (a zero magnitude or a zero row
+    // of V) was written as zeros, and nothing in W' or the unmerge file recovers it.
+    if let Some(j) = entry
+        .g
+        .as_deref()
+        .and_then(|g| g.iter().position(|&x| x == 0.0))
+    {
+        bail!(
+            "{}: row {j} was merged with g = 0 (a zero magnitude or a zero row of V), so its \
+             base row is not recoverable from the merged weight; unmerge refuses",
+            entry.weight_name
+        );
+    }
     let stored = merged.tensor(&entry.weight_name)?;
     let shape = stored.shape().to_vec();
     let w = if shape.len() > 2 {

@@ -730,3 +730,43 @@ fn existing_output_is_refused_and_kept() {
     assert_eq!(entries(&out), vec!["keep.txt"]);
     assert_eq!(entries(tmp.path()), vec!["adapter", "base", "out"]);
 }
+
+/// A row merged with g = 0 (here a zero magnitude) is written as zeros: nothing recovers its
+/// base row, so unmerging that module is refused in one line naming the weight and the row,
+/// and no restored model is left behind.
+#[test]
+fn unmerge_refuses_rows_merged_with_zero_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base_dir, ad) = build(tmp.path(), &Spec::default());
+    let module = MODULES[0].0;
+    edit_adapter(&ad, |v| {
+        let e = v
+            .iter_mut()
+            .find(|e| e.0.ends_with(&format!("{module}.lora_magnitude_vector")))
+            .unwrap();
+        assert_eq!(e.1, safetensors::Dtype::F32);
+        e.3[8..12].copy_from_slice(&0f32.to_le_bytes()); // m_2 = 0
+    });
+    let base = BaseModel::open(&base_dir).unwrap();
+    let adapter = Adapter::load(&ad).unwrap();
+    let merged_dir = tmp.path().join("merged");
+    merge_model(&base, &adapter, &merged_dir, &MergeOptions::default()).unwrap();
+    let merged = BaseModel::open(&merged_dir).unwrap();
+    let data = read_unmerge(&merged_dir).unwrap();
+    let err = format!("{:#}", unmerge_module(&merged, &data[module]).unwrap_err());
+    assert!(err.contains("row 2") && err.contains("g = 0"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let restored = tmp.path().join("restored");
+    let o = bin()
+        .args(["merge", "--unmerge", "--base"])
+        .arg(&merged_dir)
+        .arg("--out")
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("g = 0"), "{stderr}");
+    assert!(!restored.exists());
+}
