@@ -8,7 +8,7 @@
 //! cargo run --release --example engine -- emu     # on the emulator
 //! ```
 //!
-//! Exit status 0 when every call matches the CPU path; `tests/engine_example.rs` runs the same
+//! Exit status 0 when every call matches the CPU path; `tests/kernels/engine_example.rs` runs the same
 //! code (`serve.rs`) on the emulator in `cargo test`, and `scripts/gpu-check.sh` runs this
 //! program on a GPU.
 

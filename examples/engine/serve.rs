@@ -1,5 +1,5 @@
 //! The engine side of docs/engine.md, generic over the backend: the same code runs on a GPU
-//! (`main.rs`, through `scripts/gpu-check.sh`) and on the emulator (`tests/engine_example.rs`,
+//! (`main.rs`, through `scripts/gpu-check.sh`) and on the emulator (`tests/kernels/engine_example.rs`,
 //! in `cargo test`). No `unsafe`.
 //!
 //! An attention block's q, k and v projections as an engine serves them: one fused QKV GEMM

@@ -22,7 +22,7 @@
 //!
 //! **Batch invariance.** Each output of token t is computed from token t's data alone, with a
 //! reduction order fixed by d_in and r_k (never by T, the neighbours' adapters or their order),
-//! so a token's y is bit-identical served alone or in any batch (tests/multi_adapter.rs).
+//! so a token's y is bit-identical served alone or in any batch (tests/kernels/multi_adapter.rs).
 //!
 //! **Hot swap.** [`SlotTables::set_slot`] uploads the tables on the backend's stream: batches
 //! queued before it read the old slot, batches queued after read the new one.
