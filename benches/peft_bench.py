@@ -38,7 +38,7 @@ import time
 SCHEMA = "dorafuse-bench"
 VERSION = 2  # docs/bench-json.md
 
-# The same defaults as `dorafuse bench` on a GPU (src/bench/target.rs).
+# The same defaults as `dorafuse bench` on a GPU (src/bench/runner.rs, Config::default_gpu).
 GPU_SHAPES = "4096x4096,4096x11008,11008x4096"
 GPU_TOKENS = "1,16,128,512,4096"
 GPU_RANKS = "16,64"
