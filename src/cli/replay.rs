@@ -47,8 +47,8 @@ pub struct Args {
     /// Where to compute: the CPU path, the kernels on the CPU emulator, or the kernels on a GPU.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
-    /// Write the outputs: a file with one case, an existing directory with several
-    /// (`<case stem>.out.safetensors` in it).
+    /// Write the outputs: a file with one case, or an existing directory
+    /// (`<case stem>.out.safetensors` in it); never over an input case or twice to one file.
     #[arg(long, value_name = "OUT")]
     out: Option<PathBuf>,
     /// Exact gradient (the norm not detached) instead of PEFT's detached one (layer cases;
@@ -99,20 +99,51 @@ pub(crate) fn bar(case: &LayerCase, name: &str) -> (f64, String) {
     }
 }
 
-/// Output path for case `i` of `n`.
-fn out_path(out: &Path, case: &Path, n: usize) -> Result<PathBuf> {
-    if n == 1 {
-        return Ok(out.to_path_buf());
-    }
+/// The output path of every case, decided and checked before any case runs: `out` itself for
+/// one case, else (several cases, or `out` an existing directory) `<case stem>.out.safetensors`
+/// inside the directory `out`.
+///
+/// # Errors
+/// Several cases and `out` not an existing directory; two cases that would write one file;
+/// an output that is one of the input cases.
+fn out_paths(out: &Path, cases: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let into_dir = out.is_dir();
     ensure!(
-        out.is_dir(),
+        into_dir || cases.len() == 1,
         "--out {} must be an existing directory when several cases are given",
         out.display()
     );
-    let stem = case
-        .file_stem()
-        .with_context(|| format!("case path {} has no file name", case.display()))?;
-    Ok(out.join(format!("{}.out.safetensors", stem.to_string_lossy())))
+    let mut paths = Vec::with_capacity(cases.len());
+    for case in cases {
+        paths.push(if into_dir {
+            let stem = case
+                .file_stem()
+                .with_context(|| format!("case path {} has no file name", case.display()))?;
+            out.join(format!("{}.out.safetensors", stem.to_string_lossy()))
+        } else {
+            out.to_path_buf()
+        });
+    }
+    let inputs: std::collections::HashSet<PathBuf> =
+        cases.iter().filter_map(|c| c.canonicalize().ok()).collect();
+    let mut seen = std::collections::HashSet::new();
+    for (p, case) in paths.iter().zip(cases) {
+        ensure!(
+            seen.insert(p.clone()),
+            "--out: {} would overwrite the output of an earlier case ({}); give cases with \
+             distinct file names",
+            case.display(),
+            p.display()
+        );
+        if let Ok(c) = p.canonicalize() {
+            ensure!(
+                !inputs.contains(&c),
+                "--out {} is one of the input cases; refusing to overwrite it",
+                p.display()
+            );
+        }
+    }
+    Ok(paths)
 }
 
 /// Runs one case: compute, write (if asked), compare. Returns whether every check passed.
@@ -367,12 +398,12 @@ fn check_zero_rows(case: &LayerCase, outputs: &Outputs, rows: &str) -> Result<bo
 /// Only for argument problems; per-case failures are reported and turn into a non-zero exit.
 pub fn run(args: Args) -> Result<ExitCode> {
     let n = args.cases.len();
+    let outs: Vec<Option<PathBuf>> = match &args.out {
+        Some(o) => out_paths(o, &args.cases)?.into_iter().map(Some).collect(),
+        None => vec![None; n],
+    };
     let mut all_ok = true;
-    for path in &args.cases {
-        let out = match &args.out {
-            Some(o) => Some(out_path(o, path, n)?),
-            None => None,
-        };
+    for (path, out) in args.cases.iter().zip(outs) {
         match replay_one(&args, path, out) {
             Ok(ok) => all_ok &= ok,
             Err(e) => {

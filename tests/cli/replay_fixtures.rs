@@ -167,6 +167,55 @@ fn several_cases_need_a_directory_for_out() {
     assert!(!f.exists());
 }
 
+/// `--out` never overwrites an input case, nor one case's output with another's (two cases
+/// of one file name in different folders), and with one case and a directory it writes
+/// `<stem>.out.safetensors` inside: each refusal one line, before anything is computed.
+#[test]
+fn out_never_overwrites_an_input_or_another_output() {
+    let all = cases();
+    let dir = tempfile::tempdir().unwrap();
+    let replay = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+            .arg("replay")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The output is the input itself.
+    let own = dir.path().join("own.safetensors");
+    std::fs::copy(&all[0], &own).unwrap();
+    let before = std::fs::read(&own).unwrap();
+    let o = replay(&[own.as_os_str(), "--out".as_ref(), own.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("is one of the input cases"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(std::fs::read(&own).unwrap(), before);
+    // Two cases with one file name write one output: refused.
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for d in [&a, &b] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::copy(&all[0], d.join("x.safetensors")).unwrap();
+    }
+    let outd = dir.path().join("out");
+    std::fs::create_dir(&outd).unwrap();
+    let (xa, xb) = (a.join("x.safetensors"), b.join("x.safetensors"));
+    let o = replay(&[
+        xa.as_os_str(),
+        xb.as_os_str(),
+        "--out".as_ref(),
+        outd.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("would overwrite the output"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&outd).unwrap().count(), 0);
+    // One case into a directory.
+    let o = replay(&[xa.as_os_str(), "--out".as_ref(), outd.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(outd.join("x.out.safetensors").is_file());
+}
+
 #[test]
 fn exact_grad_flag_reaches_the_computation() {
     // --exact-grad must change grad_lora_A/B to the exact gradient (checked against the f64
