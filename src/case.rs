@@ -117,8 +117,8 @@ pub fn write_outputs(
     write_bytes(path, &serialize(&named, metadata)?)
 }
 
-/// Parses `"true"`/`"false"`.
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
+/// Parses a boolean metadata value `"true"`/`"false"` (also `"True"`/`"False"`, `"1"`/`"0"`).
+pub(crate) fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "true" | "True" | "1" => Ok(true),
         "false" | "False" | "0" => Ok(false),

@@ -367,12 +367,9 @@ impl MultiCase {
                 scaling: parse_f64(&metadata, &n("scaling"), "the effective s of the adapter")?,
             });
         }
-        let fan_in_fan_out = match metadata.get("fan_in_fan_out").map(String::as_str) {
-            None | Some("false" | "False" | "0") => false,
-            Some("true" | "True" | "1") => true,
-            Some(v) => {
-                bail!("metadata fan_in_fan_out is {v:?}, expected \"true\" or \"false\"")
-            }
+        let fan_in_fan_out = match metadata.get("fan_in_fan_out") {
+            None => false,
+            Some(v) => crate::case::parse_bool("fan_in_fan_out", v)?,
         };
         let case = Self {
             layer: MultiLayer {
