@@ -20,7 +20,7 @@
 //! LoRA.
 
 use crate::adapter::stats::figure2;
-use crate::adapter::{AdaptedModel, Adapter, BaseModel};
+use crate::adapter::{AdaptedModel, Adapter, ApplyOptions, BaseModel};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -131,6 +131,7 @@ fn trailing_number(dir: &Path) -> Option<u64> {
 }
 
 /// ΔM and ΔD of every module of one checkpoint against `base`, one base weight at a time.
+/// `opts` settles what the files cannot (base tensor names, per-module layout), as for merge.
 ///
 /// # Errors
 /// The adapter does not load or does not fit the base (named).
@@ -138,9 +139,10 @@ pub fn analyze_checkpoint(
     base: &BaseModel,
     dir: &Path,
     position: usize,
+    opts: &ApplyOptions,
 ) -> Result<CheckpointDelta> {
     let adapter = Adapter::load(dir)?;
-    let model = AdaptedModel::new(base, &adapter)
+    let model = AdaptedModel::with_options(base, &adapter, opts)
         .with_context(|| format!("adapter {} against the base", dir.display()))?;
     let mut modules = Vec::new();
     for name in adapter.modules.keys() {
@@ -171,14 +173,18 @@ pub fn analyze_checkpoint(
     })
 }
 
-/// Analyzes one run's checkpoints, in the order given.
+/// Analyzes one run's checkpoints, in the order given, each applied with `opts`.
 ///
 /// # Errors
 /// As [`analyze_checkpoint`], naming the checkpoint.
-pub fn analyze_run(base: &BaseModel, dirs: &[impl AsRef<Path>]) -> Result<Run> {
+pub fn analyze_run(
+    base: &BaseModel,
+    dirs: &[impl AsRef<Path>],
+    opts: &ApplyOptions,
+) -> Result<Run> {
     let mut checkpoints = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
-        checkpoints.push(analyze_checkpoint(base, d.as_ref(), i + 1)?);
+        checkpoints.push(analyze_checkpoint(base, d.as_ref(), i + 1, opts)?);
     }
     let methods: std::collections::BTreeSet<&str> =
         checkpoints.iter().map(|c| c.method.as_str()).collect();

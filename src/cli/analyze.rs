@@ -37,6 +37,9 @@ pub struct Args {
     /// Write the full results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    // How the checkpoints' modules map onto the base (as for `merge`).
+    #[command(flatten)]
+    apply: super::merge::ApplyArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -76,9 +79,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         "analyze needs at least one checkpoint directory"
     );
     let base = BaseModel::open(base_path)?;
-    let mut runs = vec![analyze_run(&base, &args.checkpoints)?];
+    let opts = args.apply.options();
+    let mut runs = vec![analyze_run(&base, &args.checkpoints, &opts)?];
     if !args.compare.is_empty() {
-        runs.push(analyze_run(&base, &args.compare).context("--compare")?);
+        runs.push(analyze_run(&base, &args.compare, &opts).context("--compare")?);
     }
     print_table(&runs);
     if let Some(p) = &args.json {

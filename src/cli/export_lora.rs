@@ -44,6 +44,9 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    // How the adapter's modules map onto the base (as for `merge`).
+    #[command(flatten)]
+    apply: super::merge::ApplyArgs,
 }
 
 /// Runs `dorafuse export-lora`.
@@ -61,7 +64,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     let adapter = Adapter::load(&args.adapter)?;
     let base = BaseModel::open(base)?;
-    let model = AdaptedModel::new(&base, &adapter)?;
+    let model = AdaptedModel::with_options(&base, &adapter, &args.apply.options())?;
     let opts = ExportOptions {
         target,
         oversample: args.oversample,

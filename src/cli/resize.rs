@@ -44,6 +44,9 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    // With --base: how the adapter's modules map onto the base (as for `merge`).
+    #[command(flatten)]
+    apply: super::merge::ApplyArgs,
 }
 
 /// Runs `dorafuse resize`.
@@ -62,7 +65,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let base = args.base.as_ref().map(|p| BaseModel::open(p)).transpose()?;
     let model = base
         .as_ref()
-        .map(|b| AdaptedModel::new(b, &adapter))
+        .map(|b| AdaptedModel::with_options(b, &adapter, &args.apply.options()))
         .transpose()?;
     let opts = ResizeOptions {
         target,

@@ -43,7 +43,7 @@ fn deltas_and_fits_match_numpy() {
             .iter()
             .map(|s| root().join(format!("{run}/checkpoint-{s}")))
             .collect();
-        let r = analyze_run(&base, &dirs).unwrap();
+        let r = analyze_run(&base, &dirs, &Default::default()).unwrap();
         assert_eq!(r.method, method);
         check_fit(&r.fit, &exp["runs"][run], run);
         for (c, step) in r.checkpoints.iter().zip(STEPS) {
@@ -76,9 +76,13 @@ fn deltas_and_fits_match_numpy() {
         }
     }
     // fan_in_fan_out + rsLoRA.
-    let c = &analyze_run(&base_conv(), &[root().join("conv/dora")])
-        .unwrap()
-        .checkpoints[0];
+    let c = &analyze_run(
+        &base_conv(),
+        &[root().join("conv/dora")],
+        &Default::default(),
+    )
+    .unwrap()
+    .checkpoints[0];
     for m in &c.modules {
         let w = &exp["adapters"]["conv/dora"]["modules"][&m.module];
         close(m.delta_m, w["delta_m"].as_f64().unwrap(), &m.module);
@@ -177,7 +181,7 @@ fn demonstration_checkpoints_reproduce_the_documented_figure() {
             .iter()
             .map(|c| repo.join(c["path"].as_str().unwrap()))
             .collect();
-        let got = analyze_run(&base, &dirs).unwrap();
+        let got = analyze_run(&base, &dirs, &Default::default()).unwrap();
         assert_eq!(got.method, want["method"].as_str().unwrap());
         let got_json = serde_json::to_value(&got).unwrap();
         for (g, w) in got_json["checkpoints"]

@@ -273,3 +273,53 @@ fn residual_base_adapters_are_refused() {
         );
     }
 }
+
+/// `analyze`, `resize --base` and `export-lora` take merge's options for what the files cannot
+/// settle: a model mixing GPT-2 `Conv1D` and `nn.Linear` square weights is refused without
+/// `--fan-in-fan-out` and analysed with it.
+#[test]
+fn layout_and_name_options_reach_the_analysis_commands() {
+    let c = root().join("../peft_cases/mixed-fan-in-fan-out/head_first");
+    let (base, adapter) = (c.join("base"), c.join("adapter"));
+    let (base, adapter) = (base.to_str().unwrap(), adapter.to_str().unwrap());
+    for cmd in [
+        vec!["analyze", "--base", base, adapter],
+        vec![
+            "resize", adapter, "--base", base, "--rank", "2", "--out", "OUT",
+        ],
+        vec![
+            "export-lora",
+            adapter,
+            "--base",
+            base,
+            "--rank",
+            "2",
+            "--out",
+            "OUT",
+        ],
+    ] {
+        has(&refuses(&cmd), &["square", "--fan-in-fan-out"]);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut args: Vec<String> = cmd
+            .iter()
+            .map(|a| match *a {
+                "OUT" => out.display().to_string(),
+                a => a.to_string(),
+            })
+            .collect();
+        args.extend(["--fan-in-fan-out".into(), r"backbone\..*".into()]);
+        let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if cmd[0] != "analyze" {
+            assert!(out.join("adapter_model.safetensors").exists(), "{args:?}");
+        }
+    }
+}
