@@ -125,10 +125,7 @@ impl<'a> AdaptedModel<'a> {
         let fifo_re = opts
             .fan_in_fan_out
             .as_deref()
-            .map(|p| {
-                regex::Regex::new(&format!("^(?:{p})$"))
-                    .with_context(|| format!("--fan-in-fan-out {p:?} is not a regular expression"))
-            })
+            .map(|p| super::config::compile_full(p, "--fan-in-fan-out"))
             .transpose()?;
         let mut me = Self {
             base,

@@ -236,7 +236,7 @@ fn compile(full: &str, pattern: &str, what: &str) -> Result<Regex> {
 }
 
 /// Compiles a Python regular expression for `re.fullmatch` (anchored at both ends).
-fn compile_full(pattern: &str, what: &str) -> Result<Regex> {
+pub(crate) fn compile_full(pattern: &str, what: &str) -> Result<Regex> {
     compile(&format!("^(?:{pattern})$"), pattern, what)
 }
 

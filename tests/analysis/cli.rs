@@ -299,6 +299,12 @@ fn layout_and_name_options_reach_the_analysis_commands() {
         ],
     ] {
         has(&refuses(&cmd), &["square", "--fan-in-fan-out"]);
+        let mut bad = cmd.clone();
+        bad.extend(["--fan-in-fan-out", "("]);
+        has(
+            &refuses(&bad),
+            &["--fan-in-fan-out \"(\"", "unclosed group"],
+        );
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let mut args: Vec<String> = cmd
