@@ -259,6 +259,8 @@ pub fn save_new_adapter(adapter: &Adapter, out: &Path) -> Result<()> {
         .suffix(".tmp")
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+    // Removed if the command is interrupted before the rename (SIGINT, SIGTERM, SIGHUP).
+    let pending = crate::fsutil::PendingOutput::register(tmp.path());
     adapter.save(tmp.path())?;
     let back = Adapter::load(tmp.path()).context("reading back the written adapter")?;
     for (name, m) in &adapter.modules {
@@ -277,7 +279,7 @@ pub fn save_new_adapter(adapter: &Adapter, out: &Path) -> Result<()> {
         );
     }
     let kept = tmp.keep();
-    if let Err(e) = std::fs::rename(&kept, out) {
+    if let Err(e) = pending.commit(|| std::fs::rename(&kept, out)) {
         let _ = std::fs::remove_dir_all(&kept);
         return Err(e)
             .with_context(|| format!("cannot rename the finished adapter to {}", out.display()));
