@@ -3,7 +3,8 @@
 //! so on): float64 over row-major slices, the oracle that tests/kernels/per_kernel.rs holds
 //! every entry point to, one kernel at a time. The layer-level kernels have theirs beside the
 //! layer: `dora_norm_*` is [`super::norm`], `dora_merged_weight*` is
-//! [`super::merged_weight`], the `dora_multi_*` pair is [`super::multi::forward`].
+//! [`super::merged_weight`]; the multi-adapter pair (`dora_multi_shrink`, `dora_multi_expand`)
+//! has [`multi_shrink`] and [`multi_expand`] here, and the layer-level [`super::multi::forward`].
 //!
 //! Each function states the kernel's formula (from the kernel's comment in kernels/*.cu) and
 //! nothing about how the kernel tiles it: splits, partials and tiles are the test's business.
@@ -179,5 +180,75 @@ pub fn scale_rows(input: &[f64], coef: &[f64], (rows, cols): (usize, usize)) -> 
     );
     (0..rows * cols)
         .map(|e| coef[e / cols] * input[e])
+        .collect()
+}
+
+/// One slot of the multi-adapter kernels (kernels/multi.cu): adapter `k`'s `A_k` `[r, d_in]`,
+/// `B_k` `[d_out, r]`, `g_k` `[d_out]` (`None`: plain LoRA, g = 1) and `s_k`.
+#[derive(Debug, Clone, Copy)]
+pub struct MultiSlot<'a> {
+    /// `A_k` `[r, d_in]`.
+    pub a: &'a [f64],
+    /// `B_k` `[d_out, r]`.
+    pub b: &'a [f64],
+    /// `g_k` `[d_out]`, or `None` for plain LoRA.
+    pub g: Option<&'a [f64]>,
+    /// `s_k`.
+    pub scale: f64,
+    /// The rank `r_k`.
+    pub r: usize,
+}
+
+/// The slot token `t` runs on: `None` for `−1` (the base layer only), an index outside the
+/// slots, or an empty slot (which the kernels flag in their error word and treat the same).
+fn multi_slot<'s, 'a>(
+    index: &[i32],
+    t: usize,
+    slots: &'s [Option<MultiSlot<'a>>],
+) -> Option<&'s MultiSlot<'a>> {
+    let k = usize::try_from(index[t]).ok()?;
+    slots.get(k)?.as_ref()
+}
+
+/// `dora_multi_shrink`: `U[t, i] = Σ_c x[t, c]·A_k[i, c]` for token t on slot
+/// `k = index[t]`, `i < r_k` (kernels/multi.cu). `x` is `[index.len(), d_in]`; returns each
+/// token's row of U (`r_k` values; none for a token without a slot).
+pub fn multi_shrink(
+    x: &[f64],
+    index: &[i32],
+    slots: &[Option<MultiSlot<'_>>],
+    d_in: usize,
+) -> Vec<Vec<f64>> {
+    assert_eq!(x.len(), index.len() * d_in, "multi_shrink shapes");
+    (0..index.len())
+        .map(|t| match multi_slot(index, t, slots) {
+            Some(s) => shrink(&x[t * d_in..(t + 1) * d_in], s.a, (1, d_in, s.r)),
+            None => Vec::new(),
+        })
+        .collect()
+}
+
+/// `dora_multi_expand`: `y[t, j] = g_k[j]·(base[t, j] + s_k·Σ_{i<r_k} U[t, i]·B_k[j, i]) +
+/// bias[j]` for token t on slot `k = index[t]`, and `base[t, j] + bias[j]` for a token
+/// without one (kernels/multi.cu; the multi-adapter form of [`compose`]). `base` is
+/// `[index.len(), d_out]`, `u` each token's row of U (as [`multi_shrink`] returns them).
+pub fn multi_expand(
+    base: &[f64],
+    u: &[Vec<f64>],
+    index: &[i32],
+    slots: &[Option<MultiSlot<'_>>],
+    bias: Option<&[f64]>,
+    d_out: usize,
+) -> Vec<f64> {
+    assert_eq!(base.len(), index.len() * d_out, "multi_expand shapes");
+    (0..index.len())
+        .flat_map(|t| {
+            let row = &base[t * d_out..(t + 1) * d_out];
+            let y = match multi_slot(index, t, slots) {
+                Some(s) => compose(row, &u[t], s.b, s.g, None, s.scale, (1, d_out, s.r)),
+                None => row.to_vec(),
+            };
+            (y.into_iter().enumerate()).map(move |(j, v)| v + bias.map_or(0.0, |b| b[j]))
+        })
         .collect()
 }

@@ -1,10 +1,10 @@
 //! Each kernel below the layer, launched alone by its entry-point name through
 //! `Backend::launch` and held to the CPU function of the same name (`dorafuse::cpu::ops`):
-//! shrink, compose, bwd_dz, mag_reduce, tn (both rank tiles), sum_partials and scale_rows, in
-//! every dtype pair `kernels/kernels.list` stamps each for, at sizes off every tile of
-//! `kernels::spec`, written once over [`TestBackend`]. The layer-level kernels are held to
-//! theirs in layer.rs (`dora_norm_*` to `cpu::reference::norm_f64`, `dora_merged_weight*` to
-//! `merged_weight_f64`) and multi_adapter.rs (`dora_multi_*` to `cpu::multi::forward`).
+//! shrink, compose, bwd_dz, mag_reduce, tn (both rank tiles), sum_partials, scale_rows,
+//! multi_shrink and multi_expand, in every dtype pair `kernels/kernels.list` stamps each for,
+//! at sizes off every tile of `kernels::spec`, written once over [`TestBackend`]. The
+//! layer-level kernels are held to theirs in layer.rs (`dora_norm_*` to
+//! `cpu::reference::norm_f64`, `dora_merged_weight*` to `merged_weight_f64`).
 //!
 //! Every output buffer starts as NaN, so an element a kernel fails to write fails the test.
 //! Inputs are rounded to their storage dtype before the CPU function sees them; outputs
@@ -66,6 +66,22 @@ impl<'b, B: Backend> Dev<'b, B> {
         let p = KernelArg::Ptr(dorafuse::backend::DeviceBuffer::ptr(&buf));
         self.bufs.push(buf);
         (t.to_f64(), p)
+    }
+
+    /// Raw bytes (index, pointer and rank tables, an error word) on the device; returns the
+    /// buffer's index for [`Dev::read_raw`] and its pointer.
+    fn raw(&mut self, bytes: &[u8]) -> (usize, KernelArg) {
+        let mut buf = self.b.alloc_zeroed(bytes.len()).unwrap();
+        self.b.upload(&mut buf, bytes).unwrap();
+        let p = KernelArg::Ptr(dorafuse::backend::DeviceBuffer::ptr(&buf));
+        self.bufs.push(buf);
+        (self.bufs.len() - 1, p)
+    }
+
+    fn read_raw(&self, i: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; dorafuse::backend::DeviceBuffer::bytes(&self.bufs[i])];
+        self.b.download(&self.bufs[i], &mut bytes).unwrap();
+        bytes
     }
 
     /// An output of `n` elements of `dt`, every one NaN; returns its index for [`Dev::read`].
@@ -546,3 +562,212 @@ fn scale_rows<B: TestBackend>() {
     }
 }
 test_device!(scale_rows);
+
+/// One slot's adapter on the host: `(A_k, B_k, g_k, s_k)`.
+type HostSlot = (Vec<f64>, Vec<f64>, Option<Vec<f64>>, f64);
+
+/// The multi-adapter slots of one case on the device: `A_k`, `B_k`, `g_k` per slot and the
+/// per-slot tables the kernels read (pointers, ranks, scales), with their host values.
+struct Slots {
+    /// Per slot, `None` for an empty slot.
+    host: Vec<Option<HostSlot>>,
+    ranks: Vec<i32>,
+    a_ptrs: KernelArg,
+    b_ptrs: KernelArg,
+    g_ptrs: KernelArg,
+    ranks_arg: KernelArg,
+    scales: KernelArg,
+}
+
+impl Slots {
+    /// Slot 0: DoRA at rank 5; slot 1: empty; slot 2: plain LoRA at rank `r_max` (more than
+    /// one 8-rank block of multi_shrink).
+    fn new<B: Backend>(
+        d: &mut Dev<'_, B>,
+        adt: DType,
+        d_in: usize,
+        d_out: usize,
+        r_max: usize,
+    ) -> Self {
+        let mut host = Vec::new();
+        let (mut a_ptrs, mut b_ptrs, mut g_ptrs, mut ranks, mut scales) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for (r, dora, scale) in [(5, true, 0.5), (0, false, 0.0), (r_max, false, 2.0)] {
+            let ptr = |p: KernelArg| match p {
+                KernelArg::Ptr(p) => p.0,
+                _ => unreachable!("a buffer"),
+            };
+            if r == 0 {
+                host.push(None);
+                a_ptrs.push(0u64);
+                b_ptrs.push(0);
+                g_ptrs.push(0);
+            } else {
+                let (a, ap) = d.random(adt, r * d_in);
+                let (b, bp) = d.random(adt, d_out * r);
+                let (g, gp) = d.random(F32, d_out);
+                a_ptrs.push(ptr(ap));
+                b_ptrs.push(ptr(bp));
+                g_ptrs.push(if dora { ptr(gp) } else { 0 });
+                host.push(Some((a, b, dora.then_some(g), scale)));
+            }
+            ranks.push(r as i32);
+            scales.push(scale as f32);
+        }
+        let a_ptrs = d.raw(bytemuck::cast_slice(&a_ptrs)).1;
+        let b_ptrs = d.raw(bytemuck::cast_slice(&b_ptrs)).1;
+        let g_ptrs = d.raw(bytemuck::cast_slice(&g_ptrs)).1;
+        let ranks_arg = d.raw(bytemuck::cast_slice(&ranks)).1;
+        let scales = d.raw(bytemuck::cast_slice(&scales)).1;
+        Slots {
+            host,
+            ranks,
+            a_ptrs,
+            b_ptrs,
+            g_ptrs,
+            ranks_arg,
+            scales,
+        }
+    }
+
+    fn cpu(&self) -> Vec<Option<ops::MultiSlot<'_>>> {
+        (self.host.iter().zip(&self.ranks))
+            .map(|(s, &r)| {
+                s.as_ref().map(|(a, b, g, scale)| ops::MultiSlot {
+                    a,
+                    b,
+                    g: g.as_deref(),
+                    scale: *scale,
+                    r: r as usize,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Tokens on slot 0, on no slot (−1), on the rank-`r_max` slot, on the empty slot and on a
+/// slot that does not exist: the last two are flagged in the error word (empty 2, index 1)
+/// and finished as base-only tokens.
+const INDEX: [i32; 8] = [0, -1, 2, 2, 0, 1, 3, 2];
+
+/// multi_shrink: each token's row of U from its own slot, base-only tokens and ranks past
+/// r_k left unwritten; padded row strides of x and U; d_in off the 32 lanes; the bad tokens
+/// flagged.
+fn multi_shrink<B: TestBackend>() {
+    let (t, d_in, d_out, r_max) = (INDEX.len(), 77, 9, 11);
+    let (ldx, ldu) = (d_in + 3, r_max + 2);
+    for &seed in B::SEEDS {
+        for (act, adt) in PAIRS {
+            let b = B::with_seed(seed);
+            let mut d = Dev::new(&b, seed);
+            let slots = Slots::new(&mut d, adt, d_in, d_out, r_max);
+            let (xp, xarg) = d.random(act, t * ldx);
+            let x: Vec<f64> = (0..t * d_in)
+                .map(|e| xp[(e / d_in) * ldx + e % d_in])
+                .collect();
+            let (_, index) = d.raw(bytemuck::cast_slice(&INDEX));
+            let (err_i, err) = d.raw(&[0u8; 4]);
+            let (u_i, up) = d.output(F32, t * ldu);
+            let name = entry("dora_multi_shrink", act, adt);
+            let args = [
+                xarg,
+                KernelArg::I64(ldx as i64),
+                index,
+                slots.a_ptrs,
+                slots.ranks_arg,
+                int(3),
+                int(r_max),
+                int(t),
+                int(d_in),
+                up,
+                KernelArg::I64(ldu as i64),
+                err,
+            ];
+            d.launch(&name, [t, r_max.div_ceil(8), 1], spec::THREADS, 0, &args);
+            let want = ops::multi_shrink(&x, &INDEX, &slots.cpu(), d_in);
+            let u = d.read(u_i, F32, t * ldu);
+            for (tok, w) in want.iter().enumerate() {
+                let row = &u[tok * ldu..(tok + 1) * ldu];
+                check(
+                    &format!("{name} token {tok}"),
+                    &row[..w.len()],
+                    w,
+                    F32.tolerance(),
+                );
+                assert!(
+                    row[w.len()..].iter().all(|v| v.is_nan()),
+                    "{name} token {tok}: wrote past r_k"
+                );
+            }
+            assert_eq!(d.read_raw(err_i), [3, 0, 0, 0], "{name}: error word");
+        }
+    }
+}
+test_device!(multi_shrink);
+
+/// multi_expand: DoRA, plain LoRA and base-only tokens in one batch with a bias, d_out off
+/// the 256-column block, padded row strides; the bad tokens flagged and given base + bias.
+fn multi_expand<B: TestBackend>() {
+    let (t, d_in, d_out, r_max) = (INDEX.len(), 5, spec::THREADS + 9, 11);
+    let (ld_base, ld_y, ldu) = (d_out + 3, d_out + 1, r_max + 2);
+    for &seed in B::SEEDS {
+        for (act, adt) in PAIRS {
+            let b = B::with_seed(seed);
+            let mut d = Dev::new(&b, seed);
+            let slots = Slots::new(&mut d, adt, d_in, d_out, r_max);
+            let (base_p, basep) = d.random(act, t * ld_base);
+            let base: Vec<f64> = (0..t * d_out)
+                .map(|e| base_p[(e / d_out) * ld_base + e % d_out])
+                .collect();
+            let (u_p, up) = d.random(F32, t * ldu);
+            let (bias, biasp) = d.random(F32, d_out);
+            let (_, index) = d.raw(bytemuck::cast_slice(&INDEX));
+            let (err_i, err) = d.raw(&[0u8; 4]);
+            let (y_i, yp) = d.output(act, t * ld_y);
+            let name = entry("dora_multi_expand", act, adt);
+            let args = [
+                basep,
+                KernelArg::I64(ld_base as i64),
+                yp,
+                KernelArg::I64(ld_y as i64),
+                up,
+                KernelArg::I64(ldu as i64),
+                index,
+                slots.b_ptrs,
+                slots.g_ptrs,
+                slots.ranks_arg,
+                slots.scales,
+                int(3),
+                int(r_max),
+                biasp,
+                int(t),
+                int(d_out),
+                err,
+            ];
+            d.launch(
+                &name,
+                [t, d_out.div_ceil(spec::THREADS), 1],
+                spec::THREADS,
+                0,
+                &args,
+            );
+            let u: Vec<Vec<f64>> = (0..t)
+                .map(|tok| {
+                    let r = usize::try_from(INDEX[tok])
+                        .ok()
+                        .and_then(|k| slots.ranks.get(k))
+                        .map_or(0, |&r| r as usize);
+                    u_p[tok * ldu..tok * ldu + r].to_vec()
+                })
+                .collect();
+            let want = ops::multi_expand(&base, &u, &INDEX, &slots.cpu(), Some(&bias), d_out);
+            let y_p = d.read(y_i, act, t * ld_y);
+            let y: Vec<f64> = (0..t * d_out)
+                .map(|e| y_p[(e / d_out) * ld_y + e % d_out])
+                .collect();
+            check(&name, &y, &want, act.tolerance());
+            assert_eq!(d.read_raw(err_i), [3, 0, 0, 0], "{name}: error word");
+        }
+    }
+}
+test_device!(multi_expand);
