@@ -3,8 +3,8 @@
 //! (base, LoRA, unfused DoRA, fused DoRA, and PEFT's when its rows were merged in). Drawn
 //! from a [`Report`], so an old JSON can be plotted again (`--from`).
 
-use super::formula::{LayerKind, Op};
-use super::report::{imp, series_label, Report};
+use super::formula::Op;
+use super::report::{series_label, Report, SERIES};
 use super::stats::fmt_time;
 use anyhow::{anyhow, ensure, Result};
 use plotters::prelude::*;
@@ -12,19 +12,16 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 
-/// The implementations drawn, with a colour each (fixed, so plots compare across runs).
-const SERIES: [(&str, LayerKind, RGBColor); 7] = [
-    (imp::BASE, LayerKind::Base, RGBColor(0x44, 0x44, 0x44)),
-    (imp::DORAFUSE, LayerKind::Lora, RGBColor(0x1f, 0x77, 0xb4)),
-    (imp::UNFUSED, LayerKind::Dora, RGBColor(0xd6, 0x27, 0x28)),
-    (imp::DORAFUSE, LayerKind::Dora, RGBColor(0x2c, 0xa0, 0x2c)),
-    (imp::PEFT_EAGER, LayerKind::Lora, RGBColor(0x94, 0x67, 0xbd)),
-    (imp::PEFT_EAGER, LayerKind::Dora, RGBColor(0xff, 0x7f, 0x0e)),
-    (
-        imp::PEFT_COMPILE,
-        LayerKind::Dora,
-        RGBColor(0x8c, 0x56, 0x4b),
-    ),
+/// A colour per series of [`SERIES`] (fixed, so plots compare across runs).
+const COLOURS: [RGBColor; SERIES.len()] = [
+    RGBColor(0x44, 0x44, 0x44),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x8c, 0x56, 0x4b),
 ];
 
 /// The operations drawn, one panel column each.
@@ -132,7 +129,7 @@ fn draw(rep: &Report, svg: &mut String) -> Result<()> {
                 .y_label_formatter(&|us| fmt_time(*us * 1e-6))
                 .draw()
                 .map_err(e)?;
-            for (im, kind, colour) in SERIES {
+            for ((im, kind), colour) in SERIES.into_iter().zip(COLOURS) {
                 let mut pts: Vec<(f64, f64)> = rows
                     .iter()
                     .filter(|x| x.implementation == im && x.kind == kind)

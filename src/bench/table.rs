@@ -3,7 +3,7 @@
 //! never typed by hand into a document); and the generated sections of Markdown files.
 
 use super::formula::{LayerKind, Op};
-use super::report::{imp, series_label, Report, Row};
+use super::report::{imp, series_label, Report, Row, SERIES};
 use super::stats::{fmt_time, Stats};
 use crate::layer::Shape;
 use anyhow::{Context, Result};
@@ -64,18 +64,6 @@ pub fn time_cell(s: &Stats) -> String {
     format!("{} ±{:.0}%", fmt_time(s.median_s), 50.0 * s.rel_spread())
 }
 
-/// The columns of the comparison tables: (implementation, kind), in order.
-const COLUMNS: [(&str, LayerKind); 8] = [
-    (imp::BASE, LayerKind::Base),
-    (imp::PEFT_EAGER, LayerKind::Base),
-    (imp::DORAFUSE, LayerKind::Lora),
-    (imp::UNFUSED, LayerKind::Dora),
-    (imp::DORAFUSE, LayerKind::Dora),
-    (imp::PEFT_EAGER, LayerKind::Lora),
-    (imp::PEFT_EAGER, LayerKind::Dora),
-    (imp::PEFT_COMPILE, LayerKind::Dora),
-];
-
 /// The median of `a` over that of `b`, when both were measured.
 fn over(a: Option<&Row>, b: Option<&Row>) -> Option<f64> {
     Some(a?.time.median_s / b?.time.median_s)
@@ -103,7 +91,7 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
     let has = |im: &str, k: LayerKind| {
         (rep.rows.iter()).any(|r| r.implementation == im && r.kind == k && r.op == op)
     };
-    let cols: Vec<(&str, LayerKind)> = COLUMNS.into_iter().filter(|&(im, k)| has(im, k)).collect();
+    let cols: Vec<(&str, LayerKind)> = SERIES.into_iter().filter(|&(im, k)| has(im, k)).collect();
     if cols.is_empty() {
         return None;
     }
