@@ -55,6 +55,12 @@ fn cpu_run_writes_json_plot_and_markdown() {
     );
     assert!(out.contains("Training forward"), "{out}");
     assert!(out.contains("fused/base"), "{out}");
+    // The CPU path's target, one line per shape and T (docs/design.md §5).
+    assert_eq!(
+        out.matches("forward+backward ≤ 1.30×").count(),
+        2 * 2,
+        "{out}"
+    );
     let rep = dorafuse::bench::report::Report::read(&d.join("r.json")).unwrap();
     assert_eq!(rep.device.kind, "cpu");
     // 2 shapes × 1 rank × (2 norm rows + 9 rows × 2 token counts).

@@ -8,7 +8,7 @@ use super::formula::{LayerKind, Op};
 use super::inputs::{random_set, uniform, InputSet};
 use super::measure::{measure, HostClock, Phase, Plan};
 use super::report::{host_cpu, imp, load_average, load_note, Ceilings, Report};
-use super::runner::{self, Config, Layer, Machine, RowSpec, Target};
+use super::runner::{self, Config, Layer, Machine, RowSpec, Target, WithLayer};
 use super::unfused::{self, Passes, T};
 use crate::cpu::gemm::{gemm, View, ViewMut};
 use crate::dtype::DType;
@@ -20,12 +20,12 @@ use std::hint::black_box;
 
 /// The input sets of one shape together exceed this many bytes: twice a 256 MiB last-level
 /// cache, more than the CPUs this runs on have.
-pub const ROTATE_BYTES: usize = 512 << 20;
+const ROTATE_BYTES: usize = 512 << 20;
 /// At most this many input sets (memory: 12 sets of a 4096×4096 f32 layer are 0.8 GiB).
-pub const MAX_SETS: usize = 12;
+const MAX_SETS: usize = 12;
 
 /// The tensor's values as f32: borrowed when already f32, converted otherwise.
-pub fn f32_of(t: &Tensor) -> Cow<'_, [f32]> {
+fn f32_of(t: &Tensor) -> Cow<'_, [f32]> {
     match t.data() {
         TensorData::F32(v) => Cow::Borrowed(v.as_slice()),
         _ => Cow::Owned(t.to_f32()),
@@ -44,19 +44,19 @@ fn view(data: &[f32], rows: usize, cols: usize, trans: bool) -> View<'_, f32> {
 
 /// The unfused passes on the CPU: inputs borrowed from the set (converted to f32 when
 /// stored narrower), intermediates in f32 vectors sized for the largest T.
-pub(crate) struct CpuPasses<'a> {
+struct CpuPasses<'a> {
     /// The layer (and full-T inputs) of the set.
-    pub set: &'a InputSet,
+    set: &'a InputSet,
     /// x `[T, d_in]`, the first T tokens.
-    pub x: &'a Tensor,
+    x: &'a Tensor,
     /// dy `[T, d_out]`.
-    pub dy: &'a Tensor,
+    dy: &'a Tensor,
     /// The intermediates, indexed by `T as usize`, each of `unfused::len` at the largest T.
-    pub tmp: &'a mut [Vec<f32>],
+    tmp: &'a mut [Vec<f32>],
 }
 
 /// Zeroed intermediates of the unfused graph at shape `s` (for [`CpuPasses::tmp`]).
-pub(crate) fn temporaries(s: Shape) -> Vec<Vec<f32>> {
+fn temporaries(s: Shape) -> Vec<Vec<f32>> {
     let mut tmp = vec![Vec::new(); T::GradM as usize + 1];
     for t in unfused::TEMPORARIES {
         tmp[t as usize] = vec![0.0; unfused::len(t, s)];
@@ -311,13 +311,7 @@ impl Target for CpuTarget {
         has(row)
     }
 
-    fn with_layer(
-        &self,
-        full: Shape,
-        dtype: DType,
-        sets: usize,
-        f: &mut dyn FnMut(&mut dyn Layer) -> Result<()>,
-    ) -> Result<()> {
+    fn with_layer(&self, full: Shape, dtype: DType, sets: usize, f: WithLayer) -> Result<()> {
         let mut layer = CpuLayer {
             full,
             sets: (0..sets)
@@ -468,29 +462,5 @@ mod tests {
                 assert!(e < tol, "{name} {dt}: rel-L2 {e:e} ≥ {tol:e}");
             }
         }
-    }
-
-    #[test]
-    fn tiny_cpu_run_has_every_row() {
-        let cfg = Config {
-            shapes: vec![(33, 19)],
-            tokens: vec![1, 7],
-            ranks: vec![3],
-            dtype: DType::BF16,
-            ops: Op::ALL.to_vec(),
-            plan: Plan::fixed(1, 2),
-        };
-        let mut labels = 0;
-        // Ceilings are measured on large buffers; this test accepts their cost (~1 s).
-        let rep = run_cpu(&cfg, &mut |_| labels += 1).unwrap();
-        assert_eq!(rep.rows.len(), runner::row_count(&cfg, has));
-        assert_eq!(rep.rows.len(), 2 + 9 * 2);
-        assert_eq!(labels, rep.rows.len() + 1);
-        for row in &rep.rows {
-            assert_eq!(row.time.runs, 2);
-            assert!(row.time.median_s > 0.0 && row.bytes > 0.0 && row.flops > 0.0);
-            assert!(row.frac_floor.unwrap() > 0.0);
-        }
-        assert_eq!(rep.device.kind, "cpu");
     }
 }

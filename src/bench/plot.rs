@@ -3,57 +3,29 @@
 //! (base, LoRA, unfused DoRA, fused DoRA, and PEFT's when its rows were merged in). Drawn
 //! from a [`Report`], so an old JSON can be plotted again (`--from`).
 
-use super::formula::{LayerKind, Op};
-use super::report::{imp, series_label, Report};
+use super::formula::Op;
+use super::report::{series_label, Report, SERIES};
+use super::stats::fmt_time;
 use anyhow::{anyhow, ensure, Result};
 use plotters::prelude::*;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 
-/// The implementations drawn, with a colour each (fixed, so plots compare across runs).
-const SERIES: [(&str, LayerKind, RGBColor); 7] = [
-    (imp::BASE, LayerKind::Base, RGBColor(0x44, 0x44, 0x44)),
-    (imp::DORAFUSE, LayerKind::Lora, RGBColor(0x1f, 0x77, 0xb4)),
-    (imp::UNFUSED, LayerKind::Dora, RGBColor(0xd6, 0x27, 0x28)),
-    (imp::DORAFUSE, LayerKind::Dora, RGBColor(0x2c, 0xa0, 0x2c)),
-    (imp::PEFT_EAGER, LayerKind::Lora, RGBColor(0x94, 0x67, 0xbd)),
-    (imp::PEFT_EAGER, LayerKind::Dora, RGBColor(0xff, 0x7f, 0x0e)),
-    (
-        imp::PEFT_COMPILE,
-        LayerKind::Dora,
-        RGBColor(0x8c, 0x56, 0x4b),
-    ),
+/// A colour per series of [`SERIES`] (fixed, so plots compare across runs).
+const COLOURS: [RGBColor; SERIES.len()] = [
+    RGBColor(0x44, 0x44, 0x44),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x8c, 0x56, 0x4b),
 ];
 
 /// The operations drawn, one panel column each.
 const OPS: [Op; 2] = [Op::Forward, Op::ForwardBackward];
-
-/// A tick label for a time in µs, in the unit that keeps it short: `35 µs`, `1.2 ms`, `3 s`.
-fn time_label(us: f64) -> String {
-    let (v, unit) = if us >= 1e6 {
-        (us / 1e6, "s")
-    } else if us >= 1e3 {
-        (us / 1e3, "ms")
-    } else {
-        (us, "µs")
-    };
-    // Three significant digits at most, without trailing zeros.
-    let digits = if v >= 100.0 {
-        0
-    } else if v >= 10.0 {
-        1
-    } else {
-        2
-    };
-    let s = format!("{v:.digits$}");
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
-    format!("{s} {unit}")
-}
 
 /// Draws the report to an SVG file at `path` (written atomically).
 ///
@@ -154,10 +126,10 @@ fn draw(rep: &Report, svg: &mut String) -> Result<()> {
                 .y_desc("median time")
                 .x_label_formatter(&|v| format!("{v:.0}"))
                 .y_labels(8)
-                .y_label_formatter(&|v| time_label(*v))
+                .y_label_formatter(&|us| fmt_time(*us * 1e-6))
                 .draw()
                 .map_err(e)?;
-            for (im, kind, colour) in SERIES {
+            for ((im, kind), colour) in SERIES.into_iter().zip(COLOURS) {
                 let mut pts: Vec<(f64, f64)> = rows
                     .iter()
                     .filter(|x| x.implementation == im && x.kind == kind)
@@ -218,15 +190,6 @@ mod tests {
         }
         // One polyline per series drawn (4 implementations in one panel).
         assert!(s.matches("<polyline").count() >= 4);
-    }
-
-    #[test]
-    fn time_labels_pick_a_short_unit() {
-        assert_eq!(time_label(35.0), "35 µs");
-        assert_eq!(time_label(1234.0), "1.23 ms");
-        assert_eq!(time_label(100_000.0), "100 ms");
-        assert_eq!(time_label(2.5e6), "2.5 s");
-        assert_eq!(time_label(8.0), "8 µs");
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub mod imp {
     pub const PEFT_COMPILE: &str = "peft_compile";
 }
 
+/// Every (implementation, layer kind) series a report can hold, in the order of the tables'
+/// columns and the plot's legend.
+pub const SERIES: [(&str, LayerKind); 8] = [
+    (imp::BASE, LayerKind::Base),
+    (imp::PEFT_EAGER, LayerKind::Base),
+    (imp::DORAFUSE, LayerKind::Lora),
+    (imp::UNFUSED, LayerKind::Dora),
+    (imp::DORAFUSE, LayerKind::Dora),
+    (imp::PEFT_EAGER, LayerKind::Lora),
+    (imp::PEFT_EAGER, LayerKind::Dora),
+    (imp::PEFT_COMPILE, LayerKind::Dora),
+];
+
 /// What ran the benchmark.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {

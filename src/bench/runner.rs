@@ -177,6 +177,9 @@ pub trait Layer {
     fn extra_mem(&self, row: RowSpec) -> Option<(u64, String)>;
 }
 
+/// What [`Target::with_layer`] hands the layer to.
+pub type WithLayer<'f> = &'f mut dyn FnMut(&mut dyn Layer) -> Result<()>;
+
 /// A place the benchmark runs: the CPU path, or the kernels on a backend.
 pub trait Target {
     /// Whether this target implements `row`.
@@ -187,13 +190,7 @@ pub trait Target {
     ///
     /// # Errors
     /// Out of memory, or whatever `f` returns.
-    fn with_layer(
-        &self,
-        full: Shape,
-        dtype: DType,
-        sets: usize,
-        f: &mut dyn FnMut(&mut dyn Layer) -> Result<()>,
-    ) -> Result<()>;
+    fn with_layer(&self, full: Shape, dtype: DType, sets: usize, f: WithLayer) -> Result<()>;
 }
 
 /// The machine side of a run: its clock, its measured ceilings and its description.
@@ -358,5 +355,43 @@ mod tests {
             ..Config::default_cpu()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn every_target_measures_the_rows_it_has() {
+        use crate::bench::{cpu, device};
+        type Run = fn(&Config, &mut dyn FnMut(&str)) -> Result<Report>;
+        type Has = fn(RowSpec) -> bool;
+        // (device kind, run, rows it has, rows per T): the CPU path has no compose kernel and
+        // no separate backward.
+        let targets: [(&str, Run, Has, usize); 2] = [
+            ("cpu", cpu::run_cpu, cpu::has, 9),
+            ("emu", device::run_emu, device::has, 12),
+        ];
+        for (kind, run, has, per_t) in targets {
+            let cfg = Config {
+                shapes: vec![(33, 19)],
+                tokens: vec![1, 7],
+                ranks: vec![3],
+                dtype: DType::BF16,
+                ops: Op::ALL.to_vec(),
+                plan: Plan::fixed(0, 2),
+            };
+            let mut labels = 0;
+            // The CPU ceilings are measured on large buffers; this test accepts their cost.
+            let rep = run(&cfg, &mut |_| labels += 1).unwrap();
+            assert_eq!(rep.device.kind, kind);
+            assert_eq!(rep.rows.len(), row_count(&cfg, has));
+            assert_eq!(rep.rows.len(), 2 + per_t * 2, "{kind}");
+            // A label per row, and one for the CPU ceilings.
+            assert_eq!(labels, rep.rows.len() + usize::from(kind == "cpu"));
+            for row in &rep.rows {
+                assert_eq!(row.time.runs, 2);
+                assert!(row.time.median_s > 0.0 && row.bytes > 0.0 && row.flops > 0.0);
+                assert_eq!(row.frac_floor.is_some(), kind == "cpu", "{kind}");
+            }
+            let emu_note = (rep.notes.iter()).any(|n| n.contains("emulator times say nothing"));
+            assert_eq!(emu_note, kind == "emu", "{:?}", rep.notes);
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! never typed by hand into a document); and the generated sections of Markdown files.
 
 use super::formula::{LayerKind, Op};
-use super::report::{imp, series_label, Report, Row};
+use super::report::{imp, series_label, Report, Row, SERIES};
 use super::stats::{fmt_time, Stats};
 use crate::layer::Shape;
 use anyhow::{Context, Result};
@@ -64,18 +64,6 @@ pub fn time_cell(s: &Stats) -> String {
     format!("{} ±{:.0}%", fmt_time(s.median_s), 50.0 * s.rel_spread())
 }
 
-/// The columns of the comparison tables: (implementation, kind), in order.
-const COLUMNS: [(&str, LayerKind); 8] = [
-    (imp::BASE, LayerKind::Base),
-    (imp::PEFT_EAGER, LayerKind::Base),
-    (imp::DORAFUSE, LayerKind::Lora),
-    (imp::UNFUSED, LayerKind::Dora),
-    (imp::DORAFUSE, LayerKind::Dora),
-    (imp::PEFT_EAGER, LayerKind::Lora),
-    (imp::PEFT_EAGER, LayerKind::Dora),
-    (imp::PEFT_COMPILE, LayerKind::Dora),
-];
-
 /// The median of `a` over that of `b`, when both were measured.
 fn over(a: Option<&Row>, b: Option<&Row>) -> Option<f64> {
     Some(a?.time.median_s / b?.time.median_s)
@@ -103,7 +91,7 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
     let has = |im: &str, k: LayerKind| {
         (rep.rows.iter()).any(|r| r.implementation == im && r.kind == k && r.op == op)
     };
-    let cols: Vec<(&str, LayerKind)> = COLUMNS.into_iter().filter(|&(im, k)| has(im, k)).collect();
+    let cols: Vec<(&str, LayerKind)> = SERIES.into_iter().filter(|&(im, k)| has(im, k)).collect();
     if cols.is_empty() {
         return None;
     }
@@ -204,14 +192,94 @@ pub fn ceiling_table(rep: &Report) -> Table {
     Table { header, rows }
 }
 
-/// The GPU targets of docs/design.md §5 (H200-class GPU, bf16, 4096×4096 and 4096×11008,
-/// r = 16), checked against the rows: one line per target and shape with the figure and
-/// met/missed. `None` unless the report is a CUDA run with rows at those shapes.
+/// The CPU path's target: forward + backward of a DoRA layer (`cpu::run`, norm detached) at
+/// most this many times the base layer's forward + backward through the GEMM crate (`x·W0ᵀ`
+/// and `dz·W0`) plus one read of W0 at the measured copy bandwidth (the least the norm must
+/// read).
+pub const CPU_TARGET_RATIO: f64 = 1.30;
+
+/// One target against the rows: what, at which shape, the figure (None: not measured), the
+/// limit, whether the figure must be at least (else at most) the limit, and whether it is a
+/// fraction of the copy bandwidth (else a ratio).
+struct Check {
+    what: String,
+    shape: String,
+    figure: Option<f64>,
+    limit: f64,
+    at_least: bool,
+    copy: bool,
+}
+
+/// The targets of docs/design.md §5 checked against the rows, one line per target and shape
+/// with the figure and met/missed: on a CUDA run the GPU targets (bf16, 4096×4096 and
+/// 4096×11008, r = 16), on a CPU run [`CPU_TARGET_RATIO`] at every shape and T measured.
+/// `None` for other runs, or when no row has a target's shape.
 pub fn targets_table(rep: &Report) -> Option<Table> {
-    if rep.device.kind != "cuda" {
-        return None;
-    }
-    let mut rows = Vec::new();
+    let (title, checks) = match rep.device.kind.as_str() {
+        "cuda" => ("target (bf16, r = 16)", gpu_targets(rep)),
+        "cpu" => ("target (CPU path)", cpu_targets(rep)),
+        _ => return None,
+    };
+    let rows: Vec<Vec<String>> = (checks.into_iter())
+        .map(|c| {
+            let show = |v: f64| match c.copy {
+                true => format!("{:.0}% of copy bandwidth", 100.0 * v),
+                false => format!("{v:.2}×"),
+            };
+            let met = |v: f64| {
+                if c.at_least {
+                    v >= c.limit
+                } else {
+                    v <= c.limit
+                }
+            };
+            vec![
+                c.what,
+                c.shape,
+                c.figure.map_or("not measured".into(), show),
+                c.figure.map_or("–".into(), |v| verdict(met(v))),
+            ]
+        })
+        .collect();
+    let header = strings(&[title, "shape", "measured", "verdict"]);
+    (!rows.is_empty()).then_some(Table { header, rows })
+}
+
+/// [`CPU_TARGET_RATIO`] at every shape and T with a DoRA and a base forward + backward row.
+fn cpu_targets(rep: &Report) -> Vec<Check> {
+    let rows = rep.rows.iter().filter(|x| {
+        (x.implementation.as_str(), x.kind, x.op)
+            == (imp::DORAFUSE, LayerKind::Dora, Op::ForwardBackward)
+    });
+    let ceilings = rep.ceilings.as_ref();
+    (rows.filter_map(|dora| {
+        let s = dora.shape();
+        let base = rep.find(imp::BASE, LayerKind::Base, Op::ForwardBackward, s)?;
+        let size = crate::dtype::DType::parse(&dora.dtype).map_or(4, |d| d.size());
+        let figure = ceilings.map(|c| {
+            let w0_read_s = (s.d_out * s.d_in * size) as f64 / (c.copy_gbps * 1e9);
+            dora.time.median_s / (base.time.median_s + w0_read_s)
+        });
+        Some(Check {
+            what: format!(
+                "forward+backward ≤ {CPU_TARGET_RATIO:.2}× (base forward+backward + one read of \
+                 W0 at copy bandwidth), {} r = {} T = {}",
+                dora.dtype, s.r, s.t
+            ),
+            shape: format!("{}×{}", s.d_in, s.d_out),
+            figure,
+            limit: CPU_TARGET_RATIO,
+            at_least: false,
+            copy: false,
+        })
+    }))
+    .collect()
+}
+
+/// The GPU targets of docs/design.md §5 (H200-class GPU, bf16, 4096×4096 and 4096×11008,
+/// r = 16).
+fn gpu_targets(rep: &Report) -> Vec<Check> {
+    let mut out = Vec::new();
     for (d_in, d_out) in [(4096, 4096), (4096, 11008)] {
         let r = 16;
         let tokens = tokens_of(rep, (d_in, d_out, r), |x| x.dtype == "bf16");
@@ -289,22 +357,18 @@ pub fn targets_table(rep: &Report) -> Option<Table> {
                 false,
             ),
         ];
-        for (what, fig, limit, at_least, copy) in checks {
-            let show = |v: f64| match copy {
-                true => format!("{:.0}% of copy bandwidth", 100.0 * v),
-                false => format!("{v:.2}×"),
-            };
-            let met = |v: f64| if at_least { v >= limit } else { v <= limit };
-            rows.push(vec![
+        out.extend(
+            (checks.into_iter()).map(|(what, figure, limit, at_least, copy)| Check {
                 what,
-                format!("{d_in}×{d_out}"),
-                fig.map_or("not measured".into(), show),
-                fig.map_or("–".into(), |v| verdict(met(v))),
-            ]);
-        }
+                shape: format!("{d_in}×{d_out}"),
+                figure,
+                limit,
+                at_least,
+                copy,
+            }),
+        );
     }
-    let header = strings(&["target (bf16, r = 16)", "shape", "measured", "verdict"]);
-    (!rows.is_empty()).then_some(Table { header, rows })
+    out
 }
 
 /// The heading lines of a report: device, dtype, date, commit, ceilings, timing, notes.
@@ -542,8 +606,29 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn targets_are_checked_on_cuda_runs_only() {
+    fn targets_are_checked_on_cuda_and_cpu_runs() {
         let mut rep = report();
+        // A CPU run without forward + backward rows: nothing to check.
+        assert!(targets_table(&rep).is_none());
+        let mut cpu = rep.clone();
+        let shape = cpu.rows[0].shape();
+        for (im, k, ms) in [
+            (imp::BASE, LayerKind::Base, 2.0),
+            (imp::DORAFUSE, LayerKind::Dora, 2.4),
+        ] {
+            let st = Stats::from_samples(&[ms * 1e-3]).unwrap();
+            let op = Op::ForwardBackward;
+            let row = Row::new(im, k, op, shape, DType::F32, st, cpu.ceilings.as_ref());
+            cpu.rows.push(row.unwrap());
+        }
+        // 2.4 ms over 2 ms plus 64·32·4 bytes at 10 GB/s (0.8 µs).
+        let t = targets_table(&cpu).unwrap();
+        assert_eq!(t.rows.len(), 1);
+        assert!(t.rows[0][0].contains("T = 1"), "{:?}", t.rows[0]);
+        assert_eq!(t.rows[0][1..], ["64×32", "1.20×", "met"]);
+        cpu.ceilings = None;
+        assert_eq!(targets_table(&cpu).unwrap().rows[0][2], "not measured");
+        rep.device.kind = "emu".into();
         assert!(targets_table(&rep).is_none());
         rep.device.kind = "cuda".into();
         // No rows at the target shapes: nothing to say.

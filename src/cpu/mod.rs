@@ -32,6 +32,7 @@
 
 pub mod gemm;
 pub mod multi;
+pub mod ops;
 pub mod reference;
 pub mod rows;
 

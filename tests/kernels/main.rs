@@ -12,6 +12,7 @@ mod gpu_util;
 mod layer;
 mod multi_adapter;
 mod multi_adapter_cuda;
+mod per_kernel;
 mod registry;
 
 /// The build script's kernel list and code generation (build/kernel_list.rs), whose unit tests
