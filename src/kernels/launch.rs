@@ -219,9 +219,9 @@ pub(crate) unsafe fn norm<B: Backend>(
     let name = v.entry(x.dtype, x.adapter);
     // SAFETY: the argument list matches `dora_norm_v1_<dt>(w0, ldw_j, ldw_k, a, b, m, s, eps,
     // d_out, d_in, r, k_per_split, part, n_out, g_out)` (v2: `vec` after k_per_split) in
-    // kernels/norm.cu in order and type; the caller guarantees the extents (and `part` holds norm_partials_len ≥
-    // splits·d_out f32); `vec` is 1 only when W0 and A are row-major with 16-byte aligned
-    // bases and rows; the grid covers every row (⌈d_out/rows per block⌉ blocks) and every
+    // kernels/norm.cu in order and type; the caller guarantees the extents (and `part`
+    // holds norm_partials_len ≥ splits·d_out f32); `vec` is 1 only when W0 and A are
+    // row-major with 16-byte aligned bases and rows; the grid covers every row (⌈d_out/rows per block⌉ blocks) and every
     // split (splits = ⌈d_in/per⌉, per a multiple of the 64-column chunk); each block writes
     // n (and g) of all of its rows, or, split, their partial sums into row `split` of part.
     unsafe { b.launch(&name, dims(grid, threads, shared), &args) }
