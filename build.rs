@@ -66,4 +66,6 @@ fn main() {
             nvcc::build(&root, &out, &entries, &stamps);
         }
     });
+    #[cfg(feature = "emu")]
+    emu::write_registers(&out);
 }

@@ -20,15 +20,18 @@
 namespace df {
 
 // ---------------------------------------------------------------------------------------
-// bwd_dz v1. Block: 256 threads over tt tokens; it walks all of d_out in chunks of jt
-// columns (tt, jt chosen by the launcher so shared memory stays ≤ 48 KB; see
-// src/kernels/spec.rs). Dynamic shared memory, f32:
+// bwd_dz v1. Block: 256 threads over tt tokens; it walks its split of d_out (all of it when
+// unsplit) in chunks of jt columns (tt, jt chosen by the launcher so shared memory stays
+// ≤ 48 KB; see src/kernels/spec.rs). Dynamic shared memory, f32:
 //   us   [tt, r]        the block's rows of U
 //   dzb  [tt, r]        dz·B accumulators (each element owned by one thread)
 //   bsh  [jt, r + 1]    the chunk's rows of B (padded)
 //   zs   [tt, jt + 1]   the chunk's dz
 //   ps   [tt, jt + 1]   the chunk's dy⊙z
-// Grid: ⌈T/tt⌉. Writes every element of dz (DoRA), cpart[block, :], dzb[rows of block, :].
+// Grid: (⌈T/tt⌉, splits of d_out). Writes every element of dz (DoRA) and of cpart (column j
+// of row blockIdx.x by the block whose split holds j), and split s's slab of dzb, the
+// partial dz·B over that split's columns; with splits > 1 the launcher sums the slabs in
+// split order (sum_partials), so the result stays deterministic.
 //
 // Bytes: dy, base read once (2·T·d_out·sz), dz written once (T·d_out·sz; not for LoRA),
 // U once (4·T·r), B ⌈T/tt⌉ times (L2), cpart 4·⌈T/tt⌉·d_out, dzb 4·T·r.
@@ -42,9 +45,10 @@ __device__ __forceinline__ void bwd_dz(
     const TA* __restrict__ b,     // [d_out, r]
     const float* __restrict__ g,  // [d_out], or null: plain LoRA (dz = dy)
     float s, int t_rows, int d_out, int r, int tt, int jt,
+    int cols_per_split,           // columns of d_out per grid.y split (a multiple of jt)
     T* __restrict__ dz,           // [T, d_out] (DoRA)
     float* __restrict__ cpart,    // [⌈T/tt⌉, d_out] (DoRA)
-    float* __restrict__ dzb) {    // [T, r]
+    float* __restrict__ dzb) {    // [splits, T, r]: split s holds Σ over its columns
     extern __shared__ float smem[];
     float* us = smem;               // [tt, r]
     float* acc = us + tt * r;       // [tt, r]
@@ -54,25 +58,29 @@ __device__ __forceinline__ void bwd_dz(
     const int tid = threadIdx.x;
     const int t0 = blockIdx.x * tt;
     const bool dora = g != nullptr;
+    // This block's columns [ja, jb): whole jt chunks, the last split ending at d_out.
+    const int ja = blockIdx.y * cols_per_split;
+    const int jb = min(d_out, ja + cols_per_split);
+    dzb += (long long)blockIdx.y * t_rows * r;
 
     for (int f = tid; f < tt * r; f += THREADS) {
         const int t = t0 + f / r;
         us[f] = (dora && t < t_rows) ? u[(long long)t0 * r + f] : 0.f;
         acc[f] = 0.f;
     }
-    for (int j0 = 0; j0 < d_out; j0 += jt) {
+    for (int j0 = ja; j0 < jb; j0 += jt) {
         __syncthreads();  // the previous chunk's readers of bsh/zs/ps are done
         for (int f = tid; f < jt * r; f += THREADS) {
             const int jj = f / r, i = f % r;
             const int j = j0 + jj;
-            bsh[jj * (r + 1) + i] = j < d_out ? to_f32(b[(long long)j * r + i]) : 0.f;
+            bsh[jj * (r + 1) + i] = j < jb ? to_f32(b[(long long)j * r + i]) : 0.f;
         }
         __syncthreads();
         for (int e = tid; e < tt * jt; e += THREADS) {
             const int tl = e / jt, jj = e % jt;
             const int t = t0 + tl, j = j0 + jj;
             float dzv = 0.f, prod = 0.f;
-            if (t < t_rows && j < d_out) {
+            if (t < t_rows && j < jb) {
                 const long long o = (long long)t * d_out + j;
                 const float dyv = to_f32(dy[o]);
                 if (dora) {
@@ -93,14 +101,14 @@ __device__ __forceinline__ void bwd_dz(
         if (dora) {
             for (int jj = tid; jj < jt; jj += THREADS) {
                 const int j = j0 + jj;
-                if (j < d_out) {
+                if (j < jb) {
                     float c = 0.f;
                     for (int tl = 0; tl < tt; ++tl) c += ps[tl * (jt + 1) + jj];
                     cpart[(long long)blockIdx.x * d_out + j] = c;
                 }
             }
         }
-        const int nj = min(jt, d_out - j0);
+        const int nj = min(jt, jb - j0);
         for (int e = tid; e < tt * r; e += THREADS) {
             const int tl = e / r, i = e % r;
             float v = acc[e];
@@ -188,11 +196,12 @@ __device__ __forceinline__ void tn(
         const float* __restrict__ u,  /* [T, r] */                                          \
         const TA* __restrict__ b,     /* [d_out, r] */                                      \
         const float* __restrict__ g,  /* [d_out] or null (LoRA) */                          \
-        float s, int t_rows, int d_out, int r, int tt, int jt,                              \
+        float s, int t_rows, int d_out, int r, int tt, int jt, int cols_per_split,          \
         T* __restrict__ dz,           /* [T, d_out] (DoRA) */                               \
         float* __restrict__ cpart,    /* [ceil(T/tt), d_out] (DoRA) */                      \
-        float* __restrict__ dzb) {    /* [T, r] */                                          \
-        df::bwd_dz<T, TA>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz, cpart, dzb);      \
+        float* __restrict__ dzb) {    /* [gridDim.y, T, r] */                               \
+        df::bwd_dz<T, TA>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, cols_per_split, dz,   \
+                          cpart, dzb);                                                      \
     }
 DF_STAMP(dora_bwd_dz, DF_BWD_DZ)
 

@@ -80,6 +80,35 @@ __device__ __forceinline__ void stage_w0_tile(const T* __restrict__ w0, long lon
     }
 }
 
+// ---- 16-byte vector loads (the tuned launch configuration) ----------------------------
+
+// Elements of T in one 16-byte load.
+template <typename T> constexpr int VEC16 = 16 / static_cast<int>(sizeof(T));
+
+// Reads rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of a row-major matrix
+// (element (i, k) at src[i*ld + k]) in 16-byte loads and hands each group of
+// VEC16<T> consecutive columns to put(rr, c, uint4), zero outside [0, nrows) x
+// [0, ncols). Consecutive threads read consecutive 16 bytes of a row, so a warp reads whole
+// 32-byte sectors. The launcher guarantees the alignment this needs (it passes `vec` = 1
+// only then): src and ld·sizeof(T) are multiples of 16 bytes and ncols a multiple of
+// VEC16<T>, so a group is either wholly inside the matrix or wholly outside. The
+// caller places the barriers around it.
+template <int ROWS, int COLS, int NTH, typename T, typename Put>
+__device__ __forceinline__ void stage_tile_vec16(const T* __restrict__ src, long long ld,
+                                                 int row0, int col0, int nrows, int ncols,
+                                                 Put put) {
+    constexpr int V = VEC16<T>;
+    static_assert(COLS % V == 0, "a tile row holds whole 16-byte groups");
+    constexpr int G = COLS / V;  // groups per tile row
+    for (int f = threadIdx.x; f < ROWS * G; f += NTH) {
+        const int rr = f / G, c = (f % G) * V;
+        const int i = row0 + rr, k = col0 + c;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (i < nrows && k < ncols) v = *reinterpret_cast<const uint4*>(src + i * ld + k);
+        put(rr, c, v);
+    }
+}
+
 // ---- reductions -----------------------------------------------------------------------
 
 // Butterfly sum over the 32 lanes of a full warp: every lane gets the same value, and the

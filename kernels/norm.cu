@@ -14,6 +14,15 @@
 //       f16/bf16, any rank ≥ 1 (padded to 16 with zeros, so r % 16 == 0 wastes nothing),
 //       any layout.
 // The launcher (src/kernels/launch.rs) picks v2 for f16/bf16 when r ≥ 16, v1 otherwise.
+//
+// Launch configurations (spec::Tuning; the same code, two grids):
+//   previous  grid (⌈d_out/rows⌉, 1): each block walks all of d_in and writes n (and g);
+//   tuned     grid (⌈d_out/rows⌉, splits): block (x, y) walks the columns [y·k_per_split,
+//             (y+1)·k_per_split) (whole 64-column chunks) and writes its rows' partial Σ v²
+//             into part[y, :]; dora_norm_reduce_f32 then sums the partials in split order
+//             (deterministic, no atomics) and writes n and g. With `vec` (row-major W0 and
+//             A whose rows are 16-byte aligned, checked by the launcher) W0 and A tiles are
+//             read in 16-byte loads; otherwise, and for fan_in_fan_out, element by element.
 #include "common.cuh"
 #include "tensor_core.cuh"
 
@@ -41,8 +50,10 @@ __device__ __forceinline__ void vtile_pass(
     const float* __restrict__ m,  // [d_out] or null (norm only: then g is not written)
     const float* __restrict__ g,  // [d_out] or null (merged_weight only: null means g = 1)
     float s, float eps, int d_out, int d_in, int r,
-    float* __restrict__ n_out,    // [d_out] (norm)
-    float* __restrict__ g_out,    // [d_out] or null (norm)
+    int k_per_split,              // columns of d_in per grid.y split (a multiple of VT_COLS)
+    float* __restrict__ part,     // [splits, d_out] or null (norm split: Σ v² of the split)
+    float* __restrict__ n_out,    // [d_out] (norm, unsplit)
+    float* __restrict__ g_out,    // [d_out] or null (norm, unsplit)
     OutT* __restrict__ out) {     // [d_out, d_in] row-major (merged_weight)
     extern __shared__ float bs[];  // [VT_ROWS, r]
     __shared__ float ws[VT_ROWS][VT_COLS + 1];
@@ -54,6 +65,10 @@ __device__ __forceinline__ void vtile_pass(
     const int kk = tid % VT_COLS;
     const int jq = tid / VT_COLS;  // 0..3
     constexpr int Q = VT_ROWS / (THREADS / VT_COLS);  // 4 rows per thread
+    // This block's columns [kb, ke): whole VT_COLS chunks, the last split ending at d_in
+    // (merged_weight is never split: all of d_in).
+    const int kb = MERGE ? 0 : blockIdx.y * k_per_split;
+    const int ke = MERGE ? d_in : min(d_in, kb + k_per_split);
 
     for (int f = tid; f < VT_ROWS * r; f += THREADS) {
         const int jj = f / r, i = f % r;
@@ -65,12 +80,12 @@ __device__ __forceinline__ void vtile_pass(
 #pragma unroll
     for (int q = 0; q < Q; ++q) sq[q] = 0.f;
 
-    for (int k0 = 0; k0 < d_in; k0 += VT_COLS) {
+    for (int k0 = kb; k0 < ke; k0 += VT_COLS) {
         // Every reader of the previous chunk's ws/as (and, first time, the writers of bs)
         // must be done before they are overwritten.
         __syncthreads();
         stage_w0_tile<VT_ROWS, VT_COLS, THREADS>(
-            w0, ldw_j, ldw_k, j0, k0, d_out, d_in, from_f32<T>(0.f),
+            w0, ldw_j, ldw_k, j0, k0, d_out, ke, from_f32<T>(0.f),
             [&](int jj, int c, T v) { ws[jj][c] = to_f32(v); });
         float acc[Q];
 #pragma unroll
@@ -80,7 +95,7 @@ __device__ __forceinline__ void vtile_pass(
             for (int f = tid; f < VT_RCHUNK * VT_COLS; f += THREADS) {
                 const int ii = f / VT_COLS, c = f % VT_COLS;
                 const int i = i0 + ii, k = k0 + c;
-                as[ii][c] = (i < r && k < d_in) ? to_f32(a[(long long)i * d_in + k]) : 0.f;
+                as[ii][c] = (i < r && k < ke) ? to_f32(a[(long long)i * d_in + k]) : 0.f;
             }
             __syncthreads();
             const int ni = min(VT_RCHUNK, r - i0);
@@ -121,9 +136,13 @@ __device__ __forceinline__ void vtile_pass(
                 float tot = 0.f;
 #pragma unroll
                 for (int h = 0; h < VT_COLS / 32; ++h) tot += red[tid][h];
-                const float nj = sqrtf(tot);
-                n_out[j] = nj;
-                if (m && g_out) g_out[j] = m[j] / fmaxf(nj, eps);
+                if (part) {
+                    part[(long long)blockIdx.y * d_out + j] = tot;
+                } else {
+                    const float nj = sqrtf(tot);
+                    n_out[j] = nj;
+                    if (m && g_out) g_out[j] = m[j] / fmaxf(nj, eps);
+                }
             }
         }
     }
@@ -145,7 +164,8 @@ __device__ __forceinline__ void vtile_pass(
 // W0 tile at its accumulator positions and squares. Row sums: 2 per thread (rows g, g+8),
 // then a fixed-order butterfly over the 4 lanes of a row.
 //
-// Bytes: as v1 (W0 once; A once per block: ⌈d_out/64⌉·r·d_in·sz, L2).
+// Bytes: as v1 (W0 once; A once per row tile: ⌈d_out/64⌉·r·d_in·sz, L2; B once per block:
+// splits·d_out·r·sz, L2) + the partials 4·splits·d_out written and read once when split.
 // FLOPs: 2·d_out·d_in·rp on tensor cores + 3·d_out·d_in on CUDA cores.
 // Shared: 2·(64·(rp+8) + 32·72 + 64·72) bytes ≤ 47 616 for r ≤ 256.
 // ---------------------------------------------------------------------------------------
@@ -169,8 +189,11 @@ __device__ __forceinline__ void norm_v2(
     const T* __restrict__ b,      // [d_out, r]
     const float* __restrict__ m,  // [d_out] or null
     float s, float eps, int d_out, int d_in, int r,
-    float* __restrict__ n_out,    // [d_out]
-    float* __restrict__ g_out) {  // [d_out] or null
+    int k_per_split,              // columns of d_in per grid.y split (a multiple of NT_COLS)
+    int vec,                      // 1: W0 rows and A rows are read in 16-byte loads
+    float* __restrict__ part,     // [splits, d_out] or null (split: Σ v² of the split)
+    float* __restrict__ n_out,    // [d_out] (unsplit)
+    float* __restrict__ g_out) {  // [d_out] or null (unsplit)
     extern __shared__ uint4 smem_v2[];
     const int rp = (r + 15) / 16 * 16;
     const int ldb = rp + 8;
@@ -184,6 +207,9 @@ __device__ __forceinline__ void norm_v2(
     const int gq = lane / 4, tq = lane % 4;
     const int j0 = blockIdx.x * NT_ROWS;
     const T zero = from_f32<T>(0.f);
+    // This block's columns [kb, ke): whole NT_COLS chunks, the last split ending at d_in.
+    const int kb = blockIdx.y * k_per_split;
+    const int ke = min(d_in, kb + k_per_split);
 
     for (int f = tid; f < NT_ROWS * rp; f += NTH) {
         const int jj = f / rp, i = f % rp;
@@ -198,10 +224,18 @@ __device__ __forceinline__ void norm_v2(
     const int lrow = (lane % 8) + 8 * ((lane / 8) & 1);
     const int lcol = 8 * (lane / 16);
 
-    for (int k0 = 0; k0 < d_in; k0 += NT_COLS) {
+    for (int k0 = kb; k0 < ke; k0 += NT_COLS) {
         __syncthreads();  // readers of the previous ws/as (first time: writers of bs) done
-        stage_w0_tile<NT_ROWS, NT_COLS, NTH>(w0, ldw_j, ldw_k, j0, k0, d_out, d_in, zero,
-                                             [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
+        if (vec) {  // rows of ws are 16-byte aligned (NT_LD·2 = 144 bytes)
+            stage_tile_vec16<NT_ROWS, NT_COLS, NTH>(
+                w0, ldw_j, j0, k0, d_out, ke, [&](int jj, int c, const uint4& v) {
+                    *reinterpret_cast<uint4*>(ws + jj * NT_LD + c) = v;
+                });
+        } else {
+            stage_w0_tile<NT_ROWS, NT_COLS, NTH>(
+                w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero,
+                [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
+        }
         float acc[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -210,11 +244,17 @@ __device__ __forceinline__ void norm_v2(
 
         for (int i0 = 0; i0 < rp; i0 += NT_RK) {
             if (i0 > 0) __syncthreads();  // readers of the previous rank chunk are done
-            for (int f = tid; f < NT_RK * NT_COLS; f += NTH) {
-                const int ii = f / NT_COLS, c = f % NT_COLS;
-                const int i = i0 + ii, k = k0 + c;
-                as[ii * NT_LD + c] =
-                    (i < r && k < d_in) ? a[(long long)i * d_in + k] : zero;
+            if (vec) {  // ranks r..rp-1 and columns past ke are zero-filled
+                stage_tile_vec16<NT_RK, NT_COLS, NTH>(
+                    a, d_in, i0, k0, r, ke, [&](int ii, int c, const uint4& v) {
+                        *reinterpret_cast<uint4*>(as + ii * NT_LD + c) = v;
+                    });
+            } else {
+                for (int f = tid; f < NT_RK * NT_COLS; f += NTH) {
+                    const int ii = f / NT_COLS, c = f % NT_COLS;
+                    const int i = i0 + ii, k = k0 + c;
+                    as[ii * NT_LD + c] = (i < r && k < ke) ? a[(long long)i * d_in + k] : zero;
+                }
             }
             __syncthreads();
             const int nk = min(NT_RK, rp - i0) / 16;
@@ -251,7 +291,12 @@ __device__ __forceinline__ void norm_v2(
         sq0 += __shfl_xor_sync(0xffffffffu, sq0, o);
         sq1 += __shfl_xor_sync(0xffffffffu, sq1, o);
     }
-    if (tq == 0) {
+    if (tq == 0 && part) {
+        const int ja = j0 + 16 * warp + gq;
+        const int jb = ja + 8;
+        if (ja < d_out) part[(long long)blockIdx.y * d_out + ja] = sq0;
+        if (jb < d_out) part[(long long)blockIdx.y * d_out + jb] = sq1;
+    } else if (tq == 0) {
         const int ja = j0 + 16 * warp + gq;
         const int jb = ja + 8;
         if (ja < d_out) {
@@ -277,10 +322,13 @@ __device__ __forceinline__ void norm_v2(
         const TA* __restrict__ b,     /* [d_out, r] */                                      \
         const float* __restrict__ m,  /* [d_out] or null */                                 \
         float s, float eps, int d_out, int d_in, int r,                                     \
+        int k_per_split,                                                                    \
+        float* __restrict__ part,     /* [gridDim.y, d_out] or null (unsplit) */            \
         float* __restrict__ n_out,    /* [d_out] */                                         \
         float* __restrict__ g_out) {  /* [d_out] or null */                                 \
         df::vtile_pass<T, TA, float, false>(w0, ldw_j, ldw_k, a, b, m, nullptr, s, eps, d_out,  \
-                                        d_in, r, n_out, g_out, nullptr);                    \
+                                        d_in, r, k_per_split, part, n_out, g_out,           \
+                                        nullptr);                                           \
     }
 DF_STAMP(dora_norm_v1, DF_NORM_V1)
 
@@ -292,9 +340,12 @@ DF_STAMP(dora_norm_v1, DF_NORM_V1)
         const T* __restrict__ b,      /* [d_out, r] */                                      \
         const float* __restrict__ m,  /* [d_out] or null */                                 \
         float s, float eps, int d_out, int d_in, int r,                                     \
+        int k_per_split, int vec,                                                           \
+        float* __restrict__ part,     /* [gridDim.y, d_out] or null (unsplit) */            \
         float* __restrict__ n_out,    /* [d_out] */                                         \
         float* __restrict__ g_out) {  /* [d_out] or null */                                 \
-        df::norm_v2<T>(w0, ldw_j, ldw_k, a, b, m, s, eps, d_out, d_in, r, n_out, g_out);    \
+        df::norm_v2<T>(w0, ldw_j, ldw_k, a, b, m, s, eps, d_out, d_in, r, k_per_split, vec, \
+                       part, n_out, g_out);                                                 \
     }
 DF_STAMP(dora_norm_v2, DF_NORM_V2)
 
@@ -308,7 +359,7 @@ DF_STAMP(dora_norm_v2, DF_NORM_V2)
         float s, int d_out, int d_in, int r,                                                \
         T* __restrict__ out) {       /* [d_out, d_in] */                                    \
         df::vtile_pass<T, TA, T, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out, d_in, \
-                                   r, nullptr, nullptr, out);                               \
+                                   r, d_in, nullptr, nullptr, nullptr, out);                \
     }
 DF_STAMP(dora_merged_weight, DF_MERGED_WEIGHT)
 
@@ -322,6 +373,25 @@ DF_STAMP(dora_merged_weight, DF_MERGED_WEIGHT)
         float s, int d_out, int d_in, int r,                                                \
         float* __restrict__ out) {   /* [d_out, d_in] */                                    \
         df::vtile_pass<T, TA, float, true>(w0, ldw_j, ldw_k, a, b, nullptr, g, s, 0.f, d_out,   \
-                                       d_in, r, nullptr, nullptr, out);                     \
+                                       d_in, r, d_in, nullptr, nullptr, nullptr, out);      \
     }
 DF_STAMP(dora_merged_weight_f32out, DF_MERGED_WEIGHT_F32OUT)
+
+// norm_reduce: the second pass of a split norm. n_j = sqrt(Σ_split part[split, j]) summed in
+// split order (deterministic), g_j = m_j / max(n_j, ε). One thread per row.
+// Bytes: 4·(splits + 3)·d_out. FLOPs: splits·d_out.
+extern "C" __global__ void __launch_bounds__(256) dora_norm_reduce_f32(
+    const float* __restrict__ part,  // [splits, d_out]
+    int splits,
+    const float* __restrict__ m,     // [d_out] or null (then g is not written)
+    float eps, int d_out,
+    float* __restrict__ n_out,       // [d_out]
+    float* __restrict__ g_out) {     // [d_out] or null
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d_out) return;
+    float tot = 0.f;
+    for (int p = 0; p < splits; ++p) tot += part[(long long)p * d_out + j];
+    const float nj = sqrtf(tot);
+    n_out[j] = nj;
+    if (m && g_out) g_out[j] = m[j] / fmaxf(nj, eps);
+}

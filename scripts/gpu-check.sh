@@ -20,6 +20,9 @@
 #   2. the GPU tests: `--ignored cuda` in the kernels and adapter test binaries (every kernel
 #      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
 #      example on its own stream), then the example program itself (`engine cuda`);
+#   2a. the tuned launch configuration timed against the previous one in the same process
+#      (`layer::tuned_against_previous_timed::cuda --nocapture`: norm and backward at T = 512,
+#      4096×4096, r = 16, bf16 and bf16 with f32 adapters; the `tuning` lines go to the summary);
 #   3. dorafuse replay --device cuda on tests/fixtures/cases/*.safetensors (detached, then exact
 #      gradients) and on the multi-adapter cases tests/fixtures/multi/*.safetensors;
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
@@ -90,7 +93,7 @@ run_step() {
   } >>"$log"
   note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
   # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
-  grep -E '^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within' "$tmp" \
+  grep -E '^tuning |^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within' "$tmp" \
     | grep -v '^test .* ok$' | head -n 6 | sed 's/^/          /' >>"$summary"
   rm -f "$tmp"
 }
@@ -183,6 +186,14 @@ cases=(tests/fixtures/cases/*.safetensors)
 for t in "${tests[@]}"; do
   run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t" --ignored cuda
 done
+
+# --- 2a. tuned against previous launch configurations, timed in one process -----------------
+# spec::Tuning: the same kernels under the grids and load widths before tuning and after; the
+# test also checks that both give the same gradients (dtype tolerance).
+if [ -x "$bin/kernels" ]; then
+  run_step "tuned vs previous (timed)" 120 "$bin/kernels" --ignored --exact \
+    layer::tuned_against_previous_timed::cuda --nocapture --test-threads=1
+fi
 
 # --- 2b. the engine integration example (docs/engine.md) on the GPU ---------------------------
 # cudarc context and stream of its own, PEFT adapters, fused QKV finished in place, adapters

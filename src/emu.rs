@@ -10,6 +10,13 @@
 //!
 //! [`EmuBackend`] implements [`Backend`]: device memory is host memory, a launch runs the
 //! kernel to completion on the calling thread, and GEMMs use the `matrixmultiply` crate.
+//!
+//! [`EmuBackend::recording`] makes a backend that records every global and shared-memory
+//! access of its launches ([`record`]), for the racecheck ([`racecheck`]) and the profile
+//! (`dorafuse profile`).
+
+pub mod racecheck;
+pub mod record;
 
 use crate::backend::{
     Backend, DevPtr, DeviceBuffer, DeviceId, DeviceMemory, Elem, GemmDesc, KernelArg, LaunchDims,
@@ -21,8 +28,18 @@ use crate::error::{Error, ErrorKind};
 use crate::kernels::{DevView, DevViewMut, Guard, MatShape};
 use anyhow::{bail, ensure, Context, Result};
 use std::alloc::Layout;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Every live emulator buffer (address → bytes): the global memory a recorded launch watches.
+static LIVE_BUFFERS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+fn live_buffers() -> std::sync::MutexGuard<'static, BTreeMap<usize, usize>> {
+    // A panic while holding the lock leaves the map consistent (single inserts and removes).
+    LIVE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The seed [`EmuBackend::from_env`] uses when `DORAFUSE_EMU_SEED` is not set.
 pub const DEFAULT_SEED: u64 = 0x5EED_D0AF;
@@ -57,6 +74,25 @@ mod ffi {
             err_cap: usize,
         ) -> i32;
         pub fn dfemu_switch_count() -> u64;
+        pub fn dfemu_rec_find_kernel(name: *const c_char) -> *const Kernel;
+        #[allow(clippy::too_many_arguments)]
+        pub fn dfemu_launch_recorded(
+            k: *const Kernel,
+            grid: *const u32,
+            block: *const u32,
+            shared_bytes: u32,
+            args: *mut *mut c_void,
+            seed: u64,
+            ranges: *const u64,
+            nranges: usize,
+            block_stride: u32,
+            skip_others: i32,
+            limit: usize,
+            err: *mut c_char,
+            err_cap: usize,
+        ) -> i32;
+        pub fn dfemu_recorded(n: *mut usize) -> *const super::record::Access;
+        pub fn dfemu_last_static_shared() -> usize;
     }
 }
 
@@ -135,6 +171,7 @@ impl DeviceBuffer for EmuBuffer {
 
 impl Drop for EmuBuffer {
     fn drop(&mut self) {
+        live_buffers().remove(&(self.ptr as usize));
         // SAFETY: allocated in `alloc_zeroed` with exactly this layout, freed once.
         unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.bytes)) }
     }
@@ -187,6 +224,38 @@ pub struct EmuBackend {
     seed: u64,
     launches: AtomicU64,
     ordinal: usize,
+    recording: Option<Recording>,
+}
+
+/// What a recording backend records, and the records so far.
+#[derive(Debug)]
+struct Recording {
+    options: RecordOptions,
+    records: Mutex<Vec<record::LaunchRecord>>,
+}
+
+/// Options of [`EmuBackend::recording`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordOptions {
+    /// Record at most about this many blocks per launch (0: every block): the blocks whose
+    /// linear index is a multiple of ⌈blocks / max_blocks⌉. The other blocks still run
+    /// unless `skip_unrecorded`; sampling keeps large launches' records small.
+    pub max_blocks: u32,
+    /// Do not run the blocks that are not recorded (a sampled profile of a large launch:
+    /// results are then meaningless, access patterns and launch shapes are not).
+    pub skip_unrecorded: bool,
+    /// Fail a launch whose record would exceed this many accesses (40 bytes each); 0: none.
+    pub max_accesses: usize,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        RecordOptions {
+            max_blocks: 0,
+            skip_unrecorded: false,
+            max_accesses: 50_000_000,
+        }
+    }
 }
 
 impl EmuBackend {
@@ -196,6 +265,27 @@ impl EmuBackend {
             seed,
             launches: AtomicU64::new(0),
             ordinal: 0,
+            recording: None,
+        }
+    }
+
+    /// The same backend recording every global and shared-memory access of its launches
+    /// (through the kernels' recording build; see [`record`]); [`EmuBackend::take_records`]
+    /// hands them out. Launches are slower (each access calls the recorder).
+    pub fn recording(mut self, options: RecordOptions) -> EmuBackend {
+        self.recording = Some(Recording {
+            options,
+            records: Mutex::new(Vec::new()),
+        });
+        self
+    }
+
+    /// The launch records made since the last call, in launch order (empty when the backend
+    /// does not record).
+    pub fn take_records(&self) -> Vec<record::LaunchRecord> {
+        match &self.recording {
+            Some(r) => std::mem::take(&mut *r.records.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Vec::new(),
         }
     }
 
@@ -352,6 +442,7 @@ impl Backend for EmuBackend {
             !ptr.is_null(),
             "emulator: out of host memory allocating {bytes} bytes"
         );
+        live_buffers().insert(ptr as usize, bytes);
         Ok(EmuBuffer { ptr, bytes })
     }
 
@@ -379,8 +470,14 @@ impl Backend for EmuBackend {
 
     unsafe fn launch(&self, kernel: &str, dims: LaunchDims, args: &[KernelArg]) -> Result<()> {
         let cname = CString::new(kernel).with_context(|| format!("kernel name {kernel:?}"))?;
-        // SAFETY: `cname` is NUL-terminated; the table lookup only reads static data.
-        let k = unsafe { ffi::dfemu_find_kernel(cname.as_ptr()) };
+        // SAFETY: `cname` is NUL-terminated; the table lookups only read static data.
+        let k = unsafe {
+            if self.recording.is_some() {
+                ffi::dfemu_rec_find_kernel(cname.as_ptr())
+            } else {
+                ffi::dfemu_find_kernel(cname.as_ptr())
+            }
+        };
         if k.is_null() {
             let known: Vec<String> = kernels().into_iter().map(|k| k.name).collect();
             bail!(
@@ -434,17 +531,77 @@ impl Backend for EmuBackend {
         // pointers, each to an 8-byte slot holding a value of the parameter's kind (checked
         // above); `grid`/`block` point to 3 u32 each; `err` has the stated capacity. The
         // caller guarantees the pointer arguments address memory valid for the kernel.
-        let rc = unsafe {
-            ffi::dfemu_launch(
-                k,
-                dims.grid.as_ptr(),
-                dims.block.as_ptr(),
-                dims.shared_bytes,
-                ptrs.as_mut_ptr(),
-                seed,
-                err.as_mut_ptr(),
-                err.len(),
-            )
+        let rc = match &self.recording {
+            // SAFETY: as above.
+            None => unsafe {
+                ffi::dfemu_launch(
+                    k,
+                    dims.grid.as_ptr(),
+                    dims.block.as_ptr(),
+                    dims.shared_bytes,
+                    ptrs.as_mut_ptr(),
+                    seed,
+                    err.as_mut_ptr(),
+                    err.len(),
+                )
+            },
+            Some(r) => {
+                let blocks: u64 = dims.grid.iter().map(|&g| g as u64).product();
+                let stride = match r.options.max_blocks {
+                    0 => 1,
+                    m => blocks.div_ceil(m as u64).clamp(1, u32::MAX as u64) as u32,
+                };
+                let ranges: Vec<u64> = live_buffers()
+                    .iter()
+                    .flat_map(|(&p, &n)| [p as u64, (p + n) as u64])
+                    .collect();
+                // SAFETY: as for dfemu_launch; `ranges` holds `len / 2` (start, end) pairs.
+                let rc = unsafe {
+                    ffi::dfemu_launch_recorded(
+                        k,
+                        dims.grid.as_ptr(),
+                        dims.block.as_ptr(),
+                        dims.shared_bytes,
+                        ptrs.as_mut_ptr(),
+                        seed,
+                        ranges.as_ptr(),
+                        ranges.len() / 2,
+                        stride,
+                        i32::from(r.options.skip_unrecorded),
+                        r.options.max_accesses,
+                        err.as_mut_ptr(),
+                        err.len(),
+                    )
+                };
+                if rc == 0 {
+                    let mut n = 0usize;
+                    // SAFETY: the runtime returns its thread-local record of the launch just
+                    // made on this thread: `n` initialised accesses, valid until the next
+                    // recorded launch of this thread (copied out here first).
+                    let accesses = unsafe {
+                        let p = ffi::dfemu_recorded(&mut n);
+                        if n == 0 {
+                            Vec::new()
+                        } else {
+                            std::slice::from_raw_parts(p, n).to_vec()
+                        }
+                    };
+                    // SAFETY: reads a thread-local value of the launch just made.
+                    let static_shared = unsafe { ffi::dfemu_last_static_shared() };
+                    r.records.lock().unwrap_or_else(|e| e.into_inner()).push(
+                        record::LaunchRecord {
+                            kernel: kernel.to_string(),
+                            grid: dims.grid,
+                            block: dims.block,
+                            dynamic_shared: dims.shared_bytes,
+                            static_shared: static_shared as u32,
+                            block_stride: stride,
+                            accesses,
+                        },
+                    );
+                }
+                rc
+            }
         };
         drop(slots);
         if rc != 0 {

@@ -45,6 +45,8 @@ pub mod error;
 pub mod fsutil;
 pub mod kernels;
 pub mod layer;
+#[cfg(feature = "bench")]
+pub mod profile;
 pub mod tensor;
 
 pub use dtype::DType;

@@ -736,13 +736,28 @@ DFEMU_REDUCE(__reduce_max_sync, 2)
 // thread, so a plain read-modify-write is atomic; each atomic is a scheduling point, so the
 // interleaving of the threads around it varies with the seed.
 // ---------------------------------------------------------------------------------------------
+#if DFEMU_RECORD
+// The recording build (build/emu.rs): the read-modify-write is reported once, as atomic, and
+// performed without the compiler's per-access hooks.
+extern "C" void dfemu_record_atomic(const void* p, std::size_t n);
+#endif
 namespace dfemu {
 template <class T, class F>
-inline T atomic_rmw(T* p, F f) {
-  yield_point();
+#if DFEMU_RECORD
+__attribute__((no_sanitize_thread, noinline))
+#endif
+inline T atomic_rmw_plain(T* p, F f) {
   const T old = *p;
   *p = f(old);
   return old;
+}
+template <class T, class F>
+inline T atomic_rmw(T* p, F f) {
+  yield_point();
+#if DFEMU_RECORD
+  dfemu_record_atomic(p, sizeof(T));
+#endif
+  return atomic_rmw_plain(p, f);
 }
 }  // namespace dfemu
 #define DFEMU_ATOMIC(NAME, T, EXPR)                                                           \

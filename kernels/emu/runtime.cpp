@@ -181,6 +181,10 @@ struct Fiber {
   // cp.async
   std::vector<Copy> copies;
   std::uint64_t groups_committed = 0;
+  // access recording: synchronisation points this thread has passed in its block (barriers
+  // and warp collectives), and the call site of the collective it waits in
+  std::uint32_t epoch = 0;
+  const void* coll_pc = nullptr;
 #if DFEMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -195,6 +199,17 @@ struct StaticAlloc {
   const void* key;
   std::size_t offset, bytes;
   const char* name;
+};
+
+// The access record of one launch (dfemu_launch_recorded): global ranges to watch, sorted by
+// start, and the accesses so far.
+struct Recorder {
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> global;  // [lo, hi)
+  std::vector<dfemu_access> accesses;
+  std::uint32_t block_stride = 1;  // record blocks whose linear index % stride == 0
+  bool block_on = false;           // the current block is recorded
+  bool skip_others = false;        // blocks that are not recorded are not run either
+  std::size_t limit = 0;           // stop (fail) past this many accesses; 0 = no limit
 };
 
 struct Launch {
@@ -221,6 +236,11 @@ struct Launch {
   std::vector<StaticAlloc> statics;
   bool failed = false;
   std::string error;
+  // access recording (null when off): see record() below
+  Recorder* rec = nullptr;
+  std::uint32_t block_linear = 0;
+  std::uint32_t barriers = 0;  // __syncthreads completed by the current block
+  bool rec_suppress = false;   // inside a collective's computation (reads other lanes' stacks)
   std::uint64_t ticks = 0;
   std::uint64_t idle_yields = 0;
 };
@@ -478,14 +498,19 @@ bool resolve_idle(Launch& L) {
   }
   for (unsigned int i = 0; i < L.nthreads; ++i) {
     L.fibers[i].bar_result = count;
+    ++L.fibers[i].epoch;
     push_runnable(L, &L.fibers[i]);
   }
+  ++L.barriers;
   L.idle_yields = 0;
   return true;
 }
 
 void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
   fill_shared(L);
+  L.block_linear = bx + L.grid.x * (by + L.grid.y * bz);
+  L.barriers = 0;
+  if (L.rec) L.rec->block_on = L.block_linear % L.rec->block_stride == 0;
   L.runq.clear();
   for (unsigned int w = 0; w < (L.nthreads + 31) / 32; ++w) {
     const unsigned int n = std::min(32u, L.nthreads - w * 32);
@@ -504,6 +529,7 @@ void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
     f.info.warp = i / 32;
     f.copies.clear();
     f.groups_committed = 0;
+    f.epoch = 0;
 #if DFEMU_ASAN
     // Frames abandoned by an earlier failed launch may have left their redzones poisoned.
     __asan_unpoison_memory_region(f.stack_lo, kStackSize);
@@ -520,6 +546,40 @@ void run_block(Launch& L, unsigned int bx, unsigned int by, unsigned int bz) {
     }
     switch_to_fiber(L, *pick_runnable(L));
   }
+}
+
+// Appends one access of fiber `f` to the launch's record when `p` lies in the block's shared
+// memory or in a watched global range; anything else (stacks, the emulator's own state) is
+// not device memory and is ignored.
+void record_for(Launch& L, const Fiber& f, const void* p, std::size_t n, std::uint32_t flags,
+                const void* pc) {
+  Recorder& R = *L.rec;
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t arena = reinterpret_cast<std::uintptr_t>(L.arena);
+  if (a >= arena && a < arena + L.arena_cap) {
+    flags |= DFEMU_ACCESS_SHARED;
+  } else {
+    auto it = std::upper_bound(
+        R.global.begin(), R.global.end(), a,
+        [](std::uintptr_t x, const std::pair<std::uintptr_t, std::uintptr_t>& r) {
+          return x < r.first;
+        });
+    if (it == R.global.begin()) return;
+    --it;
+    if (a >= it->second) return;
+  }
+  if (R.limit && R.accesses.size() >= R.limit) {
+    if (!L.failed) {
+      L.failed = true;
+      L.error = format("kernel %s: the access record exceeds %zu accesses (record a smaller "
+                       "shape or fewer blocks)",
+                       L.kernel->name, R.limit);
+    }
+    return;
+  }
+  R.accesses.push_back(dfemu_access{a, reinterpret_cast<std::uint64_t>(pc),
+                                    static_cast<std::uint32_t>(n), L.block_linear,
+                                    f.info.linear, L.barriers, f.epoch, flags});
 }
 
 Fiber& current_fiber(const char* what) {
@@ -632,6 +692,7 @@ void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const
   f.fn = fn;
   f.op = name;
   f.io = LaneIO{in, out};
+  f.coll_pc = __builtin_return_address(0);
   ws.waiting |= 1u << lane;
   if ((ws.waiting & mask) == mask) {
     bool complete = true;
@@ -644,10 +705,24 @@ void warp_collective(unsigned int mask, CollectiveFn fn, const char* name, const
       LaneIO lanes[32] = {};
       for (unsigned int l = 0; l < 32; ++l)
         if ((mask >> l) & 1u) lanes[l] = L.fibers[base + l].io;
+      // ldmatrix reads one 16-byte row per lane of lanes 0..8·x-1: recorded as each lane's
+      // own shared-memory read (the collective itself reads other lanes' stacks, unrecorded).
+      if (L.rec && L.rec->block_on && std::strncmp(name, "ldmatrix.x", 10) == 0) {
+        const unsigned int rows = 8u * static_cast<unsigned int>(name[10] - '0');
+        for (unsigned int l = 0; l < rows && l < 32; ++l) {
+          const Fiber& o = L.fibers[base + l];
+          record_for(L, o, *static_cast<const void* const*>(o.io.in), 16, 0, o.coll_pc);
+        }
+      }
+      L.rec_suppress = true;
       fn(mask, lanes);
+      L.rec_suppress = false;
       ws.waiting &= ~mask;
       for (unsigned int l = 0; l < 32; ++l)
-        if ((mask >> l) & 1u) push_runnable(L, &L.fibers[base + l]);
+        if ((mask >> l) & 1u) {
+          ++L.fibers[base + l].epoch;
+          push_runnable(L, &L.fibers[base + l]);
+        }
       L.idle_yields = 0;
     }
   }
@@ -726,6 +801,13 @@ void cp_async(void* dst, const void* src, unsigned int bytes, unsigned int src_b
     fault("cp.async of %u bytes with a misaligned address (dst %p, src %p)", bytes, dst, src);
   if (!in_shared(dst, bytes))
     fault("cp.async of %u bytes to %p, which is not in this block's shared memory", bytes, dst);
+  Launch& L = *tl_launch;
+  if (L.rec && L.rec->block_on) {
+    // Recorded when issued: the global read, and the shared write the wait performs.
+    const void* pc = __builtin_return_address(0);
+    if (src_bytes) record_for(L, f, src, src_bytes, 0, pc);
+    record_for(L, f, dst, bytes, DFEMU_ACCESS_WRITE, pc);
+  }
   f.copies.push_back(Copy{dst, src, bytes, src_bytes, f.groups_committed});
 }
 
@@ -756,10 +838,14 @@ long long clock_tick() {
 // ---------------------------------------------------------------------------------------------
 extern "C" std::uint64_t dfemu_switch_count(void) { return dfemu::tl_switches; }
 
-extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
-                            const unsigned int block[3], unsigned int shared_bytes, void** args,
-                            std::uint64_t seed, char* err, std::size_t err_cap) {
-  using namespace dfemu;
+namespace dfemu {
+namespace {
+thread_local Recorder tl_rec;
+__thread std::size_t tl_last_static_shared = 0;
+
+int launch(const dfemu_kernel* k, const unsigned int grid[3], const unsigned int block[3],
+           unsigned int shared_bytes, void** args, std::uint64_t seed, Recorder* rec, char* err,
+           std::size_t err_cap) {
   auto fail = [&](const std::string& msg) {
     if (err_cap) {
       std::snprintf(err, err_cap, "%s", msg.c_str());
@@ -791,6 +877,7 @@ extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
   L.nthreads = static_cast<unsigned int>(nthreads);
   L.dyn_bytes = shared_bytes;
   L.rng = seed ^ 0x6A09E667F3BCC909ull;
+  L.rec = rec;
   for (const char* c = k->name; *c; ++c) L.rng = (L.rng ^ static_cast<unsigned char>(*c)) * 0x100000001B3ull;
 
   // Shared-memory arena: dynamic part, a gap, then up to 48 KiB of static variables with
@@ -842,6 +929,7 @@ extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
   for (std::size_t i = order.size(); i > 1; --i)
     std::swap(order[i - 1], order[rand_below(L.rng, i)]);
   for (std::uint32_t b : order) {
+    if (rec && rec->skip_others && rec->block_stride > 1 && b % rec->block_stride != 0) continue;
     const unsigned int bx = b % grid[0], by = (b / grid[0]) % grid[1],
                        bz = b / (grid[0] * grid[1]);
     run_block(L, bx, by, bz);
@@ -849,9 +937,92 @@ extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
   }
   tl_launch = nullptr;
   dfemu_current = nullptr;
+  tl_last_static_shared = L.static_bytes;
 #if DFEMU_ASAN
   __asan_unpoison_memory_region(L.arena, L.arena_cap);
 #endif
   if (L.failed) return fail(L.error);
   return 0;
+}
+}  // namespace
+}  // namespace dfemu
+
+extern "C" int dfemu_launch(const dfemu_kernel* k, const unsigned int grid[3],
+                            const unsigned int block[3], unsigned int shared_bytes, void** args,
+                            std::uint64_t seed, char* err, std::size_t err_cap) {
+  return dfemu::launch(k, grid, block, shared_bytes, args, seed, nullptr, err, err_cap);
+}
+
+extern "C" int dfemu_launch_recorded(const dfemu_kernel* k, const unsigned int grid[3],
+                                     const unsigned int block[3], unsigned int shared_bytes,
+                                     void** args, std::uint64_t seed, const std::uint64_t* ranges,
+                                     std::size_t nranges, std::uint32_t block_stride,
+                                     int skip_others, std::size_t limit, char* err,
+                                     std::size_t err_cap) {
+  dfemu::Recorder& R = dfemu::tl_rec;
+  R.accesses.clear();
+  R.global.clear();
+  for (std::size_t i = 0; i < nranges; ++i)
+    R.global.emplace_back(static_cast<std::uintptr_t>(ranges[2 * i]),
+                          static_cast<std::uintptr_t>(ranges[2 * i + 1]));
+  std::sort(R.global.begin(), R.global.end());
+  R.block_stride = block_stride ? block_stride : 1;
+  R.block_on = false;
+  R.skip_others = skip_others != 0;
+  R.limit = limit;
+  return dfemu::launch(k, grid, block, shared_bytes, args, seed, &R, err, err_cap);
+}
+
+extern "C" const dfemu_access* dfemu_recorded(std::size_t* n) {
+  *n = dfemu::tl_rec.accesses.size();
+  return dfemu::tl_rec.accesses.data();
+}
+
+extern "C" std::size_t dfemu_last_static_shared(void) { return dfemu::tl_last_static_shared; }
+
+// ---------------------------------------------------------------------------------------------
+// Access hooks. The kernels' recording build (build/emu.rs) is compiled with
+// -fsanitize=thread, which makes the compiler call __tsan_readN / __tsan_writeN (and the
+// range and unaligned forms) before every memory access it cannot prove thread-private; this
+// runtime, not ThreadSanitizer's, implements them. The return address is the access's site.
+// ---------------------------------------------------------------------------------------------
+namespace {
+inline void hook(const void* p, std::size_t n, std::uint32_t flags, const void* pc) {
+  dfemu::Launch* L = dfemu::tl_launch;
+  if (!L || !L->rec || !L->rec->block_on || L->rec_suppress || !L->running) return;
+  dfemu::record_for(*L, *L->running, p, n, flags, pc);
+}
+}  // namespace
+
+extern "C" {
+#define DFEMU_HOOKS(N)                                                                        \
+  void __tsan_read##N(void* p) { hook(p, N, 0, __builtin_return_address(0)); }                \
+  void __tsan_write##N(void* p) {                                                             \
+    hook(p, N, DFEMU_ACCESS_WRITE, __builtin_return_address(0));                              \
+  }                                                                                           \
+  void __tsan_unaligned_read##N(void* p) { hook(p, N, 0, __builtin_return_address(0)); }      \
+  void __tsan_unaligned_write##N(void* p) {                                                   \
+    hook(p, N, DFEMU_ACCESS_WRITE, __builtin_return_address(0));                              \
+  }                                                                                           \
+  void __tsan_volatile_read##N(void* p) { hook(p, N, 0, __builtin_return_address(0)); }       \
+  void __tsan_volatile_write##N(void* p) {                                                    \
+    hook(p, N, DFEMU_ACCESS_WRITE, __builtin_return_address(0));                              \
+  }
+DFEMU_HOOKS(1)
+DFEMU_HOOKS(2)
+DFEMU_HOOKS(4)
+DFEMU_HOOKS(8)
+DFEMU_HOOKS(16)
+#undef DFEMU_HOOKS
+void __tsan_read_range(void* p, std::size_t n) { hook(p, n, 0, __builtin_return_address(0)); }
+void __tsan_write_range(void* p, std::size_t n) {
+  hook(p, n, DFEMU_ACCESS_WRITE, __builtin_return_address(0));
+}
+void __tsan_init(void) {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit(void) {}
+// An atomic read-modify-write (cuda_emu.h's atomics in the recording build).
+void dfemu_record_atomic(const void* p, std::size_t n) {
+  hook(p, n, DFEMU_ACCESS_WRITE | DFEMU_ACCESS_ATOMIC, __builtin_return_address(0));
+}
 }

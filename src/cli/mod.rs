@@ -5,6 +5,7 @@ mod bench;
 mod export_lora;
 mod inspect;
 mod merge;
+mod profile;
 mod replay;
 mod resize;
 
@@ -33,6 +34,8 @@ enum Command {
     Merge(merge::Args),
     /// The DoRA paper's Figure 2 over checkpoints: magnitude vs direction change per module.
     Analyze(analyze::Args),
+    /// Memory figures and grid fill of every kernel from the emulator's access record.
+    Profile(profile::Args),
     /// Lower an adapter's rank by SVD of each module's update (fixed rank or energy).
     Resize(resize::Args),
     /// Turn a DoRA adapter into a plain LoRA adapter by a randomized SVD of its full update.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Analyze(a) => analyze::run(a),
+        Command::Profile(a) => profile::run(a),
         Command::Resize(a) => resize::run(a),
         Command::ExportLora(a) => export_lora::run(a),
     }

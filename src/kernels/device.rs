@@ -22,12 +22,20 @@
 //! workspace is freed and reallocated only then, never in the steady state.
 
 use super::launch::{self, weight_strides};
+use super::spec;
 use crate::backend::{Backend, DevPtr, DeviceBuffer};
 use crate::dtype::DType;
 use crate::error::ensure_input;
 use crate::layer::GradMode;
 use anyhow::{ensure, Context, Result};
 use std::marker::PhantomData;
+
+/// Bytes of an f32 element (n, g, U, partials and the other f32 workspaces).
+const F32_BYTES: usize = std::mem::size_of::<f32>();
+/// Alignment of every region carved out of a workspace, and the smallest workspace
+/// allocated: 256 bytes, the alignment `cudaMalloc` guarantees, so every region is as
+/// aligned as a fresh allocation (16-byte vector loads included).
+const WORKSPACE_ALIGN: usize = 256;
 
 /// A typed view of device memory: an address, a length in bytes and a dtype, borrowed for
 /// `'a`. Device memory is written through shared views (as with any device pointer); the
@@ -264,7 +272,7 @@ impl<B: Backend> Scratch<B> {
 
     /// Ensures `bytes` and returns the base address.
     fn ensure(&mut self, b: &B, bytes: usize, what: &str) -> Result<DevPtr> {
-        let bytes = bytes.max(256);
+        let bytes = bytes.max(WORKSPACE_ALIGN);
         if self.buf.as_ref().map_or(true, |x| x.bytes() < bytes) {
             self.buf = None; // free first: the old contents are never needed across a grow
             self.buf = Some(
@@ -280,7 +288,7 @@ impl<B: Backend> Scratch<B> {
     }
 }
 
-/// Carves 256-byte-aligned regions out of one scratch buffer.
+/// Carves [`WORKSPACE_ALIGN`]-byte-aligned regions out of one scratch buffer.
 struct Carve {
     next: usize,
 }
@@ -291,7 +299,7 @@ impl Carve {
     }
     fn take(&mut self, bytes: usize) -> usize {
         let at = self.next;
-        self.next += bytes.div_ceil(256) * 256;
+        self.next += bytes.div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
         at
     }
 }
@@ -332,6 +340,8 @@ pub struct DoraLayer<'w, B: Backend> {
     act: Scratch<B>,
     scratch: Scratch<B>,
     exact: Scratch<B>,
+    /// Partial sums of the norm split over d_in.
+    norm_part: Scratch<B>,
     saved: Option<Saved>,
 }
 
@@ -353,6 +363,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             act: Scratch::new(),
             scratch: Scratch::new(),
             exact: Scratch::new(),
+            norm_part: Scratch::new(),
             saved: None,
         })
     }
@@ -369,7 +380,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
 
     /// Bytes of device workspace held now (g cache excluded).
     pub fn workspace_bytes(&self) -> usize {
-        self.act.bytes() + self.scratch.bytes() + self.exact.bytes()
+        self.act.bytes() + self.scratch.bytes() + self.exact.bytes() + self.norm_part.bytes()
     }
 
     /// Swaps in another adapter for the same base weight (multi-adapter serving); the cached g
@@ -407,12 +418,14 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
     }
 
     fn g_ptr(&self) -> DevPtr {
-        self.scale.ptr().offset(4 * self.w.d_out)
+        self.scale.ptr().offset(F32_BYTES * self.w.d_out)
     }
 
     /// Recomputes n (and g for DoRA) into the cache.
     fn compute_scale(&mut self, b: &B) -> Result<()> {
         let w = &self.w;
+        let part_bytes = F32_BYTES * spec::norm_partials_len(w.d_out, w.d_in);
+        let part = self.norm_part.ensure(b, part_bytes, "norm partials")?;
         let args = launch::NormArgs {
             dtype: w.dtype(),
             adapter: w.adapter_dtype(),
@@ -427,9 +440,10 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             r: w.r,
             n_out: self.n_ptr(),
             g_out: w.magnitude.map(|_| self.g_ptr()),
+            part: Some(part),
         };
         // SAFETY: the weights were validated against (d_in, d_out, r) and the dtype; the
-        // cache holds 2·d_out f32 (n, then g).
+        // cache holds 2·d_out f32 (n, then g); part holds norm_partials_len f32.
         unsafe { launch::norm(b, &args, None) }?;
         self.scale_version = Some(self.version);
         Ok(())
@@ -508,7 +522,9 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             Base::Strided(bt, ld) => (bt.check_rows("base", dt, t, d_out, ld)?, ld),
         };
         let (splits, _) = launch::shrink_splits(t, r, d_in, true);
-        let u = self.scratch.ensure(b, 4 * splits * t * r, "shrink")?;
+        let u = self
+            .scratch
+            .ensure(b, F32_BYTES * splits * t * r, "shrink")?;
         self.shrink_and_compose(
             b,
             FwdIo {
@@ -553,7 +569,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         }
         let g = self.w.magnitude.map(|_| self.g_ptr());
         let mut c = Carve::new();
-        let u_off = c.take(4 * t * r);
+        let u_off = c.take(F32_BYTES * t * r);
         let base_off = c.take(t * d_out * dt.size());
         let need_base = matches!(base, Base::Compute);
         let total = if need_base { c.next } else { base_off };
@@ -643,10 +659,12 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             });
         let mut c = Carve::new();
         let dz_off = c.take(if dora { t * d_out * dt.size() } else { 0 });
-        let cpart_off = c.take(if dora { 4 * parts * d_out } else { 0 });
-        let dzb_off = c.take(4 * t * r);
-        let part_off = c.take(4 * part_len);
-        let kcoef_off = c.take(if exact { 4 * d_out } else { 0 });
+        let cpart_off = c.take(if dora { F32_BYTES * parts * d_out } else { 0 });
+        let dzb_off = c.take(F32_BYTES * t * r);
+        let dzb_part_len = launch::bwd_dz_partials_len(t, d_out, r);
+        let dzb_part_off = c.take(F32_BYTES * dzb_part_len);
+        let part_off = c.take(F32_BYTES * part_len);
+        let kcoef_off = c.take(if exact { F32_BYTES * d_out } else { 0 });
         let ws = self.scratch.ensure(b, c.next, "backward")?;
         let dz = if dora { ws.offset(dz_off) } else { dyp };
         let dzb = ws.offset(dzb_off);
@@ -669,9 +687,10 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
             dz: dora.then_some(dz),
             cpart: dora.then(|| ws.offset(cpart_off)),
             dzb,
+            dzb_part: (dzb_part_len > 0).then(|| ws.offset(dzb_part_off)),
         };
         // SAFETY: dy [t, d_out] checked; base and U are the forward_train's (same t, same
-        // adapter version); dz, cpart, dzb carved above with these extents.
+        // adapter version); dz, cpart, dzb and the dz·B slabs carved above with these extents.
         unsafe { launch::bwd_dz(b, &a1) }?;
         if let Some(gm) = gm {
             let a = launch::MagReduceArgs {
@@ -783,7 +802,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let (d_in, d_out, r, dt) = (w.d_in, w.d_out, w.r, w.dtype());
         let mut c = Carve::new();
         let v_off = c.take(d_out * d_in * dt.size());
-        let bk_off = c.take(4 * d_out * r);
+        let bk_off = c.take(F32_BYTES * d_out * r);
         let ws = self.exact.ensure(b, c.next, "exact-gradient")?;
         let v = ws.offset(v_off);
         let bk = ws.offset(bk_off);

@@ -754,6 +754,7 @@ impl<B: Backend> DoraAdapter<B> {
             r: self.r,
             n_out,
             g_out: Some(n_out.offset(4 * self.d_out)),
+            part: None,
         };
         // SAFETY: W0, A, B and m are held by `linear` and `self`, checked at construction for
         // these dims and dtypes on this device; `memory` holds 2·d_out f32 (checked above) and

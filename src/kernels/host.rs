@@ -207,6 +207,9 @@ pub fn norm<B: Backend>(
     let out = b
         .alloc_zeroed(2 * F32_BYTES * d_out)
         .context("allocating n and g")?;
+    let part = b
+        .alloc_zeroed(F32_BYTES * super::spec::norm_partials_len(d_out, d_in))
+        .context("allocating the norm partials")?;
     let n_ptr = out.ptr();
     let g_ptr = out.ptr().offset(F32_BYTES * d_out);
     let args = launch::NormArgs {
@@ -223,9 +226,10 @@ pub fn norm<B: Backend>(
         r,
         n_out: n_ptr,
         g_out: w.magnitude.map(|_| g_ptr),
+        part: Some(part.ptr()),
     };
     // SAFETY: the weights were validated against (d_in, d_out, r) and dtype; `out` holds
-    // 2·d_out f32 (n, then g).
+    // 2·d_out f32 (n, then g), `part` norm_partials_len f32.
     unsafe { launch::norm(b, &args, variant) }?;
     let both = download(b, &out, DType::F32, vec![2 * d_out], "n and g")?.to_f32();
     let (n, g) = both.split_at(d_out);

@@ -7,7 +7,7 @@
 //! contract: each pointer addresses device memory of the backend `b`, valid (and, for
 //! outputs, writable) for the extents written beside it, in the stated dtype.
 
-use super::spec::{self, Op, Variant};
+use super::spec::{self, Op, Tuning, Variant};
 use crate::backend::{Backend, DevPtr, GemmDesc, KernelArg, LaunchDims};
 use crate::dtype::DType;
 use anyhow::{ensure, Context, Result};
@@ -98,6 +98,17 @@ pub(crate) struct NormArgs {
     pub n_out: DevPtr,
     /// g `[d_out]` f32, written when `m` is given.
     pub g_out: Option<DevPtr>,
+    /// Scratch for the partial sums of a norm split over d_in, at least
+    /// [`spec::norm_partials_len`] f32; `None` runs unsplit (one block per row tile).
+    pub part: Option<DevPtr>,
+}
+
+/// 1 when the tuned configuration may read the row-major matrices at `mats` (address, row
+/// stride in elements, dtype) in 16-byte loads, else 0 (scalar loads).
+fn vec16_flag(mats: &[(DevPtr, usize, DType)]) -> i32 {
+    let ok = spec::tuning() == Tuning::Tuned
+        && mats.iter().all(|&(p, ld, dt)| spec::vec16_ok(p.0, ld, dt));
+    ok as i32
 }
 
 /// The norm variant to use: `forced` if given (tests), else the table's choice.
@@ -146,6 +157,21 @@ pub(crate) unsafe fn norm<B: Backend>(
     );
     let v = norm_variant(x.dtype, x.adapter, x.r, forced)?;
     let (ldj, ldk) = weight_strides(x.fan_in_fan_out, x.d_in, x.d_out);
+    let tuning = if x.part.is_some() {
+        spec::tuning()
+    } else {
+        Tuning::Previous
+    };
+    let (splits, per) = spec::norm_splits(v.version, x.d_out, x.d_in, x.r, tuning);
+    debug_assert!(splits * x.d_out <= spec::norm_partials_len(x.d_out, x.d_in));
+    // 16-byte loads in v2 only: in the v1 pass (f32 tiles in shared memory) the unpacking
+    // made ptxas spill on sm_80/86.
+    let vec = if x.fan_in_fan_out || v.version != 2 {
+        0
+    } else {
+        vec16_flag(&[(x.w0, x.d_in, x.dtype), (x.a, x.d_in, x.adapter)])
+    };
+    let part = if splits > 1 { x.part } else { None };
     let (grid, threads, shared) = if v.version == 2 {
         let sh = spec::norm_v2_shared_bytes(x.r);
         ensure!(
@@ -155,7 +181,7 @@ pub(crate) unsafe fn norm<B: Backend>(
         (
             [
                 blocks("norm v2 rows", x.d_out, spec::NT_ROWS, GRID_X)?,
-                1,
+                splits as u32,
                 1,
             ],
             spec::WARP_SIZE * spec::NT_WARPS,
@@ -165,14 +191,14 @@ pub(crate) unsafe fn norm<B: Backend>(
         (
             [
                 blocks("norm v1 rows", x.d_out, spec::VT_ROWS, GRID_X)?,
-                1,
+                splits as u32,
                 1,
             ],
             spec::THREADS,
             spec::vtile_shared_bytes(x.r),
         )
     };
-    let args = [
+    let mut args = vec![
         ptr(x.w0),
         KernelArg::I64(ldj),
         KernelArg::I64(ldk),
@@ -184,16 +210,47 @@ pub(crate) unsafe fn norm<B: Backend>(
         int("d_out", x.d_out)?,
         int("d_in", x.d_in)?,
         int("r", x.r)?,
+        int("columns per split", per)?,
+    ];
+    if v.version == 2 {
+        args.push(KernelArg::I32(vec));
+    }
+    args.extend([opt(part), ptr(x.n_out), opt(x.g_out)]);
+    let name = v.entry(x.dtype, x.adapter);
+    // SAFETY: the argument list matches `dora_norm_v1_<dt>(w0, ldw_j, ldw_k, a, b, m, s, eps,
+    // d_out, d_in, r, k_per_split, part, n_out, g_out)` (v2: `vec` after k_per_split) in
+    // kernels/norm.cu in order and type; the caller guarantees the extents (and `part`
+    // holds norm_partials_len ≥ splits·d_out f32); `vec` is 1 only when W0 and A are
+    // row-major with 16-byte aligned bases and rows; the grid covers every row (⌈d_out/rows per block⌉ blocks) and every
+    // split (splits = ⌈d_in/per⌉, per a multiple of the 64-column chunk); each block writes
+    // n (and g) of all of its rows, or, split, their partial sums into row `split` of part.
+    unsafe { b.launch(&name, dims(grid, threads, shared), &args) }
+        .with_context(|| format!("launching {name}"))?;
+    let Some(part) = part else {
+        return Ok(());
+    };
+    let d = dims(
+        [
+            blocks("norm_reduce", x.d_out, spec::SMALL_THREADS, GRID_X)?,
+            1,
+            1,
+        ],
+        spec::SMALL_THREADS,
+        0,
+    );
+    let args = [
+        ptr(part),
+        int("splits", splits)?,
+        opt(x.m),
+        KernelArg::F32(crate::layer::NORM_EPS as f32),
+        int("d_out", x.d_out)?,
         ptr(x.n_out),
         opt(x.g_out),
     ];
-    let name = v.entry(x.dtype, x.adapter);
-    // SAFETY: the argument list matches `dora_norm_v{1,2}_<dt>(w0, ldw_j, ldw_k, a, b, m, s,
-    // eps, d_out, d_in, r, n_out, g_out)` in kernels/norm.cu in order and type; the caller
-    // guarantees the extents; the grid covers every row (⌈d_out/rows per block⌉ blocks) and
-    // each block writes n (and g) for all of its rows.
-    unsafe { b.launch(&name, dims(grid, threads, shared), &args) }
-        .with_context(|| format!("launching {name}"))
+    // SAFETY: matches `dora_norm_reduce_f32(part, splits, m, eps, d_out, n_out, g_out)` in
+    // kernels/norm.cu; part [splits, d_out] was written whole by the launch above (ordered
+    // before on the stream); one thread per row covers all d_out.
+    unsafe { b.launch("dora_norm_reduce_f32", d, &args) }.context("launching dora_norm_reduce_f32")
 }
 
 /// Arguments of the merged_weight kernel: `out = diag(g)·(W0 + s·B·A)` as `[d_out, d_in]`.
@@ -267,8 +324,8 @@ pub(crate) unsafe fn merged_weight<B: Backend>(b: &B, x: &MergedWeightArgs) -> R
         ptr(x.out),
     ];
     // SAFETY: matches `dora_merged_weight[_f32out]_<dt>(w0, ldw_j, ldw_k, a, b, g, s, d_out,
-    // d_in, r, out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes every
-    // column of its rows.
+    // d_in, r, out)` in kernels/norm.cu; the grid covers all d_out rows and each block writes
+    // every column of its rows.
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
 }
 
@@ -473,6 +530,18 @@ pub(crate) struct BwdDzArgs {
     pub cpart: Option<DevPtr>,
     /// dz·B `[t, r]` f32.
     pub dzb: DevPtr,
+    /// Scratch for the per-split slabs of dz·B when d_out is split, at least
+    /// [`bwd_dz_partials_len`] f32; `None` runs unsplit.
+    pub dzb_part: Option<DevPtr>,
+}
+
+/// f32 elements of the dz·B slabs a split bwd_dz writes under the current
+/// [`spec::tuning`] (0 when it does not split).
+pub(crate) fn bwd_dz_partials_len(t: usize, d_out: usize, r: usize) -> usize {
+    match spec::bwd_dz_splits(t, d_out, r, spec::tuning()).0 {
+        1 => 0,
+        s => s * t * r,
+    }
 }
 
 /// Rows of the c-partials `bwd_dz` writes for `t` tokens at rank `r`.
@@ -504,8 +573,17 @@ pub(crate) unsafe fn bwd_dz<B: Backend>(b: &B, x: &BwdDzArgs) -> Result<()> {
         x.r
     );
     let name = name("dora_bwd_dz", x.dtype, x.adapter)?;
+    let (splits, per) = match x.dzb_part {
+        Some(_) => spec::bwd_dz_splits(x.t, x.d_out, x.r, spec::tuning()),
+        None => spec::bwd_dz_splits(x.t, x.d_out, x.r, Tuning::Previous),
+    };
+    let slabs = if splits > 1 {
+        x.dzb_part.context("bwd_dz: a split needs dz·B slabs")?
+    } else {
+        x.dzb
+    };
     let d = dims(
-        [blocks("bwd_dz tokens", x.t, tt, GRID_X)?, 1, 1],
+        [blocks("bwd_dz tokens", x.t, tt, GRID_X)?, splits as u32, 1],
         spec::THREADS,
         sh,
     );
@@ -521,14 +599,68 @@ pub(crate) unsafe fn bwd_dz<B: Backend>(b: &B, x: &BwdDzArgs) -> Result<()> {
         int("r", x.r)?,
         int("tt", tt)?,
         int("jt", jt)?,
+        int("columns per split", per)?,
         opt(x.dz),
         opt(x.cpart),
-        ptr(x.dzb),
+        ptr(slabs),
     ];
-    // SAFETY: matches `dora_bwd_dz_<dt>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt, dz,
-    // cpart, dzb)` in kernels/backward.cu; one block per tt tokens walks all of d_out, so every
-    // element of dz, of cpart's ⌈t/tt⌉ rows and of dzb is written.
-    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))
+    // SAFETY: matches `dora_bwd_dz_<dt>(dy, base, u, b, g, s, t_rows, d_out, r, tt, jt,
+    // cols_per_split, dz, cpart, dzb)` in kernels/backward.cu; blocks (token tile, split)
+    // cover every (token, column) once (splits = ⌈d_out/per⌉, per a multiple of jt), so every
+    // element of dz and of cpart's ⌈t/tt⌉ rows is written, and each split writes its whole
+    // [t, r] slab of `slabs` (dzb itself when unsplit; else dzb_part, which holds
+    // bwd_dz_partials_len = splits·t·r f32).
+    unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))?;
+    if splits > 1 {
+        sum_partials(b, slabs, splits, x.t, x.r, 1.0, None, false, false, x.dzb)?;
+    }
+    Ok(())
+}
+
+/// Launches `dora_sum_partials_f32`: `out (+)= alpha·colscale ⊙ Σ_split part[split]` over
+/// `[r, ncols]` slabs, in split order.
+///
+/// # Safety
+/// `part` holds `splits·r·ncols` f32, `col_scale` `ncols` f32, `out` `r·ncols` f32.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sum_partials<B: Backend>(
+    b: &B,
+    part: DevPtr,
+    splits: usize,
+    r: usize,
+    ncols: usize,
+    alpha: f32,
+    col_scale: Option<DevPtr>,
+    transpose: bool,
+    accumulate: bool,
+    out: DevPtr,
+) -> Result<()> {
+    let n = r * ncols;
+    let d = dims(
+        [
+            blocks("sum_partials", n, spec::SMALL_THREADS, GRID_X)?.min(HELPER_MAX_BLOCKS),
+            1,
+            1,
+        ],
+        spec::SMALL_THREADS,
+        0,
+    );
+    let args = [
+        ptr(part),
+        int("splits", splits)?,
+        int("r", r)?,
+        int("ncols", ncols)?,
+        KernelArg::F32(alpha),
+        opt(col_scale),
+        KernelArg::I32(transpose as i32),
+        KernelArg::I32(accumulate as i32),
+        ptr(out),
+    ];
+    // SAFETY: matches `dora_sum_partials_f32(part, splits, r, ncols, alpha, colscale,
+    // transpose, accumulate, out)`; grid-stride over all r·ncols outputs; extents from the
+    // caller's contract.
+    unsafe { b.launch("dora_sum_partials_f32", d, &args) }
+        .context("launching dora_sum_partials_f32")
 }
 
 /// Arguments of mag_reduce.
@@ -609,20 +741,14 @@ pub(crate) struct TnArgs {
     pub out: DevPtr,
 }
 
-/// `(splits, rows per split)` of a long reduction: enough splits to fill
-/// [`spec::TARGET_BLOCKS`], each a whole number of [`spec::TN_TCHUNK`] rows.
-pub(crate) fn tn_splits(rows: usize, r: usize, ncols: usize) -> (usize, usize) {
-    let tile = spec::tn_rank_tile(r);
-    let base = ncols.div_ceil(spec::TN_COLS) * r.div_ceil(tile);
-    let chunks = rows.div_ceil(spec::TN_TCHUNK).max(1);
-    let want = spec::TARGET_BLOCKS
-        .div_ceil(base)
-        .clamp(1, chunks.min(GRID_YZ as usize));
-    let per = chunks.div_ceil(want) * spec::TN_TCHUNK;
-    (rows.div_ceil(per).max(1), per)
+/// `(splits, rows per split)` of a long reduction under the current [`spec::tuning`]
+/// ([`spec::tn_splits`]).
+fn tn_splits(rows: usize, r: usize, ncols: usize) -> (usize, usize) {
+    spec::tn_splits(rows, r, ncols, spec::tuning())
 }
 
-/// f32 elements of partials scratch a [`TnArgs`] product needs.
+/// f32 elements of partials scratch a [`TnArgs`] product needs (under the current
+/// [`spec::tuning`]).
 pub(crate) fn tn_partials_len(rows: usize, r: usize, ncols: usize) -> usize {
     tn_splits(rows, r, ncols).0 * r * ncols
 }
@@ -679,31 +805,22 @@ pub(crate) unsafe fn tn<B: Backend>(
     // split (including an empty tail) writes its whole [r, ncols] slab of `part`, which holds
     // splits·r·ncols floats.
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))?;
-    let n = x.r * x.ncols;
-    let d = dims(
-        [
-            blocks("sum_partials", n, spec::SMALL_THREADS, GRID_X)?.min(HELPER_MAX_BLOCKS),
-            1,
-            1,
-        ],
-        spec::SMALL_THREADS,
-        0,
-    );
-    let args = [
-        ptr(x.part),
-        int("splits", splits)?,
-        int("r", x.r)?,
-        int("ncols", x.ncols)?,
-        KernelArg::F32(x.alpha),
-        opt(x.col_scale),
-        KernelArg::I32(x.transpose as i32),
-        KernelArg::I32(x.accumulate as i32),
-        ptr(x.out),
-    ];
-    // SAFETY: matches `dora_sum_partials_f32(part, splits, r, ncols, alpha, colscale,
-    // transpose, accumulate, out)`; grid-stride over all r·ncols outputs.
-    unsafe { b.launch("dora_sum_partials_f32", d, &args) }
-        .context("launching dora_sum_partials_f32")
+    // SAFETY: part holds splits·r·ncols f32 written above; col_scale [ncols] and out (r·ncols
+    // f32) by the caller's contract.
+    unsafe {
+        sum_partials(
+            b,
+            x.part,
+            splits,
+            x.r,
+            x.ncols,
+            x.alpha,
+            x.col_scale,
+            x.transpose,
+            x.accumulate,
+            x.out,
+        )
+    }
 }
 
 /// Launches scale_rows: `out[j, i] = coef[j]·in[j, i]` in f32.

@@ -484,6 +484,7 @@ pub fn run_multi<B: Backend>(
                     r: a.rank(),
                     n_out: ng.ptr(),
                     g_out: Some(ng.ptr().offset(4 * d_out)),
+                    part: None,
                 };
                 // SAFETY: W0 holds d_out·d_in elements of `dt` in the layout fan_in_fan_out
                 // says, A and B r·d_in and d_out·r of `ad`, m d_out f32 (shapes validated by

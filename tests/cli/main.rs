@@ -5,4 +5,5 @@
 mod case_errors;
 mod inspect_table;
 mod output;
+mod profile;
 mod replay_fixtures;

@@ -5,6 +5,8 @@
 mod backend;
 mod convert;
 mod faults;
+mod profile;
+mod racecheck;
 mod reduce;
 mod tensor_core;
 mod transpose;

@@ -981,3 +981,226 @@ fn sweep_merged_weight_matches_f64<B: TestBackend>() {
     }
 }
 test_device!(sweep_merged_weight_matches_f64);
+
+// ---- the two launch configurations (spec::Tuning) --------------------------------------
+
+/// Shapes whose rows are a whole number of 16-byte groups in every dtype (d_in % 8 == 0), so
+/// the tuned configuration takes its 16-byte loads for row-major W0, still off every tile
+/// (64-row, 16-row, 64-column, 32-chunk), and wide enough in d_in and d_out that the tuned
+/// norm and bwd_dz split them (several 64-column chunks, several 32-column chunks).
+const VEC_SHAPES: [(usize, usize, usize, usize); 3] =
+    [(33, 136, 130, 16), (17, 200, 97, 7), (5, 72, 33, 64)];
+
+/// The whole layer (forward, detached and exact backward, DoRA and LoRA, f32 adapters
+/// beside 16-bit ones) under both launch configurations, against float64 truth, at shapes
+/// where the tuned one splits and loads 16 bytes at a time; each configuration twice,
+/// bit-identical (the splits sum in a fixed order).
+fn both_tunings_match_f64<B: TestBackend>() {
+    for tuning in spec::Tuning::ALL {
+        spec::with_tuning(tuning, || {
+            for dt in DType::ALL {
+                for (i, &(t, d_in, d_out, r)) in VEC_SHAPES.iter().enumerate() {
+                    let c = Case {
+                        t,
+                        d_in,
+                        d_out,
+                        r,
+                        dtype: dt,
+                        dora: i != 1 || dt != DType::F16,
+                        bias: i % 2 == 0,
+                        fifo: i == 2,
+                        a32: dt != DType::F32 && i == 1,
+                    };
+                    let mode = if i == 0 {
+                        GradMode::Exact
+                    } else {
+                        GradMode::Detached
+                    };
+                    run_case::<B>(c, mode);
+                    let dev = B::with_seed(B::SEEDS[0]);
+                    let (layer, x, gy) = make(c, 5);
+                    let once = kernels::run(&dev, &layer, &x, Some(&gy), mode).unwrap();
+                    let twice = kernels::run(&dev, &layer, &x, Some(&gy), mode).unwrap();
+                    let g1 = once.grads.unwrap();
+                    let g2 = twice.grads.unwrap();
+                    for (what, a, b) in [
+                        ("y", &once.y, &twice.y),
+                        ("grad_x", &g1.grad_x, &g2.grad_x),
+                        ("grad_lora_A", &g1.grad_lora_a, &g2.grad_lora_a),
+                        ("grad_lora_B", &g1.grad_lora_b, &g2.grad_lora_b),
+                    ] {
+                        assert_eq!(
+                            a.to_f64(),
+                            b.to_f64(),
+                            "{what} {c:?} {}: two runs differ",
+                            tuning.name()
+                        );
+                    }
+                }
+            }
+        });
+    }
+}
+test_device!(both_tunings_match_f64);
+
+/// Every norm variant under both launch configurations, both layouts and f32 adapters, at
+/// the 16-byte-aligned shapes, against float64 truth; the tuned n bit-identical run to run.
+fn norm_both_tunings_every_variant<B: TestBackend>() {
+    for tuning in spec::Tuning::ALL {
+        spec::with_tuning(tuning, || {
+            for dt in DType::ALL {
+                for &(_, d_in, d_out, r) in &VEC_SHAPES {
+                    for (fifo, a32) in [(false, false), (true, false), (false, dt != DType::F32)] {
+                        let c = Case {
+                            t: 1,
+                            d_in,
+                            d_out,
+                            r,
+                            dtype: dt,
+                            dora: true,
+                            bias: false,
+                            fifo,
+                            a32,
+                        };
+                        let (layer, _, _) = make(c, 13);
+                        let want_n = reference::norm_f64(&layer).unwrap();
+                        let adt = layer.lora_a.dtype();
+                        for v in spec::candidates(spec::Op::Norm, dt, adt, r) {
+                            let mut first: Option<Vec<f32>> = None;
+                            for &seed in B::SEEDS {
+                                let dev = B::with_seed(seed);
+                                let (n, _) =
+                                    kernels::norm(&dev, &layer, Some(v)).unwrap_or_else(|e| {
+                                        panic!("{} {c:?} {}: {e:#}", v.prefix, tuning.name())
+                                    });
+                                let n64: Vec<f64> = n.iter().map(|&v| v as f64).collect();
+                                let what = format!("n ({}, {})", v.prefix, tuning.name());
+                                check(&what, &c, seed, &n64, &want_n, 1e-5);
+                                match &first {
+                                    None => first = Some(n),
+                                    Some(f) => assert_eq!(f, &n, "{what} {c:?}: runs differ"),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+test_device!(norm_both_tunings_every_variant);
+
+/// The tuned launch configuration timed against the previous one in the same process, on
+/// the device API: the norm (g recomputed after `invalidate`) and the detached backward
+/// (bwd_dz, tn, sum_partials, the grad_x GEMM and compose). On a GPU at the reference shape
+/// (T = 512, 4096×4096, r = 16; bf16, and bf16 with f32 adapters), printing the mean time of
+/// each (`scripts/gpu-check.sh` runs it with `--nocapture`); on the emulator at a small
+/// shape, once. Either way the two configurations must agree: n and g to f32 rounding, the
+/// gradients to the dtype's tolerance.
+fn tuned_against_previous_timed<B: TestBackend>() {
+    let (t, d_in, d_out, r, iters) = if B::large() {
+        (512, 4096, 4096, 16, 20)
+    } else {
+        (33, 136, 130, 16, 1)
+    };
+    for a32 in [false, true] {
+        let c = Case {
+            t,
+            d_in,
+            d_out,
+            r,
+            dtype: DType::BF16,
+            dora: true,
+            bias: false,
+            fifo: false,
+            a32,
+        };
+        let dev = B::with_seed(B::SEEDS[0]);
+        let (layer, x, gy) = make(c, 21);
+        let (dt, adt) = (c.dtype, layer.lora_a.dtype());
+        let wb = up(&dev, &layer.weight);
+        let ab = up(&dev, &layer.lora_a);
+        let bb = up(&dev, &layer.lora_b);
+        let mb = up(&dev, layer.magnitude.as_ref().unwrap());
+        let xb = up(&dev, &x);
+        let gyb = up(&dev, &gy);
+        let weights = DoraWeights {
+            weight: DevTensor::of(&wb, dt),
+            fan_in_fan_out: false,
+            bias: None,
+            lora_a: DevTensor::of(&ab, adt),
+            lora_b: DevTensor::of(&bb, adt),
+            magnitude: Some(DevTensor::of(&mb, DType::F32)),
+            scaling: layer.scaling as f32,
+            d_in,
+            d_out,
+            r,
+        };
+        let y = dev.alloc_zeroed(t * d_out * dt.size()).unwrap();
+        let gx = dev.alloc_zeroed(t * d_in * dt.size()).unwrap();
+        let ga = dev.alloc_zeroed(4 * r * d_in).unwrap();
+        let gb = dev.alloc_zeroed(4 * d_out * r).unwrap();
+        let gm = dev.alloc_zeroed(4 * d_out).unwrap();
+        let targets = GradTargets {
+            grad_x: DevTensor::of(&gx, dt),
+            grad_lora_a: DevTensor::of(&ga, DType::F32),
+            grad_lora_b: DevTensor::of(&gb, DType::F32),
+            grad_magnitude: Some(DevTensor::of(&gm, DType::F32)),
+        };
+        let xt = DevTensor::of(&xb, dt);
+        let mut outs = Vec::new();
+        for tuning in spec::Tuning::ALL {
+            spec::with_tuning(tuning, || {
+                let mut dl = DoraLayer::new(&dev, weights).unwrap();
+                dl.magnitude_scale(&dev).unwrap(); // warm-up
+                dev.synchronize().unwrap();
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    dl.invalidate();
+                    dl.magnitude_scale(&dev).unwrap();
+                }
+                dev.synchronize().unwrap();
+                let norm_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
+                dl.forward_train(&dev, &xt, t, Base::Compute, &DevTensor::of(&y, dt))
+                    .unwrap();
+                let back = |dl: &mut DoraLayer<B>| {
+                    dl.backward(
+                        &dev,
+                        &xt,
+                        &DevTensor::of(&gyb, dt),
+                        &targets,
+                        GradMode::Detached,
+                    )
+                    .unwrap()
+                };
+                back(&mut dl); // warm-up
+                dev.synchronize().unwrap();
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    back(&mut dl);
+                }
+                dev.synchronize().unwrap();
+                let back_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
+                println!(
+                    "tuning {:8} bf16{} T={t} {d_out}x{d_in} r={r}: norm {norm_us:9.1} us, \
+                     backward {back_us:9.1} us (mean of {iters})",
+                    tuning.name(),
+                    if a32 { " (f32 adapters)" } else { "" },
+                );
+                outs.push((
+                    down(&dev, &gm, DType::F32, d_out),
+                    down(&dev, &gx, dt, t * d_in),
+                    down(&dev, &ga, DType::F32, r * d_in),
+                    down(&dev, &gb, DType::F32, d_out * r),
+                ));
+            });
+        }
+        let (p, q) = (&outs[0], &outs[1]);
+        let tol = dt.tolerance();
+        check("grad_magnitude (tuned vs previous)", &c, 0, &q.0, &p.0, tol);
+        check("grad_x (tuned vs previous)", &c, 0, &q.1, &p.1, tol);
+        check("grad_lora_A (tuned vs previous)", &c, 0, &q.2, &p.2, tol);
+        check("grad_lora_B (tuned vs previous)", &c, 0, &q.3, &p.3, tol);
+    }
+}
+test_device!(tuned_against_previous_timed);

@@ -14,6 +14,7 @@ mod multi_adapter;
 mod multi_adapter_cuda;
 mod per_kernel;
 mod registry;
+mod tuning;
 
 /// The build script's kernel list and code generation (build/kernel_list.rs), whose unit tests
 /// build.rs itself cannot run. build.rs uses every item; the tests here use some of them.

@@ -1,0 +1,181 @@
+//! `dorafuse profile`: the kernels' memory figures and grid fill from the emulator's access
+//! record (src/profile, docs/profile.md).
+
+use super::Device;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use dorafuse::bench::table::Table;
+use dorafuse::layer::Shape;
+use dorafuse::profile::{self, KernelProfile, Profile, Settings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `dorafuse profile`.
+#[derive(Parser, Debug)]
+#[command(after_help = "Examples:
+  dorafuse profile --device emu
+  dorafuse profile --device emu --kernel dora_norm_v2 --json norm.json
+  dorafuse profile --device emu --tokens 4096 --kernel dora_compose_bf16")]
+pub struct Args {
+    /// Where the kernels run: only `emu` (the access record comes from the emulator).
+    #[arg(long, value_enum, default_value = "emu")]
+    device: Device,
+    /// Profile only the entry points whose name contains this (e.g. `dora_norm_v2_bf16`).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// The layer as `D_INxD_OUT` (the bench's reference shape by default).
+    #[arg(long, default_value = "4096x4096")]
+    shape: String,
+    /// Tokens T.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// The rank for kernels that serve larger ranks only (`dora_tn_r64`).
+    #[arg(long, default_value_t = 64)]
+    large_rank: usize,
+    /// Blocks per launch recorded and run at most (the others are skipped); 0 runs all.
+    #[arg(long, default_value_t = 8)]
+    max_blocks: u32,
+    /// Environment settings for the run, `NAME=VALUE` (repeatable): a launch knob the
+    /// kernels read from the environment selects the variant profiled.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Write the profile as JSON (fields: docs/profile.md).
+    #[arg(long, value_name = "FILE.json")]
+    json: Option<PathBuf>,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (i, o) = s
+        .split_once('x')
+        .with_context(|| format!("--shape {s:?}: expected D_INxD_OUT, e.g. 4096x4096"))?;
+    let p = |v: &str| -> Result<usize> {
+        let n: usize = v
+            .trim()
+            .parse()
+            .with_context(|| format!("--shape {s:?}: {v:?} is not a size"))?;
+        anyhow::ensure!(n > 0, "--shape {s:?}: sizes must be at least 1");
+        Ok(n)
+    };
+    Ok((p(i)?, p(o)?))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
+}
+
+fn num(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.digits$}"))
+}
+
+/// The table of every kernel's headline figures.
+pub fn table(p: &Profile) -> Table {
+    let header = [
+        "kernel",
+        "blocks",
+        "waves H200",
+        "requests",
+        "sectors/req",
+        "load eff",
+        "store eff",
+        "unique/formula",
+        "smem wavefronts/req",
+        "regs",
+    ];
+    let rows = p
+        .kernels
+        .iter()
+        .map(|k: &KernelProfile| {
+            vec![
+                k.kernel.clone(),
+                k.blocks.to_string(),
+                format!("{:.2}", k.waves_h200),
+                k.requests.to_string(),
+                format!("{:.2}", k.sectors_per_request),
+                pct(k.load_efficiency),
+                pct(k.store_efficiency),
+                num(k.unique_bytes_over_formula, 2),
+                num(k.shared_wavefronts_per_request, 2),
+                k.registers.map_or("-".into(), |r| r.to_string()),
+            ]
+        })
+        .collect();
+    Table {
+        header: header.iter().map(|s| s.to_string()).collect(),
+        rows,
+    }
+}
+
+/// Runs `dorafuse profile`.
+pub fn run(args: Args) -> Result<ExitCode> {
+    if args.device != Device::Emu {
+        bail!("profile: --device emu only (the access record comes from the CPU emulator)");
+    }
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected NAME=VALUE"))?;
+        // Set before any kernel runs, on this (still single-threaded) command.
+        std::env::set_var(k, v);
+    }
+    let (d_in, d_out) = parse_shape(&args.shape)?;
+    anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
+    anyhow::ensure!(
+        (1..=dorafuse::kernels::spec::MAX_RANK).contains(&args.rank)
+            && (1..=dorafuse::kernels::spec::MAX_RANK).contains(&args.large_rank),
+        "--rank and --large-rank must be in 1..={}",
+        dorafuse::kernels::spec::MAX_RANK
+    );
+    let settings = Settings {
+        shape: Shape {
+            t: args.tokens,
+            d_in,
+            d_out,
+            r: args.rank,
+        },
+        large_rank: args.large_rank,
+        kernel: args.kernel.clone(),
+        max_blocks: args.max_blocks,
+        seed: dorafuse::emu::EmuBackend::from_env()?.seed(),
+    };
+    let p = profile::run(&settings, &mut |msg| eprintln!("{msg}"))?;
+    for n in &p.notes {
+        println!("# {n}");
+    }
+    print!("{}", table(&p).to_text());
+    if !p.not_launched.is_empty() {
+        println!(
+            "not launched by any library call (no profile): {}",
+            p.not_launched.join(", ")
+        );
+    }
+    println!();
+    println!("worst sites (wasted sector bytes, excess shared wavefronts):");
+    for k in &p.kernels {
+        for s in &k.worst_sites {
+            println!(
+                "  {:<28} {:<13} {:<34} {:>8} req  {:>6.2}/req  {}",
+                k.kernel,
+                s.kind,
+                s.site,
+                s.requests,
+                s.per_request,
+                pct(s.efficiency)
+            );
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&p)?;
+        dorafuse::fsutil::write_atomic(path, |f| {
+            use std::io::Write;
+            f.write_all(text.as_bytes())?;
+            f.write_all(b"\n")?;
+            Ok(())
+        })
+        .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,479 @@
+//! `dorafuse profile --device emu`: the memory figures Nsight Compute would show for each
+//! kernel, from the emulator's access record, and the grid fill on named GPUs.
+//!
+//! [`run`] drives every kernel of `kernels/kernels.list` through the library's own entry
+//! points (the norm with each variant of the specialisation table forced, the forward and
+//! both backward modes, the merged weight, the multi-adapter forward, and the bench's unfused
+//! rows for the baseline kernels) on a recording [`EmuBackend`], for every dtype pair a
+//! kernel is stamped for. Each kernel's first launch is profiled ([`KernelProfile`]):
+//! requests, sectors per request, load and store efficiency ([`metrics`]), unique global
+//! bytes against the bench's bytes-that-must-move formula where the bench has one
+//! ([`crate::bench::formula::cost`]), shared-memory wavefronts per request, and the grid
+//! fill on an H200, A100 and L40S ([`gpu`]) from the launch's block size, shared memory and
+//! the ptxas register count ([`registers`]). docs/profile.md documents the JSON fields.
+//!
+//! Large launches are sampled: at most [`Settings::max_blocks`] blocks of a launch run and are
+//! recorded (the others are skipped, so results are not meaningful, access patterns are);
+//! grids, blocks and waves are those of the full launch; per-request figures are exact for
+//! the recorded blocks; unique bytes are extrapolated as [`metrics`] says.
+
+pub mod gpu;
+pub mod metrics;
+pub mod registers;
+
+use crate::backend::Backend;
+use crate::bench::formula::{cost, LayerKind, Op};
+use crate::case_multi::{AdapterWeights, MultiLayer};
+use crate::dtype::DType;
+use crate::emu::record::{LaunchRecord, Sites};
+use crate::emu::{EmuBackend, RecordOptions};
+use crate::kernels::multi::{run_multi, MultiBase};
+use crate::kernels::spec::{self, VARIANTS};
+use crate::kernels::KERNELS;
+use crate::layer::{GradMode, Layer, Shape};
+use crate::tensor::Tensor;
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// What to profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The layer: tokens T, d_in, d_out and the rank (the bench's reference shape by
+    /// default: 4096 × 4096, T = 512, r = 16).
+    pub shape: Shape,
+    /// A second rank for the kernels that serve only larger ranks (`dora_tn_r64`).
+    pub large_rank: usize,
+    /// Profile only kernels whose entry point contains this (all when `None`).
+    pub kernel: Option<String>,
+    /// Blocks recorded (and run) per launch at most; 0 records every block.
+    pub max_blocks: u32,
+    /// Seed of the emulator's schedules.
+    pub seed: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            shape: Shape {
+                t: 512,
+                d_in: 4096,
+                d_out: 4096,
+                r: 16,
+            },
+            large_rank: 64,
+            kernel: None,
+            max_blocks: 8,
+            seed: crate::emu::DEFAULT_SEED,
+        }
+    }
+}
+
+/// One site of a kernel's worst memory accesses.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Site {
+    /// `file:line`.
+    pub site: String,
+    /// "global load", "global store", "atomic", "shared load" or "shared store".
+    pub kind: &'static str,
+    /// Requests at the site.
+    pub requests: u64,
+    /// Global: sectors per request; shared: wavefronts per request.
+    pub per_request: f64,
+    /// Global: bytes used / sector bytes; shared: `None`.
+    pub efficiency: Option<f64>,
+}
+
+/// The profile of one kernel (its first launch in the run); docs/profile.md has each field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelProfile {
+    /// Entry point.
+    pub kernel: String,
+    /// The library call that launched it.
+    pub step: String,
+    /// The layer shape of that call.
+    pub t: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Rank.
+    pub r: usize,
+    /// Launches of this kernel in the run (the first is profiled).
+    pub launches: usize,
+    /// Grid.
+    pub grid: [u32; 3],
+    /// Block.
+    pub block: [u32; 3],
+    /// Blocks in the grid.
+    pub blocks: u64,
+    /// Blocks recorded.
+    pub recorded_blocks: u64,
+    /// Static plus dynamic shared memory per block, bytes.
+    pub shared_bytes: u32,
+    /// Registers per thread (ptxas, sm_90), when known.
+    pub registers: Option<u32>,
+    /// Global load, store and atomic requests (recorded blocks).
+    pub requests: u64,
+    /// 32-byte sectors per global request (loads, stores, atomics).
+    pub sectors_per_request: f64,
+    /// Global loads: bytes used / bytes of the sectors touched (`null` without loads).
+    pub load_efficiency: Option<f64>,
+    /// Global stores: bytes used / bytes of the sectors touched (`null` without stores).
+    pub store_efficiency: Option<f64>,
+    /// Distinct global sectors × 32 of the launch (extrapolated when sampled).
+    pub unique_bytes: f64,
+    /// The bench's bytes-that-must-move for this kernel's operation, where it has one.
+    pub formula_bytes: Option<f64>,
+    /// `unique_bytes / formula_bytes` (`null` without a formula).
+    pub unique_bytes_over_formula: Option<f64>,
+    /// Shared-memory load and store requests.
+    pub shared_requests: u64,
+    /// Shared-memory wavefronts per request (1 = no bank conflict; `null` without shared
+    /// memory accesses).
+    pub shared_wavefronts_per_request: Option<f64>,
+    /// Waves on an H200.
+    pub waves_h200: f64,
+    /// Grid fill on each known GPU.
+    pub fill: Vec<gpu::Fill>,
+    /// The sites with the most wasted sector bytes or excess wavefronts, worst first (at
+    /// most 3).
+    pub worst_sites: Vec<Site>,
+}
+
+/// The profile of a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Profile {
+    /// How the figures were made.
+    pub notes: Vec<String>,
+    /// The kernels, in `kernels/kernels.list` order.
+    pub kernels: Vec<KernelProfile>,
+    /// Selected entry points of the list that no library call launches (so there is no
+    /// launch to profile): e.g. `dora_merged_weight_f32out_f32`, since an f32 layer's merged
+    /// weight is already f32 and takes `dora_merged_weight_f32`.
+    pub not_launched: Vec<String>,
+}
+
+/// Entry points of `kernels/kernels.list` that no library call launches, so [`drive`] cannot
+/// reach them: an f32 layer's merged weight is f32 already and takes `dora_merged_weight_f32`.
+pub const NOT_LAUNCHED_BY_LIBRARY: &[&str] = &["dora_merged_weight_f32out_f32"];
+
+/// One dtype pair a kernel family may be stamped for: (activations, adapters).
+const PAIRS: [(DType, DType); 5] = [
+    (DType::F32, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::F32),
+];
+
+/// The bench's bytes-that-must-move of the operation a kernel is, where the bench has one.
+fn formula_bytes(kernel: &str, s: Shape, act: DType) -> Option<f64> {
+    let op = if kernel.starts_with("dora_norm_") {
+        Op::Norm
+    } else if kernel.starts_with("dora_compose_") {
+        Op::Compose
+    } else {
+        return None;
+    };
+    cost(LayerKind::Dora, op, s, act).map(|c| c.bytes)
+}
+
+/// A launch record with the call that made it.
+pub struct Launch {
+    /// The library call.
+    pub step: String,
+    /// Its layer shape.
+    pub shape: Shape,
+    /// Activation dtype.
+    pub act: DType,
+    /// The record.
+    pub record: LaunchRecord,
+}
+
+fn layer_for(
+    shape: Shape,
+    act: DType,
+    adapter: DType,
+    seed: u64,
+) -> Result<(Layer, Tensor, Tensor)> {
+    let set = crate::bench::inputs::random_set(shape, act, seed)?;
+    let mut layer = set.layer;
+    if adapter != act {
+        layer.lora_a = layer.lora_a.cast(adapter);
+        layer.lora_b = layer.lora_b.cast(adapter);
+    }
+    Ok((layer, set.x, set.dy))
+}
+
+/// Runs every kernel of `kernels/kernels.list` on `b` (a recording backend) through the
+/// library's entry points at `shape` (and `large_rank`), and returns each launch's record
+/// with the call that made it. A step runs only when `wanted` accepts the name (prefix) of
+/// one of the kernel families it launches.
+///
+/// # Errors
+/// A failing launch, naming the step and the kernel.
+pub fn drive(
+    b: &EmuBackend,
+    shape: Shape,
+    large_rank: usize,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Launch>> {
+    let mut out: Vec<Launch> = Vec::new();
+    let take = |step: String, shape: Shape, act: DType, out: &mut Vec<Launch>| {
+        for record in b.take_records() {
+            out.push(Launch {
+                step: step.clone(),
+                shape,
+                act,
+                record,
+            });
+        }
+    };
+    for (act, adapter) in PAIRS {
+        // A step runs when it launches a selected kernel (any dtype of its families).
+        let want_pair = |prefixes: &[&str]| prefixes.iter().any(|p| wanted(p));
+        let (layer, x, dy) = layer_for(shape, act, adapter, 11)?;
+        // The norm, each variant of the table that can run the pair.
+        for v in VARIANTS
+            .iter()
+            .filter(|v| v.op == spec::Op::Norm && v.supports(act, adapter, shape.r))
+        {
+            if !want_pair(&[v.prefix]) {
+                continue;
+            }
+            let step = format!("norm ({}, {act} with {adapter} adapters)", v.prefix);
+            crate::kernels::norm(b, &layer, Some(v)).with_context(|| step.clone())?;
+            take(step, shape, act, &mut out);
+        }
+        if want_pair(&["dora_merged_weight_f32out"]) {
+            let step = format!("merged weight (f32 out, {act} with {adapter} adapters)");
+            crate::kernels::merged_weight(b, &layer).with_context(|| step.clone())?;
+            take(step, shape, act, &mut out);
+        }
+        let fwd_bwd = [
+            "dora_shrink",
+            "dora_compose",
+            "dora_bwd_dz",
+            "dora_tn_r16",
+            "dora_scale_rows",
+            "dora_mag_reduce_f32",
+            "dora_sum_partials_f32",
+            "dora_norm_v1",
+            "dora_norm_v2",
+            "dora_merged_weight",
+        ];
+        if want_pair(&fwd_bwd) {
+            for mode in [GradMode::Detached, GradMode::Exact] {
+                let step = format!("forward + backward ({mode:?}, {act} with {adapter} adapters)");
+                crate::kernels::run(b, &layer, &x, Some(&dy), mode)
+                    .with_context(|| step.clone())?;
+                take(step, shape, act, &mut out);
+            }
+        }
+        if large_rank != shape.r && want_pair(&["dora_tn_r64"]) {
+            let big = Shape {
+                r: large_rank,
+                ..shape
+            };
+            let (layer, x, dy) = layer_for(big, act, adapter, 12)?;
+            let step =
+                format!("forward + backward (r = {large_rank}, {act} with {adapter} adapters)");
+            crate::kernels::run(b, &layer, &x, Some(&dy), GradMode::Detached)
+                .with_context(|| step.clone())?;
+            take(step, big, act, &mut out);
+        }
+        if want_pair(&["dora_multi_shrink", "dora_multi_expand"]) {
+            let second = layer_for(shape, act, adapter, 13)?.0;
+            let multi = MultiLayer {
+                weight: layer.weight.clone(),
+                bias: None,
+                fan_in_fan_out: false,
+                adapters: vec![
+                    AdapterWeights {
+                        lora_a: layer.lora_a.clone(),
+                        lora_b: layer.lora_b.clone(),
+                        magnitude: layer.magnitude.clone(),
+                        scaling: layer.scaling,
+                    },
+                    AdapterWeights {
+                        lora_a: second.lora_a,
+                        lora_b: second.lora_b,
+                        magnitude: None,
+                        scaling: second.scaling,
+                    },
+                ],
+            };
+            // Tokens cycle through adapter 0, adapter 1 and no adapter.
+            let index: Vec<i32> = (0..shape.t).map(|i| (i % 3) as i32 - 1).collect();
+            let step = format!("multi-adapter forward ({act} with {adapter} adapters)");
+            run_multi(b, &multi, &x, &index, MultiBase::Compute).with_context(|| step.clone())?;
+            take(step, shape, act, &mut out);
+        }
+        if act == adapter
+            && want_pair(&[
+                "baseline_axpby",
+                "baseline_scale_cols",
+                "baseline_row_norm",
+                "baseline_col_dot",
+            ])
+        {
+            let step = format!("bench rows, forward + backward ({act})");
+            unfused_rows(b, shape, act).with_context(|| step.clone())?;
+            take(step, shape, act, &mut out);
+        }
+    }
+    Ok(out)
+}
+
+/// The bench's forward + backward rows (fused and PEFT's unfused graph, whose passes are the
+/// baseline kernels) on `b`, run once.
+fn unfused_rows(b: &EmuBackend, shape: Shape, dtype: DType) -> Result<()> {
+    use crate::bench::device::DeviceTarget;
+    use crate::bench::measure::{Plan, SyncClock};
+    use crate::bench::runner::{self, Config, Machine};
+    let cfg = Config {
+        shapes: vec![(shape.d_in, shape.d_out)],
+        tokens: vec![shape.t],
+        ranks: vec![shape.r],
+        dtype,
+        ops: vec![Op::ForwardBackward],
+        plan: Plan::fixed(0, 1),
+    };
+    let machine = Machine {
+        clock: &mut SyncClock::new(|| b.synchronize()),
+        device: crate::bench::report::host_cpu(),
+        ceilings: None,
+        rotate_bytes: 0,
+        max_sets: 1,
+        cache_policy: "none (emulator)".into(),
+        notes: Vec::new(),
+    };
+    runner::run(&DeviceTarget { backend: b }, machine, &cfg, &mut |_| {})?;
+    Ok(())
+}
+
+/// Profiles every kernel (or those `settings.kernel` selects) on the emulator.
+///
+/// # Errors
+/// A failing launch (naming the call and kernel), or a kernel filter that matches nothing.
+pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profile> {
+    let b = EmuBackend::new(settings.seed).recording(RecordOptions {
+        max_blocks: settings.max_blocks,
+        skip_unrecorded: settings.max_blocks > 0,
+        ..RecordOptions::default()
+    });
+    let filter = settings.kernel.clone();
+    let selected = |name: &str| filter.as_deref().map_or(true, |f| name.contains(f));
+    let listed: Vec<&str> = KERNELS.iter().map(|(_, n)| *n).collect();
+    if let Some(f) = &filter {
+        anyhow::ensure!(
+            listed.iter().any(|n| n.contains(f.as_str())),
+            "--kernel {f}: no entry point of kernels/kernels.list contains it"
+        );
+    }
+    let wanted = |p: &str| listed.iter().any(|n| n.starts_with(p) && selected(n));
+    progress("running the kernels on the recording emulator");
+    let launches = drive(&b, settings.shape, settings.large_rank, &wanted)?;
+    let mut sites = Sites::new();
+    let mut kernels = Vec::new();
+    let mut not_launched = Vec::new();
+    for name in listed.iter().filter(|n| selected(n)) {
+        let mine: Vec<&Launch> = launches
+            .iter()
+            .filter(|l| l.record.kernel == *name)
+            .collect();
+        let Some(first) = mine.first() else {
+            not_launched.push(name.to_string());
+            continue;
+        };
+        progress(&format!("analysing {name}"));
+        kernels.push(profile_launch(first, mine.len(), &mut sites));
+    }
+    Ok(Profile {
+        notes: vec![
+            format!(
+                "emulator access record; at most {} blocks per launch recorded and run \
+                 (0 = all); grids, blocks and waves are those of the full launch",
+                settings.max_blocks
+            ),
+            "unique bytes: distinct 32-byte sectors; with sampled blocks, sectors of one block \
+             scaled by blocks / recorded blocks, sectors shared by recorded blocks counted once"
+                .into(),
+            format!("registers: {}", registers::source()),
+        ],
+        kernels,
+        not_launched,
+    })
+}
+
+/// The profile of one launch.
+pub fn profile_launch(l: &Launch, launches: usize, sites: &mut Sites) -> KernelProfile {
+    let rec = &l.record;
+    let f = metrics::figures(rec, sites);
+    let mut global = f.global_load;
+    for c in [f.global_store, f.atomic] {
+        global.requests += c.requests;
+        global.units += c.units;
+        global.bytes_used += c.bytes_used;
+    }
+    let shared_req = f.shared_load.requests + f.shared_store.requests;
+    let shared_wf = f.shared_load.units + f.shared_store.units;
+    let shared_bytes = rec.static_shared + rec.dynamic_shared;
+    let registers = registers::registers(&rec.kernel);
+    let fill: Vec<gpu::Fill> = gpu::GPUS
+        .iter()
+        .map(|g| {
+            g.fill(
+                rec.blocks(),
+                rec.threads_per_block(),
+                shared_bytes,
+                registers,
+            )
+        })
+        .collect();
+    let formula = formula_bytes(&rec.kernel, l.shape, l.act);
+    KernelProfile {
+        kernel: rec.kernel.clone(),
+        step: l.step.clone(),
+        t: l.shape.t,
+        d_in: l.shape.d_in,
+        d_out: l.shape.d_out,
+        r: l.shape.r,
+        launches,
+        grid: rec.grid,
+        block: rec.block,
+        blocks: rec.blocks(),
+        recorded_blocks: rec.recorded_blocks(),
+        shared_bytes,
+        registers,
+        requests: global.requests,
+        sectors_per_request: global.per_request(),
+        load_efficiency: f.global_load.efficiency(),
+        store_efficiency: f.global_store.efficiency(),
+        unique_bytes: f.unique_global_bytes,
+        formula_bytes: formula,
+        unique_bytes_over_formula: formula.map(|x| f.unique_global_bytes / x),
+        shared_requests: shared_req,
+        shared_wavefronts_per_request: (shared_req > 0)
+            .then(|| shared_wf as f64 / shared_req as f64),
+        waves_h200: fill[0].waves,
+        fill,
+        worst_sites: f
+            .sites
+            .iter()
+            .filter(|s| s.excess > 0.0)
+            .take(3)
+            .map(|s| Site {
+                site: s.site.clone(),
+                kind: s.kind,
+                requests: s.counts.requests,
+                per_request: s.counts.per_request(),
+                efficiency: if s.kind.starts_with("shared") {
+                    None
+                } else {
+                    s.counts.efficiency()
+                },
+            })
+            .collect(),
+    }
+}
