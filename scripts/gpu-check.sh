@@ -24,7 +24,8 @@
 #      gradients) and on the multi-adapter cases tests/fixtures/multi/*.safetensors;
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
 #   5. compute-sanitizer --tool racecheck likewise;
-#   6. hook for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
+#   6. the serving rows (`dorafuse bench --serving --device cuda`, into bench.md) and the hook
+#      for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
 #      `--device cuda --json $OUT/bench.json --plot $OUT/bench.svg`) if the CLI has `bench`;
 #   7. hook: `python3 benches/peft_bench.py $GPU_CHECK_PEFT_ARGS` (default `--json
 #      $OUT/peft_bench.json`) if that file exists; then both JSONs in one table and plot
@@ -90,7 +91,7 @@ run_step() {
   } >>"$log"
   note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
   # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
-  grep -E '^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within' "$tmp" \
+  grep -E '^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within|GPU goal' "$tmp" \
     | grep -v '^test .* ok$' | head -n 6 | sed 's/^/          /' >>"$summary"
   rm -f "$tmp"
 }
@@ -221,6 +222,12 @@ for tool in memcheck racecheck; do
 done
 
 # --- 6, 7. benchmark hooks ----------------------------------------------------------------------
+# The serving rows (src/bench/serving.rs): a mixed batch from an adapter pool against the base
+# GEMM, plain LoRA through the same kernels and the naive loop; the goal line (decode T=64 over
+# 64 DoRA adapters at most 1.10x LoRA) goes into the summary, the table into bench.md.
+if "$bin/dorafuse" bench --help 2>/dev/null | grep -q -- --serving; then
+  run_step "dorafuse bench --serving" 120 "$bin/dorafuse" bench --serving --device cuda --markdown "$out/bench.md"
+fi
 if "$bin/dorafuse" bench --help >/dev/null 2>&1; then
   # shellcheck disable=SC2086 # the arguments are meant to split
   run_step "dorafuse bench" 180 "$bin/dorafuse" bench ${GPU_CHECK_BENCH_ARGS:---device cuda --json $out/bench.json --plot $out/bench.svg}

@@ -471,7 +471,7 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
             let side = main.new_stream();
             let sizes = Sizes::emu();
             let plan = fixed(Plan {
-                warmup: 0,
+                warmup: 1,
                 min_reps: 2,
                 max_reps: 2,
                 budget_s: 0.0,

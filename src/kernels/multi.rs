@@ -24,8 +24,11 @@
 //! reduction order fixed by d_in and r_k (never by T, the neighbours' adapters or their order),
 //! so a token's y is bit-identical served alone or in any batch (tests/kernels/multi_adapter.rs).
 //!
-//! **Hot swap.** [`SlotTables::set_slot`] uploads the tables on the backend's stream: batches
-//! queued before it read the old slot, batches queued after read the new one.
+//! **Hot swap.** [`SlotTables::stage_slot`] uploads a new table image on a side stream and
+//! [`SlotTables::commit`] copies it over the live tables with one launch on the serving stream
+//! (after an event): batches queued before read the old slot, batches queued after the new one,
+//! and the host never waits for the serving stream. [`super::AdapterPool`] does this for its
+//! adapters. [`SlotTables::set_slot`] is the set-up path (an upload that synchronises on CUDA).
 
 use super::launch;
 use super::spec;
