@@ -108,6 +108,9 @@ pub struct AdapterPool<B: Backend> {
     tables: SlotTables<B>,
     held: Vec<Option<DoraAdapter<B>>>,
     retired: Vec<Retired<B>>,
+    /// What a swap replaced when no event could be recorded behind it: kept until drop.
+    #[allow(clippy::type_complexity)]
+    kept: Vec<(Option<DoraAdapter<B>>, StagedTable<B>)>,
     linear: u64,
     dtype: DType,
 }
@@ -155,6 +158,7 @@ impl<B: Backend> AdapterPool<B> {
             tables,
             held: (0..slots).map(|_| None).collect(),
             retired: Vec::new(),
+            kept: Vec::new(),
             linear: linear.pool_parts().0,
             dtype: linear.dtype(),
         })
@@ -280,10 +284,7 @@ impl<B: Backend> AdapterPool<B> {
             rank: p.r,
             scaling: p.scaling,
         };
-        let old = self.held[k].take();
-        self.commit(side, k, SlotContent::Adapter(slot), old)?;
-        self.held[k] = Some(adapter);
-        Ok(())
+        self.swap(side, k, SlotContent::Adapter(slot), Some(adapter))
     }
 
     /// Marks slot `k` as an adapter that does not adapt this module (it adapts other modules
@@ -298,8 +299,7 @@ impl<B: Backend> AdapterPool<B> {
             "slot {k} outside the pool's {} slots",
             self.slots()
         );
-        let old = self.held[k].take();
-        self.commit(side, k, SlotContent::BaseOnly, old)
+        self.swap(side, k, SlotContent::BaseOnly, None)
     }
 
     /// Empties slot `k` (its tokens then fail as an empty slot), ordered as a swap.
@@ -312,16 +312,18 @@ impl<B: Backend> AdapterPool<B> {
             "slot {k} outside the pool's {} slots",
             self.slots()
         );
-        let old = self.held[k].take();
-        self.commit(side, k, SlotContent::Empty, old)
+        self.swap(side, k, SlotContent::Empty, None)
     }
 
-    fn commit(
+    /// Stages `slot` on `side`, orders the main stream after it through an event and commits
+    /// it there; the slot's old adapter is retired behind an event recorded after the commit.
+    /// On an error nothing live changed and the slot keeps its adapter.
+    fn swap(
         &mut self,
         side: &B,
         k: usize,
         slot: SlotContent,
-        old: Option<DoraAdapter<B>>,
+        adapter: Option<DoraAdapter<B>>,
     ) -> Result<()> {
         self.reclaim()?;
         let staged = self.tables.stage_slot(side, k, slot)?;
@@ -331,19 +333,25 @@ impl<B: Backend> AdapterPool<B> {
         self.main
             .wait_event(&staged_done)
             .context("ordering the serving stream after a slot load")?;
-        // SAFETY: the slot's addresses are memory of the adapter this pool holds from now on
-        // (or none); the main stream waits for the side stream's load (above) before the copy.
+        // SAFETY: the slot's addresses are memory of `adapter`, which this pool holds from now
+        // on (or none); the main stream waits for the side stream's load (above) before the copy.
         unsafe { self.tables.commit(&self.main, &staged) }?;
-        let done = self
-            .main
-            .record_event()
-            .context("recording the end of a slot swap")?;
-        self.retired.push(Retired {
-            done,
-            _adapter: old,
-            _staged: staged,
-        });
-        Ok(())
+        let old = std::mem::replace(&mut self.held[k], adapter);
+        match self.main.record_event() {
+            Ok(done) => {
+                self.retired.push(Retired {
+                    done,
+                    _adapter: old,
+                    _staged: staged,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Without the event the old adapter cannot be retired safely: keep it until drop.
+                self.kept.push((old, staged));
+                Err(e.context("recording the end of a slot swap"))
+            }
+        }
     }
 
     /// Drops what earlier swaps replaced once the main stream has passed them (never waits);
@@ -459,5 +467,14 @@ impl<B: Backend> AdapterPool<B> {
     pub fn check_errors(&mut self) -> Result<()> {
         let main = self.main.clone();
         self.tables.check_errors(&main)
+    }
+}
+
+impl<B: Backend> Drop for AdapterPool<B> {
+    /// Waits for the main stream before the adapters go: batches queued on it read their memory
+    /// through the tables, which their allocating (side) stream does not know about.
+    fn drop(&mut self) {
+        // An error here is a fault of earlier work, already reported by the calls that queued it.
+        let _ = self.main.synchronize();
     }
 }
