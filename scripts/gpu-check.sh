@@ -19,7 +19,8 @@
 #      the CUDA install (lib64) or Python's site-packages/nvidia/cu13/lib;
 #   2. the GPU tests: `--ignored cuda` in the kernels and adapter test binaries (every kernel
 #      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
-#      example on its own stream), then the example program itself (`engine cuda`);
+#      example on its own stream, the adapter pool), the pool's side-stream test on its own
+#      (unsanitised), then the example program itself (`engine cuda`);
 #   3. dorafuse replay --device cuda on tests/fixtures/cases/*.safetensors (detached, then exact
 #      gradients) and on the multi-adapter cases tests/fixtures/multi/*.safetensors;
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
@@ -184,6 +185,12 @@ cases=(tests/fixtures/cases/*.safetensors)
 for t in "${tests[@]}"; do
   run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t" --ignored cuda
 done
+# The adapter pool's stream test (a side stream held busy while the main stream serves), kept
+# out of the sanitizer runs, which serialise streams.
+if [ -x "$bin/kernels" ]; then
+  run_step "test kernels: pool side stream busy" 60 "$bin/kernels" --ignored --exact \
+    adapter_pool::a_forward_does_not_wait_for_a_busy_side_stream_on_gpu
+fi
 
 # --- 2b. the engine integration example (docs/engine.md) on the GPU ---------------------------
 # cudarc context and stream of its own, PEFT adapters, fused QKV finished in place, adapters

@@ -555,10 +555,11 @@ fn a_swap_orders_the_serving_stream_through_one_event_and_forwards_wait_for_noth
 
 /// On a GPU: with the side stream held busy (a queue of large GEMMs), a batch served on the
 /// main stream after a swap completes while the side stream's work is still running: the
-/// forward waits for nothing on the side stream.
+/// forward waits for nothing on the side stream. Not named `cuda`: the sanitizer runs of
+/// `--ignored cuda` serialise streams, so scripts/gpu-check.sh runs it on its own, unsanitised.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn a_forward_does_not_wait_for_a_busy_side_stream_cuda() {
+fn a_forward_does_not_wait_for_a_busy_side_stream_on_gpu() {
     use dorafuse::backend::GemmDesc;
     use dorafuse::cuda::CudaBackend;
     let (d_in, d_out) = (256, 512);
