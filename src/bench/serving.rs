@@ -44,6 +44,16 @@ pub struct Batch {
     pub adapters: usize,
 }
 
+impl Batch {
+    const fn new(kind: &'static str, tokens: usize, adapters: usize) -> Batch {
+        Batch {
+            kind,
+            tokens,
+            adapters,
+        }
+    }
+}
+
 /// What a serving run measures: the module, its dtype, the batches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sizes {
@@ -59,19 +69,11 @@ fn batches(decode_t: &[usize], decode_a: &[usize], prefill: &[(usize, usize)]) -
     let mut v = Vec::new();
     for &tokens in decode_t {
         for &adapters in decode_a.iter().filter(|&&a| a <= tokens) {
-            v.push(Batch {
-                kind: "decode",
-                tokens,
-                adapters,
-            });
+            v.push(Batch::new("decode", tokens, adapters));
         }
     }
     for &(adapters, n) in prefill {
-        v.push(Batch {
-            kind: "prefill",
-            tokens: adapters * n,
-            adapters,
-        });
+        v.push(Batch::new("prefill", adapters * n, adapters));
     }
     v
 }
@@ -116,14 +118,9 @@ impl Sizes {
 pub struct ServingRow {
     /// The batch.
     pub batch: Batch,
-    /// The base GEMM alone.
-    pub base: Stats,
-    /// The multi-adapter DoRA layer (pool).
-    pub dora: Stats,
-    /// The same batch as plain LoRA through the same kernels.
-    pub lora: Stats,
-    /// The single-adapter DoRA layer once per adapter segment.
-    pub naive: Stats,
+    /// In order: the base GEMM alone, the multi-adapter DoRA layer (pool), the same batch as
+    /// plain LoRA through the same kernels, the single-adapter DoRA layer once per segment.
+    pub stats: [Stats; 4],
 }
 
 /// The slot of each token: decode i mod A (arbitrary order for the kernels), prefill in
@@ -267,10 +264,16 @@ pub fn run_device<B: Backend, T: Elem>(
 fn row(batch: Batch, s: Vec<Stats>) -> ServingRow {
     ServingRow {
         batch,
-        base: s[0],
-        dora: s[1],
-        lora: s[2],
-        naive: s[3],
+        stats: [s[0], s[1], s[2], s[3]],
+    }
+}
+
+const fn plan(warmup: usize, min_reps: usize, max_reps: usize, budget_s: f64) -> Plan {
+    Plan {
+        warmup,
+        min_reps,
+        max_reps,
+        budget_s,
     }
 }
 
@@ -383,38 +386,23 @@ pub fn run_cpu(sizes: &Sizes, plan: &Plan) -> Result<Vec<ServingRow>> {
 
 /// The table: one line per batch, medians, and the ratios the goal is stated in.
 pub fn table(rows: &[ServingRow]) -> Table {
-    let header = [
-        "batch",
-        "T",
-        "adapters",
-        "base GEMM",
-        "DoRA pool",
-        "LoRA pool",
-        "naive loop",
-        "DoRA/LoRA",
-        "DoRA/base",
-        "naive/DoRA",
-    ];
-    let ratio = |a: &Stats, b: &Stats| format!("{:.2}×", a.median_s / b.median_s);
+    const HEADER: &str =
+        "batch|T|adapters|base GEMM|DoRA pool|LoRA pool|naive loop|DoRA/LoRA|DoRA/base|naive/DoRA";
+    let rows = rows.iter().map(|r| {
+        let [base, dora, lora, naive] = r.stats.map(|s| s.median_s);
+        let b = r.batch;
+        let mut v = vec![
+            b.kind.to_string(),
+            b.tokens.to_string(),
+            b.adapters.to_string(),
+        ];
+        v.extend([base, dora, lora, naive].map(fmt_time));
+        v.extend([dora / lora, dora / base, naive / dora].map(|q| format!("{q:.2}×")));
+        v
+    });
     Table {
-        header: header.iter().map(|s| s.to_string()).collect(),
-        rows: rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.batch.kind.to_string(),
-                    r.batch.tokens.to_string(),
-                    r.batch.adapters.to_string(),
-                    fmt_time(r.base.median_s),
-                    fmt_time(r.dora.median_s),
-                    fmt_time(r.lora.median_s),
-                    fmt_time(r.naive.median_s),
-                    ratio(&r.dora, &r.lora),
-                    ratio(&r.dora, &r.base),
-                    ratio(&r.naive, &r.dora),
-                ]
-            })
-            .collect(),
+        header: HEADER.split('|').map(String::from).collect(),
+        rows: rows.collect(),
     }
 }
 
@@ -427,7 +415,7 @@ pub fn goal_line(rows: &[ServingRow], on_gpu: bool) -> String {
     match r {
         None => format!("GPU goal: decode T=64 over 64 DoRA adapters ≤ {GOAL:.2}× plain LoRA (batch not in this run)"),
         Some(r) => {
-            let q = r.dora.median_s / r.lora.median_s;
+            let q = r.stats[1].median_s / r.stats[2].median_s;
             let verdict = match (on_gpu, q <= GOAL) {
                 (false, _) => "not a GPU: no verdict",
                 (true, true) => "met",
@@ -453,12 +441,7 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
             let side = crate::cuda::CudaBackend::from_stream(stream)?;
             let mut clock = super::cuda::CudaClock::new(&main, 0)?;
             let sizes = Sizes::gpu();
-            let plan = fixed(Plan {
-                warmup: 5,
-                min_reps: 20,
-                max_reps: 100,
-                budget_s: 0.05,
-            });
+            let plan = fixed(plan(5, 20, 100, 0.05));
             let rows = run_device::<_, half::bf16>(main.clone(), &side, &mut clock, &sizes, &plan)?;
             let note = format!(
                 "{}; CUDA events, L2 not flushed (a serving loop keeps it warm)",
@@ -470,12 +453,7 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
             let main = Arc::new(crate::emu::EmuBackend::from_env()?);
             let side = main.new_stream();
             let sizes = Sizes::emu();
-            let plan = fixed(Plan {
-                warmup: 1,
-                min_reps: 2,
-                max_reps: 2,
-                budget_s: 0.0,
-            });
+            let plan = fixed(plan(1, 2, 2, 0.0));
             let rows = run_device::<_, f32>(
                 main.clone(),
                 &side,
@@ -487,12 +465,7 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
         }
         "cpu" => {
             let sizes = Sizes::cpu();
-            let plan = fixed(Plan {
-                warmup: 1,
-                min_reps: 3,
-                max_reps: 10,
-                budget_s: 0.2,
-            });
+            let plan = fixed(plan(1, 3, 10, 0.2));
             (
                 run_cpu(&sizes, &plan)?,
                 sizes,
@@ -511,4 +484,40 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
         format!("{head}\n{}{goal}\n", t.to_text()),
         format!("{head}\n\n{}\n{goal}\n", t.to_markdown()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_the_stated_sizes_and_segments_every_token() {
+        let gpu = Sizes::gpu();
+        assert!(gpu.batches.contains(&Batch::new("decode", 64, 64)));
+        assert!(gpu.batches.iter().all(|b| b.adapters <= b.tokens));
+        let sizes = [Sizes::emu().batches, Sizes::cpu().batches].concat();
+        for b in sizes.into_iter().chain(gpu.batches) {
+            let idx = index(b);
+            let segs = segments(b);
+            assert_eq!(segs.len(), b.adapters, "{b:?}");
+            assert_eq!(segs.iter().map(|s| s.1).sum::<usize>(), b.tokens, "{b:?}");
+            for (k, &(_, n)) in segs.iter().enumerate() {
+                assert!(n >= 1, "{b:?}: adapter {k} has no token");
+                assert_eq!(idx.iter().filter(|&&s| s == k as i32).count(), n, "{b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_goal_line_gives_a_verdict_on_a_gpu_only() {
+        let s = |t: f64| Stats::from_samples(&[t]).unwrap();
+        let r = |dora: f64| ServingRow {
+            batch: Batch::new("decode", 64, 64),
+            stats: [s(1.0), s(dora), s(1.0), s(3.0)],
+        };
+        assert!(goal_line(&[r(1.05)], true).ends_with("1.05× (met)"));
+        assert!(goal_line(&[r(1.2)], true).ends_with("1.20× (missed)"));
+        assert!(goal_line(&[r(1.2)], false).contains("no verdict"));
+        assert!(goal_line(&[], true).contains("not in this run"));
+    }
 }
