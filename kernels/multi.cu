@@ -29,6 +29,9 @@ namespace df {
 // Error flags of the multi-adapter kernels (mirrored in src/kernels/multi.rs).
 constexpr int MULTI_ERR_INDEX = 1;
 constexpr int MULTI_ERR_EMPTY = 2;
+// The rank of a slot whose adapter leaves this module alone: its tokens get base + bias,
+// unflagged (mirrored in src/kernels/multi.rs).
+constexpr int MULTI_BASE_ONLY = -1;
 
 // Ranks per shrink block: one warp per rank.
 constexpr int MS_WARPS = THREADS / 32;
@@ -48,6 +51,7 @@ __device__ __forceinline__ int multi_slot(const int* __restrict__ index, int t, 
         return -1;
     }
     const int r = ranks[k];
+    if (r == MULTI_BASE_ONLY) return -1;  // an adapter that does not adapt this module
     if (r < 1 || r > r_max) {
         if (report) atomicOr(err, MULTI_ERR_EMPTY);
         return -1;
@@ -168,3 +172,17 @@ DF_STAMP(dora_multi_shrink, DF_MULTI_SHRINK)
                                 ranks, scales, slots, r_max, bias, t_rows, d_out, err);     \
     }
 DF_STAMP(dora_multi_expand, DF_MULTI_EXPAND)
+
+// ---------------------------------------------------------------------------------------
+// multi_copy_table: dst[i] = src[i] for i < words (32-bit words). Commits a slot-table image
+// staged by a side stream into the live tables, ordered on the serving stream after the
+// event that ends the staging (src/kernels/pool.rs): the batches queued before this launch
+// read the old tables, those queued after it the new ones, and the host never waits.
+// Grid: ⌈words/256⌉ blocks of 256 threads, one word each.
+// ---------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+    dora_multi_copy_table(const unsigned* __restrict__ src, unsigned* __restrict__ dst,
+                          int words) {
+    const int i = blockIdx.x * df::THREADS + threadIdx.x;
+    if (i < words) dst[i] = src[i];
+}

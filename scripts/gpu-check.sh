@@ -19,7 +19,8 @@
 #      the CUDA install (lib64) or Python's site-packages/nvidia/cu13/lib;
 #   2. the GPU tests: `--ignored cuda` in the kernels and adapter test binaries (every kernel
 #      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
-#      example on its own stream), then the example program itself (`engine cuda`);
+#      example on its own stream, the adapter pool), the pool's side-stream test on its own
+#      (unsanitised), then the example program itself (`engine cuda`);
 #   2a. the tuned launch configuration timed against the previous one in the same process
 #      (`layer::tuned_against_previous_timed::cuda --nocapture`: norm and backward at T = 512,
 #      4096×4096, r = 16, bf16 and bf16 with f32 adapters; the `tuning` lines go to the summary);
@@ -27,7 +28,8 @@
 #      gradients) and on the multi-adapter cases tests/fixtures/multi/*.safetensors;
 #   4. compute-sanitizer --tool memcheck on each test binary and on the replay;
 #   5. compute-sanitizer --tool racecheck likewise;
-#   6. hook for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
+#   6. the serving rows (`dorafuse bench --serving --device cuda`, into bench.md) and the hook
+#      for the benchmarks: `dorafuse bench $GPU_CHECK_BENCH_ARGS` (default
 #      `--device cuda --json $OUT/bench.json --plot $OUT/bench.svg`) if the CLI has `bench`;
 #   7. hook: `python3 benches/peft_bench.py $GPU_CHECK_PEFT_ARGS` (default `--json
 #      $OUT/peft_bench.json`) if that file exists; then both JSONs in one table and plot
@@ -93,7 +95,7 @@ run_step() {
   } >>"$log"
   note "$(printf '%-9s %-52s %4ss' "$st" "$name" "$d")"
   # The lines that say what happened: test totals, skips, failures, sanitizer totals, replay.
-  grep -E '^tuning |^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within' "$tmp" \
+  grep -E '^tuning |^test result:|panicked at|^failures:|ERROR SUMMARY|RACECHECK SUMMARY|Error: |error: |FAIL|rel L2|every call within|GPU goal' "$tmp" \
     | grep -v '^test .* ok$' | head -n 6 | sed 's/^/          /' >>"$summary"
   rm -f "$tmp"
 }
@@ -186,6 +188,12 @@ cases=(tests/fixtures/cases/*.safetensors)
 for t in "${tests[@]}"; do
   run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t" --ignored cuda
 done
+# The adapter pool's stream test (a side stream held busy while the main stream serves), kept
+# out of the sanitizer runs, which serialise streams.
+if [ -x "$bin/kernels" ]; then
+  run_step "test kernels: pool side stream busy" 60 "$bin/kernels" --ignored --exact \
+    adapter_pool::a_forward_does_not_wait_for_a_busy_side_stream_on_gpu
+fi
 
 # --- 2a. tuned against previous launch configurations, timed in one process -----------------
 # spec::Tuning: the same kernels under the grids and load widths before tuning and after; the
@@ -232,6 +240,12 @@ for tool in memcheck racecheck; do
 done
 
 # --- 6, 7. benchmark hooks ----------------------------------------------------------------------
+# The serving rows (src/bench/serving.rs): a mixed batch from an adapter pool against the base
+# GEMM, plain LoRA through the same kernels and the naive loop; the goal line (decode T=64 over
+# 64 DoRA adapters at most 1.10x LoRA) goes into the summary, the table into bench.md.
+if "$bin/dorafuse" bench --help 2>/dev/null | grep -q -- --serving; then
+  run_step "dorafuse bench --serving" 120 "$bin/dorafuse" bench --serving --device cuda --markdown "$out/bench.md"
+fi
 if "$bin/dorafuse" bench --help >/dev/null 2>&1; then
   # shellcheck disable=SC2086 # the arguments are meant to split
   run_step "dorafuse bench" 180 "$bin/dorafuse" bench ${GPU_CHECK_BENCH_ARGS:---device cuda --json $out/bench.json --plot $out/bench.svg}

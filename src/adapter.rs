@@ -23,6 +23,7 @@ pub mod compute;
 pub mod config;
 pub mod merge;
 pub mod model;
+pub mod pools;
 pub mod residual;
 pub mod stats;
 
@@ -35,3 +36,4 @@ pub use merge::{
     UnmergeEntry, UNMERGE_FILE,
 };
 pub use model::{Adapter, AdapterModule, ModuleKind};
+pub use pools::{ModelPools, PoolOptions, ServedModule};

@@ -239,6 +239,10 @@ pub trait Backend {
     /// engine's own type), [`crate::emu::EmuSlice<T>`] on the emulator.
     type Slice<T: Elem>: DeviceMemory + 'static;
 
+    /// A point in a stream's work ([`Backend::record_event`]): `cudarc::driver::CudaEvent` on
+    /// CUDA, [`crate::emu::EmuEvent`] on the emulator.
+    type Event: Send + Sync;
+
     /// `"cuda"` or `"emu"`.
     fn name(&self) -> &'static str;
 
@@ -333,4 +337,23 @@ pub trait Backend {
     /// # Errors
     /// A fault in queued work.
     fn synchronize(&self) -> Result<()>;
+
+    /// Records the work queued so far on this backend's stream (a `CUevent` on CUDA).
+    ///
+    /// # Errors
+    /// A driver error.
+    fn record_event(&self) -> Result<Self::Event>;
+
+    /// Orders the work queued on this stream from now on after `event` (of a stream of the same
+    /// device), without blocking the host (`cuStreamWaitEvent` on CUDA).
+    ///
+    /// # Errors
+    /// A driver error, or an event of another device.
+    fn wait_event(&self, event: &Self::Event) -> Result<()>;
+
+    /// Whether the work `event` recorded has finished; never blocks (`cuEventQuery`).
+    ///
+    /// # Errors
+    /// A fault in the recorded work.
+    fn event_complete(&self, event: &Self::Event) -> Result<bool>;
 }

@@ -31,7 +31,7 @@ use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Every live emulator buffer (address → bytes): the global memory a recorded launch watches.
 static LIVE_BUFFERS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
@@ -217,14 +217,72 @@ unsafe impl<T: Elem> DeviceMemory for EmuSlice<T> {
     }
 }
 
+/// A point in an emulator stream's work ([`Backend::record_event`]): the stream and the
+/// position of the record in it. Work runs to completion when queued, so an event is complete
+/// as soon as it is recorded; what the emulator keeps is the order ([`EmuBackend::stream_log`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmuEvent {
+    /// The stream that recorded it ([`EmuBackend::stream_id`]).
+    pub stream: u64,
+    /// Its number among the events of the backends sharing a log.
+    pub seq: u64,
+}
+
+/// One operation in the order an emulator stream queued it ([`EmuBackend::stream_log`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EmuStreamOp {
+    /// A kernel launch.
+    Launch {
+        /// The stream.
+        stream: u64,
+        /// The entry point.
+        kernel: String,
+    },
+    /// [`Backend::record_event`].
+    Record {
+        /// The stream.
+        stream: u64,
+        /// The event recorded.
+        event: EmuEvent,
+    },
+    /// [`Backend::wait_event`].
+    Wait {
+        /// The waiting stream.
+        stream: u64,
+        /// The event waited on.
+        event: EmuEvent,
+    },
+    /// [`Backend::synchronize`] or a download: the host waited for the stream.
+    HostWait {
+        /// The stream.
+        stream: u64,
+    },
+}
+
+/// The shared order of operations of the emulator streams made by [`EmuBackend::new_stream`].
+#[derive(Debug, Default)]
+struct StreamLog {
+    ops: Vec<EmuStreamOp>,
+    events: u64,
+    enabled: bool,
+}
+
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
 /// The emulator backend. Each launch runs under a schedule derived from the backend's seed
 /// and a launch counter, so a sequence of launches is reproducible for a given seed.
+///
+/// Each backend is one stream of its device; [`EmuBackend::new_stream`] makes another stream
+/// of the same device (a side stream), sharing one log of stream operations that tests read
+/// to check the order of launches, event records and waits across streams.
 #[derive(Debug)]
 pub struct EmuBackend {
     seed: u64,
     launches: AtomicU64,
     ordinal: usize,
     recording: Option<Recording>,
+    stream: u64,
+    log: Arc<Mutex<StreamLog>>,
 }
 
 /// What a recording backend records, and the records so far.
@@ -266,6 +324,8 @@ impl EmuBackend {
             launches: AtomicU64::new(0),
             ordinal: 0,
             recording: None,
+            stream: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            log: Arc::default(),
         }
     }
 
@@ -286,6 +346,47 @@ impl EmuBackend {
         match &self.recording {
             Some(r) => std::mem::take(&mut *r.records.lock().unwrap_or_else(|e| e.into_inner())),
             None => Vec::new(),
+        }
+    }
+
+    /// Another stream of the same emulator device (the side stream of a CUDA context), with a
+    /// seed derived from this one's, sharing this backend's log of stream operations.
+    pub fn new_stream(&self) -> EmuBackend {
+        EmuBackend {
+            seed: self.seed.rotate_left(17) ^ 0xA5A5_5A5A,
+            launches: AtomicU64::new(0),
+            ordinal: self.ordinal,
+            stream: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            log: self.log.clone(),
+            recording: None,
+        }
+    }
+
+    /// This stream's identity in [`EmuStreamOp`]s.
+    pub fn stream_id(&self) -> u64 {
+        self.stream
+    }
+
+    /// The launches, event records, waits and host waits of this backend's streams since the
+    /// last [`EmuBackend::clear_stream_log`], in the order they were queued.
+    pub fn stream_log(&self) -> Vec<EmuStreamOp> {
+        self.log.lock().map(|l| l.ops.clone()).unwrap_or_default()
+    }
+
+    /// Empties the log of stream operations (and starts logging launches: a backend logs them
+    /// only once this was called, so long runs keep no log).
+    pub fn clear_stream_log(&self) {
+        if let Ok(mut l) = self.log.lock() {
+            l.ops.clear();
+            l.enabled = true;
+        }
+    }
+
+    fn log_op(&self, op: EmuStreamOp) {
+        if let Ok(mut l) = self.log.lock() {
+            if l.enabled {
+                l.ops.push(op);
+            }
         }
     }
 
@@ -387,6 +488,7 @@ fn extent(rows: usize, cols: usize, ld: usize) -> usize {
 impl Backend for EmuBackend {
     type Buffer = EmuBuffer;
     type Slice<T: Elem> = EmuSlice<T>;
+    type Event = EmuEvent;
 
     fn name(&self) -> &'static str {
         "emu"
@@ -415,6 +517,9 @@ impl Backend for EmuBackend {
     }
 
     fn download_slice<T: Elem>(&self, slice: &EmuSlice<T>) -> Result<Vec<T>> {
+        self.log_op(EmuStreamOp::HostWait {
+            stream: self.stream,
+        });
         Ok(slice.as_slice().to_vec())
     }
 
@@ -464,6 +569,9 @@ impl Backend for EmuBackend {
             dst.len(),
             src.bytes
         );
+        self.log_op(EmuStreamOp::HostWait {
+            stream: self.stream,
+        });
         dst.copy_from_slice(&src.as_slice()[..dst.len()]);
         Ok(())
     }
@@ -604,6 +712,10 @@ impl Backend for EmuBackend {
             }
         };
         drop(slots);
+        self.log_op(EmuStreamOp::Launch {
+            stream: self.stream,
+            kernel: kernel.to_string(),
+        });
         if rc != 0 {
             // SAFETY: dfemu_launch NUL-terminates the message within the buffer.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
@@ -676,6 +788,41 @@ impl Backend for EmuBackend {
 
     fn synchronize(&self) -> Result<()> {
         // Launches and GEMMs run to completion before returning; faults were reported there.
+        self.log_op(EmuStreamOp::HostWait {
+            stream: self.stream,
+        });
         Ok(())
+    }
+
+    fn record_event(&self) -> Result<EmuEvent> {
+        let mut l = self
+            .log
+            .lock()
+            .map_err(|_| anyhow::anyhow!("emulator: the stream log is poisoned"))?;
+        l.events += 1;
+        let event = EmuEvent {
+            stream: self.stream,
+            seq: l.events,
+        };
+        if l.enabled {
+            l.ops.push(EmuStreamOp::Record {
+                stream: self.stream,
+                event,
+            });
+        }
+        Ok(event)
+    }
+
+    fn wait_event(&self, event: &EmuEvent) -> Result<()> {
+        self.log_op(EmuStreamOp::Wait {
+            stream: self.stream,
+            event: *event,
+        });
+        Ok(())
+    }
+
+    fn event_complete(&self, _event: &EmuEvent) -> Result<bool> {
+        // The recorded work ran to completion when it was queued.
+        Ok(true)
     }
 }

@@ -12,7 +12,8 @@
 //! - [`inputs`]: random, non-zero benchmark layers;
 //! - [`unfused`]: DoRA as PEFT runs it (the baseline), written once over [`unfused::Passes`];
 //! - [`report`], [`table`], [`plot`]: the JSON document, its tables (with the targets of
-//!   docs/design.md §5 and the CPU path's own, [`table::CPU_TARGET_RATIO`]) and its plot.
+//!   docs/design.md §5 and the CPU path's own, [`table::CPU_TARGET_RATIO`]) and its plot;
+//! - [`serving`]: the multi-adapter serving rows (`dorafuse bench --serving`).
 
 pub mod cpu;
 pub mod cuda;
@@ -23,6 +24,7 @@ pub mod measure;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod serving;
 pub mod stats;
 pub mod table;
 pub mod unfused;

@@ -563,6 +563,7 @@ impl ColMajorGemm {
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
     type Slice<T: Elem> = CudaSlice<T>;
+    type Event = driver::CudaEvent;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -839,6 +840,28 @@ impl Backend for CudaBackend {
         self.context()
             .check_err()
             .context("a deferred CUDA error (from a drop)")
+    }
+
+    fn record_event(&self) -> Result<driver::CudaEvent> {
+        self.stream
+            .record_event(None)
+            .context("recording a CUDA event")
+    }
+
+    fn wait_event(&self, event: &driver::CudaEvent) -> Result<()> {
+        ensure!(
+            event.context() == self.context(),
+            "waiting on a CUDA event of another context"
+        );
+        self.stream
+            .wait(event)
+            .context("making a CUDA stream wait on an event")
+    }
+
+    fn event_complete(&self, event: &driver::CudaEvent) -> Result<bool> {
+        event
+            .try_is_complete()
+            .context("querying a CUDA event (or a fault in the work it recorded)")
     }
 }
 

@@ -517,6 +517,26 @@ impl<B: Backend> DoraLinear<B> {
     pub fn owned_workspace_len(&self) -> usize {
         self.workspace.as_ref().map_or(0, |w| w.1)
     }
+
+    /// This layer's identity (which g an adapter computed for it) and its bias address.
+    pub(crate) fn pool_parts(&self) -> (u64, Option<DevPtr>) {
+        (self.id, self.bias.as_ref().map(|b| b.info().ptr))
+    }
+}
+
+/// What an adapter pool's slot table needs of a [`DoraAdapter`].
+pub(crate) struct SlotParts {
+    pub lora_a: DevPtr,
+    pub lora_b: DevPtr,
+    /// g's address and the layer it was computed for (DoRA with g computed).
+    pub g: Option<(DevPtr, u64)>,
+    pub dora: bool,
+    pub dtype: DType,
+    pub r: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub device: DeviceId,
+    pub scaling: f32,
 }
 
 /// n then g `[2, d_out]` f32 on the device, for the layer `linear`.
@@ -676,17 +696,27 @@ impl<B: Backend> DoraAdapter<B> {
     /// # Errors
     /// An adapter that does not fit the layer (naming the tensor), or a launch failure.
     pub fn compute_scale(&mut self, linear: &DoraLinear<B>) -> Result<()> {
+        let stream = linear.backend.clone();
+        self.compute_scale_on(linear, &stream)
+    }
+
+    /// [`DoraAdapter::compute_scale`] on `stream` instead of `linear`'s: a side stream of the
+    /// same device (an adapter pool loads adapters there, so serving on `linear`'s stream never
+    /// waits for a load). A forward on another stream must be ordered after it (an event).
+    ///
+    /// # Errors
+    /// As [`DoraAdapter::compute_scale`], or `stream` on another device.
+    pub fn compute_scale_on(&mut self, linear: &DoraLinear<B>, stream: &B) -> Result<()> {
         if self.magnitude.is_none() {
             return Ok(());
         }
         let mem = match self.scale.take() {
             Some(s) => s.mem,
-            None => linear
-                .backend
+            None => stream
                 .alloc_slice::<f32>(self.scale_len())
                 .context("allocating n and g")?,
         };
-        self.compute_scale_into(linear, mem)
+        self.compute_scale_into_on(linear, mem, stream)
     }
 
     /// [`DoraAdapter::compute_scale`] into `memory` the caller supplies (at least
@@ -701,8 +731,23 @@ impl<B: Backend> DoraAdapter<B> {
         linear: &DoraLinear<B>,
         memory: B::Slice<f32>,
     ) -> Result<()> {
+        let stream = linear.backend.clone();
+        self.compute_scale_into_on(linear, memory, &stream)
+    }
+
+    fn compute_scale_into_on(
+        &mut self,
+        linear: &DoraLinear<B>,
+        memory: B::Slice<f32>,
+        stream: &B,
+    ) -> Result<()> {
         self.scale = None;
         let dev = linear.backend.device();
+        ensure_input!(
+            stream.device() == dev,
+            "g: stream of {}, but the layer runs on {dev}",
+            stream.device()
+        );
         let info = memory.info();
         check_held("g", &info, dev, DType::F32, self.scale_len())?;
         // The norm reads what it is given: check the adapter against the layer first.
@@ -759,13 +804,32 @@ impl<B: Backend> DoraAdapter<B> {
         // SAFETY: W0, A, B and m are held by `linear` and `self`, checked at construction for
         // these dims and dtypes on this device; `memory` holds 2·d_out f32 (checked above) and
         // overlaps none of them.
-        unsafe { launch::norm(&*linear.backend, &args, None) }?;
+        unsafe { launch::norm(stream, &args, None) }?;
         self.scale = Some(Scale {
             mem: memory,
             info,
             linear: linear.id,
         });
         Ok(())
+    }
+
+    /// The addresses and facts an adapter pool's slot table needs.
+    pub(crate) fn slot_parts(&self) -> SlotParts {
+        SlotParts {
+            lora_a: self.lora_a.info().ptr,
+            lora_b: self.lora_b.info().ptr,
+            g: self
+                .scale
+                .as_ref()
+                .map(|s| (s.info.ptr.offset(4 * self.d_out), s.linear)),
+            dora: self.magnitude.is_some(),
+            dtype: self.dtype,
+            r: self.r,
+            d_in: self.d_in,
+            d_out: self.d_out,
+            device: self.device,
+            scaling: self.scaling,
+        }
     }
 
     /// n then g (`[2, d_out]` f32) once computed, for callers that read them.

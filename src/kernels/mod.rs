@@ -31,12 +31,14 @@ mod engine;
 mod host;
 mod launch;
 pub mod multi;
+mod pool;
 pub mod spec;
 mod view;
 
 pub use device::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
 pub use engine::{download_tensor, BaseResult, DoraAdapter, DoraLinear};
 pub use host::{merged_weight, norm, run};
+pub use pool::{AdapterPool, SlotIndex};
 #[cfg(any(feature = "cuda", feature = "emu"))]
 pub(crate) use view::Guard;
 pub use view::{DevView, DevViewMut, MatShape};

@@ -24,8 +24,11 @@
 //! reduction order fixed by d_in and r_k (never by T, the neighbours' adapters or their order),
 //! so a token's y is bit-identical served alone or in any batch (tests/kernels/multi_adapter.rs).
 //!
-//! **Hot swap.** [`SlotTables::set_slot`] uploads the tables on the backend's stream: batches
-//! queued before it read the old slot, batches queued after read the new one.
+//! **Hot swap.** [`SlotTables::stage_slot`] uploads a new table image on a side stream and
+//! [`SlotTables::commit`] copies it over the live tables with one launch on the serving stream
+//! (after an event): batches queued before read the old slot, batches queued after the new one,
+//! and the host never waits for the serving stream. [`super::AdapterPool`] does this for its
+//! adapters. [`SlotTables::set_slot`] is the set-up path (an upload that synchronises on CUDA).
 
 use super::launch;
 use super::spec;
@@ -40,6 +43,8 @@ use anyhow::{bail, ensure, Context, Result};
 pub const ERR_INDEX: i32 = 1;
 /// Error flag: a token names an empty slot (rank 0) (mirrors `MULTI_ERR_EMPTY`).
 pub const ERR_EMPTY: i32 = 2;
+/// The rank a slot table stores for [`SlotContent::BaseOnly`] (`MULTI_BASE_ONLY`).
+pub const BASE_ONLY_RANK: i32 = -1;
 /// Ranks per `multi_shrink` block (one warp each; `MS_WARPS` in kernels/multi.cu).
 pub const SHRINK_RANKS: usize = 8;
 /// Output columns per `multi_expand` block (one per thread).
@@ -61,20 +66,48 @@ pub struct SlotAdapter {
     pub scaling: f32,
 }
 
+/// What one slot of a [`SlotTables`] holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SlotContent {
+    /// Nothing: a token naming it is flagged ([`ERR_EMPTY`]) and finished base-only.
+    Empty,
+    /// An adapter that does not adapt this module (it adapts others of the model): its tokens
+    /// get `base + b`, unflagged, so one index serves every module of a model.
+    BaseOnly,
+    /// An adapter.
+    Adapter(SlotAdapter),
+}
+
+impl From<Option<SlotAdapter>> for SlotContent {
+    fn from(s: Option<SlotAdapter>) -> Self {
+        s.map_or(SlotContent::Empty, SlotContent::Adapter)
+    }
+}
+
 /// The per-slot tables of one adapted module on the device, and its error word.
 ///
-/// Layout: `ptrs` u64 `[3, slots]` (A addresses, then B, then g or 0), `ranks` i32 `[slots]`
-/// (0 = empty), `scales` f32 `[slots]`, `err` i32 `[1]`.
+/// Layout: one buffer of `32·n` bytes for `n` slots: addresses u64 `[3, n]` (A, then B, then g
+/// or 0), ranks i32 `[n]` (0 = empty), scalings f32 `[n]`; and the error word i32 `[1]`. The
+/// tables stay at one address for their life, so a CUDA graph captured over [`forward`] serves
+/// every later swap.
 pub struct SlotTables<B: Backend> {
-    ptrs: B::Buffer,
-    ranks: B::Buffer,
-    scales: B::Buffer,
+    table: B::Buffer,
     err: B::Buffer,
-    host: Vec<Option<SlotAdapter>>,
+    host: Vec<SlotContent>,
+    generation: u64,
     adapter: DType,
     d_in: usize,
     d_out: usize,
     r_max: usize,
+}
+
+/// A new image of a [`SlotTables`] with one slot changed, uploaded by
+/// [`SlotTables::stage_slot`] (on a side stream) and made live by [`SlotTables::commit`].
+pub struct StagedTable<B: Backend> {
+    image: B::Buffer,
+    k: usize,
+    slot: SlotContent,
+    generation: u64,
 }
 
 /// `n` as a kernel `int`, naming `what`.
@@ -83,10 +116,37 @@ fn int(what: &str, n: usize) -> Result<KernelArg> {
     Ok(KernelArg::I32(v))
 }
 
+/// The bytes of the tables for `host` (layout in [`SlotTables`]).
+fn table_image(host: &[SlotContent]) -> Vec<u8> {
+    let n = host.len().max(1);
+    let mut ptrs = vec![0u64; 3 * n];
+    let mut ranks = vec![0i32; n];
+    let mut scales = vec![0f32; n];
+    for (k, s) in host.iter().enumerate() {
+        match s {
+            SlotContent::Empty => {}
+            SlotContent::BaseOnly => ranks[k] = BASE_ONLY_RANK,
+            SlotContent::Adapter(s) => {
+                ptrs[k] = s.lora_a.0;
+                ptrs[n + k] = s.lora_b.0;
+                ptrs[2 * n + k] = s.g.map_or(0, |g| g.0);
+                ranks[k] = s.rank as i32;
+                scales[k] = s.scaling;
+            }
+        }
+    }
+    let mut v = Vec::with_capacity(32 * n);
+    v.extend_from_slice(bytemuck::cast_slice(&ptrs));
+    v.extend_from_slice(bytemuck::cast_slice(&ranks));
+    v.extend_from_slice(bytemuck::cast_slice(&scales));
+    v
+}
+
 impl<B: Backend> SlotTables<B> {
     /// Tables for `slots` slots (each `None` = empty) of adapters in `adapter` dtype for a
     /// module of `d_in` inputs and `d_out` outputs, with ranks up to `r_max` (1..=256: the U
-    /// workspace of a batch is `T·r_max` f32).
+    /// workspace of a batch is `T·r_max` f32). Set-up work: on CUDA the upload synchronises
+    /// `b`'s stream.
     ///
     /// # Safety
     /// Every address in `slots` must be device memory of `b` holding the tensor described
@@ -112,31 +172,37 @@ impl<B: Backend> SlotTables<B> {
             "adapter pool: d_in and d_out must be at least 1"
         );
         let n = slots.len().max(1);
-        let alloc = |bytes: usize, what: &str| {
-            b.alloc_zeroed(bytes)
-                .with_context(|| format!("allocating the slot tables' {what}"))
-        };
         let mut t = Self {
-            ptrs: alloc(3 * 8 * n, "addresses")?,
-            ranks: alloc(4 * n, "ranks")?,
-            scales: alloc(4 * n, "scalings")?,
-            err: alloc(4, "error word")?,
-            host: vec![None; slots.len()],
+            table: b
+                .alloc_zeroed(32 * n)
+                .context("allocating the slot tables")?,
+            err: b
+                .alloc_zeroed(4)
+                .context("allocating the slot tables' error word")?,
+            host: vec![SlotContent::Empty; slots.len()],
+            generation: 0,
             adapter,
             d_in,
             d_out,
             r_max,
         };
         for (k, s) in slots.iter().enumerate() {
-            t.check_slot(k, s)?;
-            t.host[k] = *s;
+            let s = SlotContent::from(*s);
+            t.check_slot(k, &s)?;
+            t.host[k] = s;
         }
-        t.upload(b)?;
+        b.upload(&mut t.table, &table_image(&t.host))
+            .context("uploading the slot tables")?;
         Ok(t)
     }
 
-    fn check_slot(&self, k: usize, s: &Option<SlotAdapter>) -> Result<()> {
-        if let Some(s) = s {
+    fn check_slot(&self, k: usize, s: &SlotContent) -> Result<()> {
+        ensure!(
+            k < self.host.len(),
+            "slot {k} outside the pool's {} slots",
+            self.host.len()
+        );
+        if let SlotContent::Adapter(s) = s {
             ensure!(
                 (1..=self.r_max).contains(&s.rank),
                 "slot {k}: rank {} outside 1..={} (the pool's largest rank)",
@@ -152,30 +218,10 @@ impl<B: Backend> SlotTables<B> {
         Ok(())
     }
 
-    fn upload(&mut self, b: &B) -> Result<()> {
-        let n = self.host.len();
-        let mut ptrs = vec![0u64; 3 * n.max(1)];
-        let mut ranks = vec![0i32; n.max(1)];
-        let mut scales = vec![0f32; n.max(1)];
-        for (k, s) in self.host.iter().enumerate() {
-            if let Some(s) = s {
-                ptrs[k] = s.lora_a.0;
-                ptrs[n + k] = s.lora_b.0;
-                ptrs[2 * n + k] = s.g.map_or(0, |g| g.0);
-                ranks[k] = s.rank as i32;
-                scales[k] = s.scaling;
-            }
-        }
-        b.upload(&mut self.ptrs, bytemuck::cast_slice(&ptrs))
-            .context("uploading the slot addresses")?;
-        b.upload(&mut self.ranks, bytemuck::cast_slice(&ranks))
-            .context("uploading the slot ranks")?;
-        b.upload(&mut self.scales, bytemuck::cast_slice(&scales))
-            .context("uploading the slot scalings")
-    }
-
-    /// Replaces slot `k` (`None` empties it), ordered on the backend's stream: batches queued
-    /// before read the old adapter, batches queued after read the new one.
+    /// Replaces slot `k` (`None` empties it) by an upload on `b`'s stream: batches queued
+    /// before read the old adapter, batches queued after read the new one. Set-up work: on
+    /// CUDA the upload synchronises the stream (a serving engine swaps through
+    /// [`SlotTables::stage_slot`] and [`SlotTables::commit`] instead, which never block it).
     ///
     /// # Safety
     /// As for [`Self::new`], for the new slot's addresses.
@@ -183,14 +229,78 @@ impl<B: Backend> SlotTables<B> {
     /// # Errors
     /// `k` outside the tables, a rank outside 1..=r_max, or a device failure.
     pub unsafe fn set_slot(&mut self, b: &B, k: usize, slot: Option<SlotAdapter>) -> Result<()> {
-        ensure!(
-            k < self.host.len(),
-            "slot {k} outside the pool's {} slots",
-            self.host.len()
-        );
+        let slot = SlotContent::from(slot);
         self.check_slot(k, &slot)?;
-        self.host[k] = slot;
-        self.upload(b)
+        let mut host = self.host.clone();
+        host[k] = slot;
+        b.upload(&mut self.table, &table_image(&host))
+            .context("uploading the slot tables")?;
+        self.host = host;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Uploads, on `side` (a stream of the same device), the image of these tables with slot
+    /// `k` holding `slot`; nothing live changes until [`SlotTables::commit`]. On CUDA the
+    /// upload synchronises `side` only.
+    ///
+    /// # Errors
+    /// `k` outside the tables, a rank outside 1..=r_max, or a device failure.
+    pub fn stage_slot(&self, side: &B, k: usize, slot: SlotContent) -> Result<StagedTable<B>> {
+        self.check_slot(k, &slot)?;
+        let mut host = self.host.clone();
+        host[k] = slot;
+        let bytes = table_image(&host);
+        let mut image = side
+            .alloc_zeroed(bytes.len())
+            .context("allocating a staged slot table")?;
+        side.upload(&mut image, &bytes)
+            .context("uploading a staged slot table")?;
+        Ok(StagedTable {
+            image,
+            k,
+            slot,
+            generation: self.generation,
+        })
+    }
+
+    /// Makes `staged` live with one launch (`dora_multi_copy_table`) on `main`, the stream the
+    /// batches run on: batches queued on `main` before it read the old tables, batches queued
+    /// after it the new ones; the host does not wait. `main` must already be ordered after the
+    /// staging (e.g. [`Backend::wait_event`] on an event `side` recorded after
+    /// [`SlotTables::stage_slot`]), and `staged` must stay allocated until the copy has run.
+    ///
+    /// # Safety
+    /// The staged slot's addresses must satisfy [`Self::new`]'s contract, on `main` once the
+    /// wait above is queued.
+    ///
+    /// # Errors
+    /// A staged table built before another change of these tables, or a launch failure.
+    pub unsafe fn commit(&mut self, main: &B, staged: &StagedTable<B>) -> Result<()> {
+        ensure!(
+            staged.generation == self.generation,
+            "adapter pool: slot {} was staged before another change of the tables; stage it again",
+            staged.k
+        );
+        let words = self.table.bytes().min(staged.image.bytes()) / 4;
+        let args = [
+            KernelArg::Ptr(staged.image.ptr()),
+            KernelArg::Ptr(self.table.ptr()),
+            int("table words", words)?,
+        ];
+        let dims = LaunchDims {
+            grid: [words.div_ceil(spec::THREADS) as u32, 1, 1],
+            block: [spec::THREADS as u32, 1, 1],
+            shared_bytes: 0,
+        };
+        // SAFETY: matches `dora_multi_copy_table(src, dst, words)`; both buffers hold at least
+        // `words` 32-bit words (the smaller of the two sizes), and they are distinct
+        // allocations; the caller orders `main` after the staging upload.
+        unsafe { main.launch("dora_multi_copy_table", dims, &args) }
+            .context("launching dora_multi_copy_table")?;
+        self.host[staged.k] = staged.slot;
+        self.generation += 1;
+        Ok(())
     }
 
     /// Number of slots.
@@ -198,9 +308,19 @@ impl<B: Backend> SlotTables<B> {
         self.host.len()
     }
 
+    /// What slot `k` holds, as last set (`Empty` for `k` outside the tables).
+    pub fn slot(&self, k: usize) -> SlotContent {
+        self.host.get(k).copied().unwrap_or(SlotContent::Empty)
+    }
+
     /// The largest rank a slot may hold (the U workspace is `T·r_max` f32).
     pub fn r_max(&self) -> usize {
         self.r_max
+    }
+
+    /// Inputs and outputs of the module, `(d_in, d_out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.d_in, self.d_out)
     }
 
     /// The adapters' storage dtype.
@@ -301,7 +421,9 @@ pub unsafe fn forward<B: Backend>(b: &B, tables: &SlotTables<B>, batch: &MultiBa
         )
     })?;
     let n = tables.host.len();
-    let ptrs = tables.ptrs.ptr();
+    let ptrs = tables.table.ptr();
+    let nt = n.max(1);
+    let (ranks, scales) = (ptrs.offset(24 * nt), ptrs.offset(28 * nt));
     let t_blocks = u32::try_from(x.t)
         .ok()
         .filter(|&v| v <= i32::MAX as u32)
@@ -314,7 +436,7 @@ pub unsafe fn forward<B: Backend>(b: &B, tables: &SlotTables<B>, batch: &MultiBa
         KernelArg::I64(x.ldx as i64),
         KernelArg::Ptr(x.index),
         KernelArg::Ptr(ptrs),
-        KernelArg::Ptr(tables.ranks.ptr()),
+        KernelArg::Ptr(ranks),
         slots,
         r_max,
         int("T", x.t)?,
@@ -344,10 +466,10 @@ pub unsafe fn forward<B: Backend>(b: &B, tables: &SlotTables<B>, batch: &MultiBa
         KernelArg::Ptr(x.u),
         KernelArg::I64(tables.r_max as i64),
         KernelArg::Ptr(x.index),
-        KernelArg::Ptr(ptrs.offset(8 * n)),
-        KernelArg::Ptr(ptrs.offset(16 * n)),
-        KernelArg::Ptr(tables.ranks.ptr()),
-        KernelArg::Ptr(tables.scales.ptr()),
+        KernelArg::Ptr(ptrs.offset(8 * nt)),
+        KernelArg::Ptr(ptrs.offset(16 * nt)),
+        KernelArg::Ptr(ranks),
+        KernelArg::Ptr(scales),
         slots,
         r_max,
         KernelArg::Ptr(x.bias.unwrap_or(DevPtr(0))),

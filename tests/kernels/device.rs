@@ -18,6 +18,8 @@ pub trait TestBackend: Backend + Sized {
     /// True on a GPU unless `DORAFUSE_GPU_QUICK=1` (the sanitizer runs): tests add the large
     /// shapes (4097-wide, rank 255/256, 129 tokens) that the emulator is too slow for.
     fn large() -> bool;
+    /// Another stream of the same device (a side stream: adapter loads in the pool tests).
+    fn side_stream(&self) -> Self;
 }
 
 impl TestBackend for EmuBackend {
@@ -28,6 +30,9 @@ impl TestBackend for EmuBackend {
     fn large() -> bool {
         false
     }
+    fn side_stream(&self) -> Self {
+        self.new_stream()
+    }
 }
 
 impl TestBackend for CudaBackend {
@@ -37,6 +42,10 @@ impl TestBackend for CudaBackend {
     }
     fn large() -> bool {
         !std::env::var("DORAFUSE_GPU_QUICK").is_ok_and(|v| v == "1")
+    }
+    fn side_stream(&self) -> Self {
+        let stream = self.context().new_stream().expect("a second CUDA stream");
+        CudaBackend::from_stream(stream).expect("a backend on the second stream")
     }
 }
 

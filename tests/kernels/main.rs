@@ -4,6 +4,7 @@
 //! list and the specialisation table; and the CUDA backend itself. One test binary for the
 //! subject (each integration test binary links the whole crate; fewer binaries link less).
 
+mod adapter_pool;
 mod cuda_backend;
 mod device;
 mod engine_api;

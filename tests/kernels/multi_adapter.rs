@@ -29,13 +29,13 @@ use rand_distr::{Distribution, StandardNormal};
 use std::path::PathBuf;
 use std::process::Command;
 
-type Rng64 = rand::rngs::StdRng;
+pub(crate) type Rng64 = rand::rngs::StdRng;
 
-fn rng(seed: u64) -> Rng64 {
+pub(crate) fn rng(seed: u64) -> Rng64 {
     Rng64::seed_from_u64(seed)
 }
 
-fn normal(rng: &mut Rng64, n: usize, scale: f64) -> Vec<f64> {
+pub(crate) fn normal(rng: &mut Rng64, n: usize, scale: f64) -> Vec<f64> {
     (0..n)
         .map(|_| {
             let v: f64 = StandardNormal.sample(rng);
@@ -46,14 +46,14 @@ fn normal(rng: &mut Rng64, n: usize, scale: f64) -> Vec<f64> {
 
 /// One adapter to generate: rank, DoRA or LoRA.
 #[derive(Clone, Copy, Debug)]
-struct Spec {
-    r: usize,
-    dora: bool,
+pub(crate) struct Spec {
+    pub r: usize,
+    pub dora: bool,
 }
 
 /// A random multi-adapter layer: W0 and bias in `dt`, adapters in `adt` (m in f32), a
 /// magnitude that is not the norm (g ≠ 1), scalings that differ per adapter.
-fn make_layer(
+pub(crate) fn make_layer(
     seed: u64,
     (d_in, d_out): (usize, usize),
     specs: &[Spec],
@@ -96,13 +96,13 @@ fn make_layer(
     }
 }
 
-fn make_x(seed: u64, t: usize, d_in: usize, dt: DType) -> Tensor {
+pub(crate) fn make_x(seed: u64, t: usize, d_in: usize, dt: DType) -> Tensor {
     Tensor::from_f64(dt, vec![t, d_in], &normal(&mut rng(seed), t * d_in, 1.0)).unwrap()
 }
 
 /// The index shapes engines use, over `k` adapters.
 #[derive(Clone, Copy, Debug)]
-enum Pattern {
+pub(crate) enum Pattern {
     /// Sorted segments, one per adapter then base-only (prefill, SGMV-like).
     Segments,
     /// One token per request, arbitrary slots (decode, BGMV-like), −1 included.
@@ -113,7 +113,7 @@ enum Pattern {
     BaseOnly,
 }
 
-fn index(p: Pattern, t: usize, k: usize, seed: u64) -> Vec<i32> {
+pub(crate) fn index(p: Pattern, t: usize, k: usize, seed: u64) -> Vec<i32> {
     let mut g = rng(seed ^ 0x5eed);
     // Segment s of k + 1 equal parts: adapter s, the last part base-only.
     let segs = |t: usize| -> Vec<i32> {
@@ -138,7 +138,7 @@ fn index(p: Pattern, t: usize, k: usize, seed: u64) -> Vec<i32> {
 
 /// The float64 truth of the multi-adapter layer: each adapter group through the float64
 /// reference of the single layer, base-only tokens as x·W0ᵀ + b.
-fn truth(layer: &MultiLayer, x: &Tensor, idx: &[i32]) -> Vec<f64> {
+pub(crate) fn truth(layer: &MultiLayer, x: &Tensor, idx: &[i32]) -> Vec<f64> {
     let (t, d_in, d_out) = layer.check_call(x, idx).unwrap();
     let xv = x.to_f64();
     let w = layer.weight.to_f64();
@@ -612,7 +612,7 @@ fn device_batch(
     (bytemuck::cast_slice(&out).to_vec(), check)
 }
 
-fn no_bias(mut l: MultiLayer) -> MultiLayer {
+pub(crate) fn no_bias(mut l: MultiLayer) -> MultiLayer {
     l.bias = None;
     l
 }
@@ -679,7 +679,7 @@ fn hot_swap_changes_only_that_slots_tokens_from_the_next_batch_on() {
     }
 }
 
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
     assert!(!s.contains('\n'), "not one line: {s}");
     s
@@ -1008,5 +1008,10 @@ fn multi_kernels_are_registered_in_every_dtype() {
             assert!(!sig.contains('?'), "{name}: {sig}");
         }
     }
-    assert_eq!(listed.len(), 10);
+    // The table commit of the adapter pool's swaps has no dtype.
+    let sig = emu
+        .get("dora_multi_copy_table")
+        .expect("dora_multi_copy_table on the emulator");
+    assert!(!sig.contains('?'), "dora_multi_copy_table: {sig}");
+    assert_eq!(listed.len(), 11);
 }
