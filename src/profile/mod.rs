@@ -27,7 +27,7 @@ use crate::case_multi::{AdapterWeights, MultiLayer};
 use crate::dtype::DType;
 use crate::emu::record::{LaunchRecord, Sites};
 use crate::emu::{EmuBackend, RecordOptions};
-use crate::kernels::multi::{run_multi, MultiBase};
+use crate::kernels::multi::{run_multi, MultiBase, SlotContent, SlotTables};
 use crate::kernels::spec::{self, VARIANTS};
 use crate::kernels::KERNELS;
 use crate::layer::{GradMode, Layer, Shape};
@@ -307,6 +307,21 @@ pub fn drive(
             let index: Vec<i32> = (0..shape.t).map(|i| (i % 3) as i32 - 1).collect();
             let step = format!("multi-adapter forward ({act} with {adapter} adapters)");
             run_multi(b, &multi, &x, &index, MultiBase::Compute).with_context(|| step.clone())?;
+            take(step, shape, act, &mut out);
+        }
+        if act == adapter && act == DType::F32 && want_pair(&["dora_multi_copy_table"]) {
+            // An adapter pool's swap: a slot-table image staged, then committed by one copy.
+            let step = "adapter pool swap (slot table committed)".to_string();
+            // SAFETY: no slot holds an adapter, so the tables hold no device address.
+            let mut tables =
+                unsafe { SlotTables::new(b, adapter, (shape.d_in, shape.d_out), shape.r, &[None]) }
+                    .with_context(|| step.clone())?;
+            let staged = tables
+                .stage_slot(b, 0, SlotContent::BaseOnly)
+                .with_context(|| step.clone())?;
+            // SAFETY: the staged slot is base-only (no address); `b` is the staging stream
+            // itself, so the copy is ordered after the upload.
+            unsafe { tables.commit(b, &staged) }.with_context(|| step.clone())?;
             take(step, shape, act, &mut out);
         }
         if act == adapter
