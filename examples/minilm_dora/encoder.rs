@@ -58,7 +58,7 @@ pub enum Projections<'a> {
 
 enum Proj {
     Plain(Linear),
-    Multi(MultiDoraLinear),
+    Multi(Box<MultiDoraLinear>),
 }
 
 impl Proj {
@@ -82,9 +82,9 @@ impl Proj {
                 }
                 None => Proj::Plain(Linear::new(w, Some(b))),
             },
-            Projections::Adapted(set, route) => {
-                Proj::Multi(set.multi_linear(module, &w, Some(&b))?.with_route(*route))
-            }
+            Projections::Adapted(set, route) => Proj::Multi(Box::new(
+                set.multi_linear(module, &w, Some(&b))?.with_route(*route),
+            )),
         })
     }
 

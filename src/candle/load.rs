@@ -1,6 +1,6 @@
 //! PEFT adapter directories put onto base weights loaded with candle.
 
-use super::{to_host, MultiDoraLinear};
+use super::MultiDoraLinear;
 use crate::adapter::{Adapter, AdapterModule, Init, ModuleKind};
 use crate::case_multi::AdapterWeights;
 use anyhow::{bail, ensure, Context, Result};
@@ -144,9 +144,8 @@ impl AdapterSet {
         // Each adapter's weights are checked against the base with the adapter named.
         for (k, a) in self.adapters.iter().enumerate() {
             if let Some(m) = a.modules.get(module) {
-                let w = to_host(weight, "weight")?;
                 let (d_in, _, r) = m.dims();
-                let ws = w.shape();
+                let ws = weight.dims();
                 ensure!(
                     ws.len() == 2 && ws[1] == d_in && ws[0] == m.lora_b.shape()[0],
                     "adapter {}: module {module}: lora_A [{r}, {d_in}] and lora_B {:?} do not fit the base weight {ws:?} ([d_out, d_in])",
