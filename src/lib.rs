@@ -33,6 +33,8 @@ pub mod analysis;
 pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod case;
 pub mod case_multi;
 pub mod cpu;
