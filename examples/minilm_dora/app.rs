@@ -154,16 +154,9 @@ fn device(name: &str) -> Result<(Device, CpuRoute)> {
     match name {
         "cpu" => Ok((Device::Cpu, CpuRoute::CpuPath)),
         "emu" => Ok((Device::Cpu, CpuRoute::EmulatedKernels)),
-        "cuda" => {
-            if cfg!(feature = "candle-cuda") {
-                Ok((
-                    Device::new_cuda(0).context("opening CUDA device 0")?,
-                    CpuRoute::CpuPath,
-                ))
-            } else {
-                bail!("--device cuda needs the candle-cuda feature (cargo run --features candle-cuda ...)")
-            }
-        }
+        "cuda" => bail!(
+            "--device cuda: the candle layers do not run the kernels on candle's CUDA stream yet; use cpu or emu"
+        ),
         other => bail!("--device {other:?}: expected cpu, emu or cuda"),
     }
 }

@@ -15,8 +15,8 @@
 //!   once when the layer is built ([`CpuRoute::CpuPath`]), or the CUDA kernels on the
 //!   emulator ([`CpuRoute::EmulatedKernels`], [`crate::emu`]), so the kernel path is exercised
 //!   through candle on machines without a GPU;
-//! - CUDA tensors (feature `candle-cuda`) are refused with a one-line error naming the layer
-//!   until the kernels run on candle's stream (see docs/design.md "candle").
+//! - CUDA tensors are refused with a one-line error naming the layer until the kernels run on
+//!   candle's stream (see docs/design.md "candle").
 //!
 //! Training: when x, A, B or m is tracked by candle's autograd (a `Var`, or computed from
 //! one), [`DoraLinear`] runs as a `CustomOp3` over `(x, A, [B | m])` whose backward is
