@@ -20,10 +20,11 @@ file-backed and not counted):
                   merge_and_unload + save_pretrained (safetensors), one process
   dorafuse merge  dorafuse merge --device cpu (writes a new model directory, fsyncs it)
   dorafuse unmerge  dorafuse merge --unmerge of that output
-  dorafuse inspect  dorafuse inspect --base (the Figure-2 pass, f64; writes nothing)
+  dorafuse inspect  dorafuse inspect --base (the Figure-2 pass; writes nothing)
 
 Every row runs --repeat times (files in the page cache after the first build; outputs
-removed between runs); the table shows the median wall time and the largest peak RSS. The
+removed between runs); the table shows the median wall time, the median CPU time (user +
+system) and the largest peak RSS. The
 merge output is checked against PEFT's: every merged weight within bf16 rounding, every
 other tensor identical.
 
@@ -110,9 +111,10 @@ def st_files(d):
 
 
 def run_measured(cmd, stdout=subprocess.DEVNULL):
-    """Runs `cmd` under /usr/bin/time; returns (wall s, peak RSS MB, peak RssAnon MB)."""
+    """Runs `cmd` under /usr/bin/time; returns (wall s, peak RSS MB, peak RssAnon MB, CPU s:
+    user + system)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name] + cmd
+        full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", tf.name] + cmd
         p = subprocess.Popen(full, stdout=stdout, stderr=subprocess.PIPE)
         anon = [0]
         stop = threading.Event()
@@ -137,8 +139,8 @@ def run_measured(cmd, stdout=subprocess.DEVNULL):
         th.join()
         if p.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode(errors='replace')[-2000:]}")
-        wall, rss_kb = tf.read().split()[-2:]
-    return float(wall), int(rss_kb) / 1024, anon[0] / 1024
+        wall, rss_kb, user, system = tf.read().split()[-4:]
+    return float(wall), int(rss_kb) / 1024, anon[0] / 1024, float(user) + float(system)
 
 
 def rm(path):
@@ -207,6 +209,9 @@ def main():
     a = ap.parse_args()
 
     os.makedirs(a.work, exist_ok=True)
+    # The commit the measured binary was built from: taken before the runs, so that edits
+    # made while they run do not mark it dirty.
+    commit = git_commit()
     py = sys.executable
     model_dir, adapter_dir = build(a.work, py)
     files = st_files(model_dir)
@@ -263,12 +268,15 @@ def main():
         res = {
             "row": name,
             "wall_s": statistics.median(walls),
+            "wall_best_s": min(walls),
             "wall_runs_s": walls,
+            "cpu_s": statistics.median(r[3] for r in runs),
             "peak_rss_mb": max(r[1] for r in runs),
             "peak_anon_mb": max(r[2] for r in runs),
         }
         results.append(res)
-        print(f"{name:40} {res['wall_s']:7.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)})  "
+        print(f"{name:40} {res['wall_s']:7.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)}; "
+              f"CPU {res['cpu_s']:.2f} s)  "
               f"peak RSS {res['peak_rss_mb']:7.0f} MB  anon {res['peak_anon_mb']:6.0f} MB", file=sys.stderr)
         if after:
             after()
@@ -282,7 +290,7 @@ def main():
     meta = {
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": commit,
         "model_bytes": size,
         "load": os.getloadavg()[0],
         "repeat": a.repeat,
@@ -312,15 +320,21 @@ def write_markdown(path, meta, results):
         + (f" ({meta['peft_repeat']} for PEFT)" if meta["peft_repeat"] != meta["repeat"] else "")
         + ".",
         "",
-        "| what | wall (s) | × copy floor | × read floor | × faster than PEFT | peak RSS (MB) | peak private (anon) RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| what | wall (s) | × copy floor | × read floor | × faster than PEFT | CPU, user + system (s) | peak RSS (MB) | peak private (anon) RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         vs_peft = f"{peft['wall_s'] / r['wall_s']:.1f}" if peft else "-"
         lines.append(
             f"| {r['row']} | {r['wall_s']:.2f} | {r['wall_s'] / copy:.2f} | {r['wall_s'] / read:.2f} | "
-            f"{vs_peft} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
+            f"{vs_peft} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
         )
+    lines.append("")
+    lines.append(
+        "CPU is the median of the runs' user + system time (`/usr/bin/time`): what each row "
+        "costs the cores whatever else runs; wall time on a loaded machine also counts the "
+        "time other processes held them (see the load average above)."
+    )
     lines.append("")
     if meta["worst_rel_error_vs_peft"] is not None:
         lines.append(
