@@ -16,6 +16,9 @@ sampled from /proc every 10 ms (private memory: the page cache of memory-mapped 
 file-backed and not counted):
   read floor      cat of the model's .safetensors files to /dev/null
   copy floor      cp of the same files into a new directory, then sync of those files
+                  (cp copies inside the kernel, copy_file_range)
+  write floor     cat of each file into a new file, then sync: the bytes pass through a
+                  program's memory and write(2), as any output a program computes does
   PEFT merge      AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained +
                   merge_and_unload + save_pretrained (safetensors), one process
   dorafuse merge  dorafuse merge --device cpu (writes a new model directory, fsyncs it)
@@ -223,6 +226,10 @@ def main():
         return os.path.join(a.work, n)
 
     copy_sh = 'mkdir "$0" && cp "$@" "$0"/ && sync "$0"/*'
+    # cp copies in the kernel (copy_file_range); a program that computes its output hands
+    # every byte to write(2) from its own memory, which costs more: `cat` into a file is
+    # that floor.
+    write_sh = 'mkdir "$0" && for f; do cat "$f" > "$0/${f##*/}"; done && sync "$0"/*'
     # (row, command, cleanup between runs, check after the last run, cleanup after it). The
     # outputs are removed as soon as they are checked, so at most two models' worth of
     # output is on disk at once.
@@ -241,6 +248,8 @@ def main():
         ("read floor (cat)", ["cat"] + files, lambda: None, None),
         ("copy floor (cp + sync)", ["sh", "-c", copy_sh, out("copy")] + files,
          lambda: rm(out("copy")), lambda: rm(out("copy"))),
+        ("write floor (cat > file + sync)", ["sh", "-c", write_sh, out("written")] + files,
+         lambda: rm(out("written")), lambda: rm(out("written"))),
         ("dorafuse merge", [dorafuse, "merge", "--quiet", "--device", "cpu", "--base", model_dir,
                             "--adapter", adapter_dir, "--out", out("merged")], lambda: rm(out("merged")), None),
         ("dorafuse merge --unmerge", [dorafuse, "merge", "--unmerge", "--quiet", "--base", out("merged"),
@@ -252,7 +261,7 @@ def main():
                      lambda: rm(out("peft")), check_peft))
     rows.append(("dorafuse inspect --base", [dorafuse, "inspect", "--json", "--base", model_dir, adapter_dir],
                  lambda: None, None))
-    for d in ("copy", "peft", "merged", "unmerged"):
+    for d in ("copy", "written", "peft", "merged", "unmerged"):
         rm(out(d))
     # Warm the page cache with the inputs.
     run_measured(["cat"] + files)
@@ -309,6 +318,7 @@ def write_markdown(path, meta, results):
     by = {r["row"]: r for r in results}
     copy = by["copy floor (cp + sync)"]["wall_s"]
     read = by["read floor (cat)"]["wall_s"]
+    write = by["write floor (cat > file + sync)"]["wall_s"]
     peft = by.get("PEFT load + merge_and_unload + save")
     lines = [
         BEGIN,
@@ -320,13 +330,14 @@ def write_markdown(path, meta, results):
         + (f" ({meta['peft_repeat']} for PEFT)" if meta["peft_repeat"] != meta["repeat"] else "")
         + ".",
         "",
-        "| what | wall (s) | × copy floor | × read floor | × faster than PEFT | CPU, user + system (s) | peak RSS (MB) | peak private (anon) RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| what | wall (s) | × copy floor | × write floor | × read floor | × faster than PEFT | CPU, user + system (s) | peak RSS (MB) | peak private (anon) RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         vs_peft = f"{peft['wall_s'] / r['wall_s']:.1f}" if peft else "-"
         lines.append(
-            f"| {r['row']} | {r['wall_s']:.2f} | {r['wall_s'] / copy:.2f} | {r['wall_s'] / read:.2f} | "
+            f"| {r['row']} | {r['wall_s']:.2f} | {r['wall_s'] / copy:.2f} | {r['wall_s'] / write:.2f} | "
+            f"{r['wall_s'] / read:.2f} | "
             f"{vs_peft} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
         )
     lines.append("")
