@@ -17,7 +17,7 @@ file-backed and not counted):
   read floor      cat of the model's .safetensors files to /dev/null
   copy floor      cp of the same files into a new directory, then sync of those files
                   (cp copies inside the kernel, copy_file_range)
-  write floor     cat of each file into a new file, then sync: the bytes pass through a
+  write floor     dd of each file into a new file, then sync: the bytes pass through a
                   program's memory and write(2), as any output a program computes does
   PEFT merge      AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained +
                   merge_and_unload + save_pretrained (safetensors), one process
@@ -226,10 +226,10 @@ def main():
         return os.path.join(a.work, n)
 
     copy_sh = 'mkdir "$0" && cp "$@" "$0"/ && sync "$0"/*'
-    # cp copies in the kernel (copy_file_range); a program that computes its output hands
-    # every byte to write(2) from its own memory, which costs more: `cat` into a file is
-    # that floor.
-    write_sh = 'mkdir "$0" && for f; do cat "$f" > "$0/${f##*/}"; done && sync "$0"/*'
+    # cp (and coreutils' cat) copy inside the kernel (copy_file_range); a program that
+    # computes its output hands every byte to write(2) from its own memory, which costs
+    # more: `dd` (read(2) into its buffer, write(2) from it) is that floor.
+    write_sh = 'mkdir "$0" && for f; do dd if="$f" of="$0/${f##*/}" bs=16M status=none; done && sync "$0"/*'
     # (row, command, cleanup between runs, check after the last run, cleanup after it). The
     # outputs are removed as soon as they are checked, so at most two models' worth of
     # output is on disk at once.
@@ -248,7 +248,7 @@ def main():
         ("read floor (cat)", ["cat"] + files, lambda: None, None),
         ("copy floor (cp + sync)", ["sh", "-c", copy_sh, out("copy")] + files,
          lambda: rm(out("copy")), lambda: rm(out("copy"))),
-        ("write floor (cat > file + sync)", ["sh", "-c", write_sh, out("written")] + files,
+        ("write floor (dd + sync)", ["sh", "-c", write_sh, out("written")] + files,
          lambda: rm(out("written")), lambda: rm(out("written"))),
         ("dorafuse merge", [dorafuse, "merge", "--quiet", "--device", "cpu", "--base", model_dir,
                             "--adapter", adapter_dir, "--out", out("merged")], lambda: rm(out("merged")), None),
@@ -318,7 +318,7 @@ def write_markdown(path, meta, results):
     by = {r["row"]: r for r in results}
     copy = by["copy floor (cp + sync)"]["wall_s"]
     read = by["read floor (cat)"]["wall_s"]
-    write = by["write floor (cat > file + sync)"]["wall_s"]
+    write = by["write floor (dd + sync)"]["wall_s"]
     peft = by.get("PEFT load + merge_and_unload + save")
     lines = [
         BEGIN,
