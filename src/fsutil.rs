@@ -9,6 +9,11 @@ use std::sync::Mutex;
 /// interrupted by a signal before they are renamed into place.
 static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Temporary outputs about to be created under a random name: `(directory, name prefix)`.
+/// An interruption between the creation and [`PendingOutput::register`] removes what the
+/// prefix matches.
+static PENDING_PREFIXES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+
 /// Removes a path, file or directory, ignoring a missing one.
 fn remove_path(p: &Path) {
     if p.is_dir() {
@@ -65,6 +70,37 @@ impl Drop for PendingOutput {
     }
 }
 
+/// Every entry of a directory whose name starts with a prefix, registered before a temporary
+/// output with that prefix and a random tail is created, so that a signal landing between
+/// the creation and [`PendingOutput::register`] still removes it (see
+/// [`install_signal_cleanup`]); dropping the guard unregisters the prefix. The prefix names
+/// the output (`.NAME.dorafuse-tmp-`), so it matches only temporaries of that output.
+#[derive(Debug)]
+pub struct PendingPrefix {
+    entry: (PathBuf, String),
+}
+
+impl PendingPrefix {
+    /// Registers entries of `dir` whose names start with `prefix`.
+    pub fn register(dir: &Path, prefix: &str) -> Self {
+        let entry = (dir.to_path_buf(), prefix.to_string());
+        PENDING_PREFIXES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(entry.clone());
+        Self { entry }
+    }
+}
+
+impl Drop for PendingPrefix {
+    fn drop(&mut self) {
+        PENDING_PREFIXES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.entry);
+    }
+}
+
 /// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove every registered temporary
 /// output and exit with 128 + the signal number, so that an interrupted command leaves no
 /// partial output behind. (SIGKILL cannot be caught: its leftovers are dot-prefixed
@@ -82,6 +118,14 @@ pub fn install_signal_cleanup() -> Result<()> {
             let list = PENDING.lock().unwrap_or_else(|e| e.into_inner());
             for p in list.iter() {
                 remove_path(p);
+            }
+            let prefixes = PENDING_PREFIXES.lock().unwrap_or_else(|e| e.into_inner());
+            for (dir, prefix) in prefixes.iter() {
+                for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    if e.file_name().to_string_lossy().starts_with(prefix.as_str()) {
+                        remove_path(&e.path());
+                    }
+                }
             }
             std::process::exit(128 + sig);
         }

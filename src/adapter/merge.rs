@@ -103,9 +103,11 @@ fn write_model(
         .to_string_lossy()
         .into_owned();
     // Hidden, beside the output (same file system, so the final rename is atomic); removed
-    // by TempDir's Drop on any error.
+    // by TempDir's Drop on any error, and by the signal handler from before it exists.
+    let prefix = format!(".{out_name}.dorafuse-tmp-");
+    let _creating = crate::fsutil::PendingPrefix::register(&parent, &prefix);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{out_name}.dorafuse-tmp-"))
+        .prefix(&prefix)
         .tempdir_in(&parent)
         .with_context(|| {
             format!(
