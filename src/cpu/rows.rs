@@ -517,8 +517,8 @@ impl RowLayer<'_> {
     ///
     /// One pass over W0 on both cores in f32 arithmetic, V never formed: each block of the
     /// update `Δ = s·B·A` comes from an f32 GEMM, and each row gives `a = ‖W0_j‖²`,
-    /// `b = W0_j·Δ_j` and `c = ‖Δ_j‖²` ([`row_sums`]: f32 lanes over 64-element pieces,
-    /// the pieces added in f64). Then `‖V_j‖² = a + 2b + c` and, where cos > 0,
+    /// `b = W0_j·Δ_j` and `c = ‖Δ_j‖²` ([`row_sums`], in f64: exact products of f32
+    /// values). Then `‖V_j‖² = a + 2b + c` and, where cos > 0,
     /// `1 − cos = (a·c − b²) / (‖W0_j‖·‖V_j‖·(‖W0_j‖·‖V_j‖ + a + b))` (Lagrange's identity),
     /// which keeps its digits when W' is close to W0's direction, where `1 − cos` computed as
     /// such would cancel. Agrees with the f64 row loop
@@ -591,35 +591,27 @@ fn figure2_row(a: f64, b: f64, c: f64, m: Option<f64>) -> (f64, f64) {
     ((mj - w0n).abs(), one_minus_cos)
 }
 
-/// `(‖w‖², w·d, ‖d‖²)` of two rows in one pass: f32 products summed in 8 f32 lanes over
-/// pieces of 64 elements (vectorised; each lane's chain 8 additions long), each piece's
-/// lanes added into 8 f64 lanes, so the rounding error stays near f32's unit roundoff
-/// whatever the row length.
+/// `(‖w‖², w·d, ‖d‖²)` of two rows in one pass, in 4 f64 lanes (vectorisable): a product of
+/// two f32 values is exact in f64, so ‖w‖² is W0's own, and the error of the others is Δ's
+/// f32 rounding.
 fn row_sums(w: &[f32], d: &[f32]) -> (f64, f64, f64) {
-    const L: usize = 8;
-    const PIECE: usize = 64;
+    const L: usize = 4;
     let (mut ww, mut wd, mut dd) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
-    for (wp, dp) in w.chunks(PIECE).zip(d.chunks(PIECE)) {
-        let (mut a, mut b, mut c) = ([0.0f32; L], [0.0f32; L], [0.0f32; L]);
-        let (wc, dc) = (wp.chunks_exact(L), dp.chunks_exact(L));
-        let (wt, dt) = (wc.remainder(), dc.remainder());
-        for (x, y) in wc.zip(dc) {
-            for l in 0..L {
-                a[l] += x[l] * x[l];
-                b[l] += x[l] * y[l];
-                c[l] += y[l] * y[l];
-            }
-        }
-        for (l, (x, y)) in wt.iter().zip(dt).enumerate() {
-            a[l] += x * x;
-            b[l] += x * y;
-            c[l] += y * y;
-        }
+    let (wc, dc) = (w.chunks_exact(L), d.chunks_exact(L));
+    let (wt, dt) = (wc.remainder(), dc.remainder());
+    for (x, y) in wc.zip(dc) {
         for l in 0..L {
-            ww[l] += a[l] as f64;
-            wd[l] += b[l] as f64;
-            dd[l] += c[l] as f64;
+            let (x, y) = (x[l] as f64, y[l] as f64);
+            ww[l] += x * x;
+            wd[l] += x * y;
+            dd[l] += y * y;
         }
+    }
+    for (l, (&x, &y)) in wt.iter().zip(dt).enumerate() {
+        let (x, y) = (x as f64, y as f64);
+        ww[l] += x * x;
+        wd[l] += x * y;
+        dd[l] += y * y;
     }
     (ww.iter().sum(), wd.iter().sum(), dd.iter().sum())
 }
@@ -797,7 +789,7 @@ mod tests {
                     t.weight = Tensor::from_f32(dtype, vec![d_in, d_out], &wt).unwrap();
                     t.fan_in_fan_out = true;
                     let want = crate::adapter::stats::figure2(&t).unwrap();
-                    // f32 arithmetic with f64 sums against the f64 loop: all three to about
+                    // Δ in f32, the sums in f64, against the f64 loop: all three to about
                     // f32's unit roundoff (ΔD, a small difference, kept by Lagrange's
                     // identity; 1e-8 seen).
                     for (a, b) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
