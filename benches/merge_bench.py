@@ -16,14 +16,18 @@ sampled from /proc every 10 ms (private memory: the page cache of memory-mapped 
 file-backed and not counted):
   read floor      cat of the model's .safetensors files to /dev/null
   copy floor      cp of the same files into a new directory, then sync of those files
+                  (cp copies inside the kernel, copy_file_range)
+  write floor     dd of each file into a new file, then sync: the bytes pass through a
+                  program's memory and write(2), as any output a program computes does
   PEFT merge      AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained +
                   merge_and_unload + save_pretrained (safetensors), one process
   dorafuse merge  dorafuse merge --device cpu (writes a new model directory, fsyncs it)
   dorafuse unmerge  dorafuse merge --unmerge of that output
-  dorafuse inspect  dorafuse inspect --base (the Figure-2 pass, f64; writes nothing)
+  dorafuse inspect  dorafuse inspect --base (the Figure-2 pass; writes nothing)
 
 Every row runs --repeat times (files in the page cache after the first build; outputs
-removed between runs); the table shows the median wall time and the largest peak RSS. The
+removed between runs); the table shows the median wall time, the median CPU time (user +
+system) and the largest peak RSS. The
 merge output is checked against PEFT's: every merged weight within bf16 rounding, every
 other tensor identical.
 
@@ -110,9 +114,10 @@ def st_files(d):
 
 
 def run_measured(cmd, stdout=subprocess.DEVNULL):
-    """Runs `cmd` under /usr/bin/time; returns (wall s, peak RSS MB, peak RssAnon MB)."""
+    """Runs `cmd` under /usr/bin/time; returns (wall s, peak RSS MB, peak RssAnon MB, CPU s:
+    user + system)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name] + cmd
+        full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", tf.name] + cmd
         p = subprocess.Popen(full, stdout=stdout, stderr=subprocess.PIPE)
         anon = [0]
         stop = threading.Event()
@@ -137,8 +142,8 @@ def run_measured(cmd, stdout=subprocess.DEVNULL):
         th.join()
         if p.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode(errors='replace')[-2000:]}")
-        wall, rss_kb = tf.read().split()[-2:]
-    return float(wall), int(rss_kb) / 1024, anon[0] / 1024
+        wall, rss_kb, user, system = tf.read().split()[-4:]
+    return float(wall), int(rss_kb) / 1024, anon[0] / 1024, float(user) + float(system)
 
 
 def rm(path):
@@ -207,6 +212,9 @@ def main():
     a = ap.parse_args()
 
     os.makedirs(a.work, exist_ok=True)
+    # The commit the measured binary was built from: taken before the runs, so that edits
+    # made while they run do not mark it dirty.
+    commit = git_commit()
     py = sys.executable
     model_dir, adapter_dir = build(a.work, py)
     files = st_files(model_dir)
@@ -218,6 +226,10 @@ def main():
         return os.path.join(a.work, n)
 
     copy_sh = 'mkdir "$0" && cp "$@" "$0"/ && sync "$0"/*'
+    # cp (and coreutils' cat) copy inside the kernel (copy_file_range); a program that
+    # computes its output hands every byte to write(2) from its own memory, which costs
+    # more: `dd` (read(2) into its buffer, write(2) from it) is that floor.
+    write_sh = 'mkdir "$0" && for f; do dd if="$f" of="$0/${f##*/}" bs=16M status=none; done && sync "$0"/*'
     # (row, command, cleanup between runs, check after the last run, cleanup after it). The
     # outputs are removed as soon as they are checked, so at most two models' worth of
     # output is on disk at once.
@@ -236,6 +248,8 @@ def main():
         ("read floor (cat)", ["cat"] + files, lambda: None, None),
         ("copy floor (cp + sync)", ["sh", "-c", copy_sh, out("copy")] + files,
          lambda: rm(out("copy")), lambda: rm(out("copy"))),
+        ("write floor (dd + sync)", ["sh", "-c", write_sh, out("written")] + files,
+         lambda: rm(out("written")), lambda: rm(out("written"))),
         ("dorafuse merge", [dorafuse, "merge", "--quiet", "--device", "cpu", "--base", model_dir,
                             "--adapter", adapter_dir, "--out", out("merged")], lambda: rm(out("merged")), None),
         ("dorafuse merge --unmerge", [dorafuse, "merge", "--unmerge", "--quiet", "--base", out("merged"),
@@ -247,7 +261,7 @@ def main():
                      lambda: rm(out("peft")), check_peft))
     rows.append(("dorafuse inspect --base", [dorafuse, "inspect", "--json", "--base", model_dir, adapter_dir],
                  lambda: None, None))
-    for d in ("copy", "peft", "merged", "unmerged"):
+    for d in ("copy", "written", "peft", "merged", "unmerged"):
         rm(out(d))
     # Warm the page cache with the inputs.
     run_measured(["cat"] + files)
@@ -263,12 +277,15 @@ def main():
         res = {
             "row": name,
             "wall_s": statistics.median(walls),
+            "wall_best_s": min(walls),
             "wall_runs_s": walls,
+            "cpu_s": statistics.median(r[3] for r in runs),
             "peak_rss_mb": max(r[1] for r in runs),
             "peak_anon_mb": max(r[2] for r in runs),
         }
         results.append(res)
-        print(f"{name:40} {res['wall_s']:7.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)})  "
+        print(f"{name:40} {res['wall_s']:7.2f} s  (runs {', '.join(f'{w:.2f}' for w in walls)}; "
+              f"CPU {res['cpu_s']:.2f} s)  "
               f"peak RSS {res['peak_rss_mb']:7.0f} MB  anon {res['peak_anon_mb']:6.0f} MB", file=sys.stderr)
         if after:
             after()
@@ -282,7 +299,7 @@ def main():
     meta = {
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": commit,
         "model_bytes": size,
         "load": os.getloadavg()[0],
         "repeat": a.repeat,
@@ -301,6 +318,7 @@ def write_markdown(path, meta, results):
     by = {r["row"]: r for r in results}
     copy = by["copy floor (cp + sync)"]["wall_s"]
     read = by["read floor (cat)"]["wall_s"]
+    write = by["write floor (dd + sync)"]["wall_s"]
     peft = by.get("PEFT load + merge_and_unload + save")
     lines = [
         BEGIN,
@@ -312,15 +330,22 @@ def write_markdown(path, meta, results):
         + (f" ({meta['peft_repeat']} for PEFT)" if meta["peft_repeat"] != meta["repeat"] else "")
         + ".",
         "",
-        "| what | wall (s) | × copy floor | × read floor | × faster than PEFT | peak RSS (MB) | peak private (anon) RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| what | wall (s) | × copy floor | × write floor | × read floor | × faster than PEFT | CPU, user + system (s) | peak RSS (MB) | peak private (anon) RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         vs_peft = f"{peft['wall_s'] / r['wall_s']:.1f}" if peft else "-"
         lines.append(
-            f"| {r['row']} | {r['wall_s']:.2f} | {r['wall_s'] / copy:.2f} | {r['wall_s'] / read:.2f} | "
-            f"{vs_peft} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
+            f"| {r['row']} | {r['wall_s']:.2f} | {r['wall_s'] / copy:.2f} | {r['wall_s'] / write:.2f} | "
+            f"{r['wall_s'] / read:.2f} | "
+            f"{vs_peft} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |"
         )
+    lines.append("")
+    lines.append(
+        "CPU is the median of the runs' user + system time (`/usr/bin/time`): what each row "
+        "costs the cores whatever else runs; wall time on a loaded machine also counts the "
+        "time other processes held them (see the load average above)."
+    )
     lines.append("")
     if meta["worst_rel_error_vs_peft"] is not None:
         lines.append(

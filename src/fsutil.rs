@@ -9,6 +9,11 @@ use std::sync::Mutex;
 /// interrupted by a signal before they are renamed into place.
 static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Temporary outputs about to be created under a random name: `(directory, name prefix)`.
+/// An interruption between the creation and [`PendingOutput::register`] removes what the
+/// prefix matches.
+static PENDING_PREFIXES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+
 /// Removes a path, file or directory, ignoring a missing one.
 fn remove_path(p: &Path) {
     if p.is_dir() {
@@ -65,6 +70,37 @@ impl Drop for PendingOutput {
     }
 }
 
+/// Every entry of a directory whose name starts with a prefix, registered before a temporary
+/// output with that prefix and a random tail is created, so that a signal landing between
+/// the creation and [`PendingOutput::register`] still removes it (see
+/// [`install_signal_cleanup`]); dropping the guard unregisters the prefix. The prefix names
+/// the output (`.NAME.dorafuse-tmp-`), so it matches only temporaries of that output.
+#[derive(Debug)]
+pub struct PendingPrefix {
+    entry: (PathBuf, String),
+}
+
+impl PendingPrefix {
+    /// Registers entries of `dir` whose names start with `prefix`.
+    pub fn register(dir: &Path, prefix: &str) -> Self {
+        let entry = (dir.to_path_buf(), prefix.to_string());
+        PENDING_PREFIXES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(entry.clone());
+        Self { entry }
+    }
+}
+
+impl Drop for PendingPrefix {
+    fn drop(&mut self) {
+        PENDING_PREFIXES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.entry);
+    }
+}
+
 /// Installs handlers for SIGINT, SIGTERM and SIGHUP that remove every registered temporary
 /// output and exit with 128 + the signal number, so that an interrupted command leaves no
 /// partial output behind. (SIGKILL cannot be caught: its leftovers are dot-prefixed
@@ -83,10 +119,109 @@ pub fn install_signal_cleanup() -> Result<()> {
             for p in list.iter() {
                 remove_path(p);
             }
+            let prefixes = PENDING_PREFIXES.lock().unwrap_or_else(|e| e.into_inner());
+            for (dir, prefix) in prefixes.iter() {
+                for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    if e.file_name().to_string_lossy().starts_with(prefix.as_str()) {
+                        remove_path(&e.path());
+                    }
+                }
+            }
             std::process::exit(128 + sig);
         }
     });
     Ok(())
+}
+
+/// Streams bytes into a file through a 1 MiB buffer and starts the disk writeback of each
+/// [`WRITEBACK_CHUNK`] as soon as it is written, waiting for the chunk before it: on Linux
+/// `sync_file_range(2)` (`SYNC_FILE_RANGE_WRITE`, then `WAIT_BEFORE | WRITE | WAIT_AFTER`
+/// on the previous chunk), elsewhere nothing. The disk then writes while the program
+/// computes what comes next, the final `fsync` finds at most two chunks to flush, and the
+/// dirty page cache of one output stays bounded (writing a 2 GB model otherwise leaves
+/// all of it to a final flush that overlaps nothing). The bytes written are the same;
+/// durability still comes from [`std::fs::File::sync_all`] at the end.
+#[derive(Debug)]
+pub struct StreamWriter {
+    inner: std::io::BufWriter<File>,
+    /// Bytes handed to `inner` so far (the file offset of the next byte).
+    written: u64,
+    /// The end of the range whose writeback was started last.
+    started: u64,
+    /// The start of that range.
+    started_from: u64,
+}
+
+/// Bytes between two writeback requests of a [`StreamWriter`].
+pub const WRITEBACK_CHUNK: u64 = 32 << 20;
+
+impl StreamWriter {
+    /// A writer at the start of `file`.
+    pub fn new(file: File) -> Self {
+        Self {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+            started: 0,
+            started_from: 0,
+        }
+    }
+
+    /// Writes all of `buf`, starting writeback when another chunk is complete.
+    ///
+    /// # Errors
+    /// As [`std::io::Write::write_all`].
+    pub fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.inner.write_all(buf)?;
+        self.written += buf.len() as u64;
+        if self.written - self.started >= WRITEBACK_CHUNK {
+            self.inner.flush()?;
+            self.writeback();
+        }
+        Ok(())
+    }
+
+    /// Requests writeback of `started..written` and waits for the range before it.
+    fn writeback(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd;
+            let fd = self.inner.get_ref().as_raw_fd();
+            let (prev_from, prev_to) = (self.started_from, self.started);
+            // SAFETY: `fd` is the open descriptor of the file `inner` owns for the whole
+            // call; sync_file_range only reads the ranges' state (no memory is passed), and
+            // a failure (EINVAL on a file system without it, say) only loses the overlap:
+            // the final fsync flushes everything either way, so its result is ignored.
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    self.started as libc::off64_t,
+                    (self.written - self.started) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+                if prev_to > prev_from {
+                    libc::sync_file_range(
+                        fd,
+                        prev_from as libc::off64_t,
+                        (prev_to - prev_from) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                }
+            }
+        }
+        self.started_from = self.started;
+        self.started = self.written;
+    }
+
+    /// Flushes the buffer and returns the file (not yet synced to disk).
+    ///
+    /// # Errors
+    /// The final buffer cannot be written.
+    pub fn into_inner(self) -> std::io::Result<File> {
+        self.inner.into_inner().map_err(|e| e.into_error())
+    }
 }
 
 /// Writes `path` atomically: `write` fills a temporary file created in the destination's own

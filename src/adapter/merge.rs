@@ -17,13 +17,14 @@
 use super::apply::{AdaptedModel, ApplyOptions};
 use super::base::{BaseModel, TensorEntry};
 use super::compute::{self, transpose, MergeDevice};
-use super::model::Adapter;
+use super::config::Init;
+use super::model::{Adapter, ModuleKind};
+use crate::cpu::rows::{Elems, RowLayer};
 use crate::dtype::DType;
 use crate::layer::Layer;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The file that keeps what `unmerge` needs.
@@ -102,9 +103,11 @@ fn write_model(
         .to_string_lossy()
         .into_owned();
     // Hidden, beside the output (same file system, so the final rename is atomic); removed
-    // by TempDir's Drop on any error.
+    // by TempDir's Drop on any error, and by the signal handler from before it exists.
+    let prefix = format!(".{out_name}.dorafuse-tmp-");
+    let _creating = crate::fsutil::PendingPrefix::register(&parent, &prefix);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{out_name}.dorafuse-tmp-"))
+        .prefix(&prefix)
         .tempdir_in(&parent)
         .with_context(|| {
             format!(
@@ -213,7 +216,7 @@ fn write_shard(
     let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> Result<()> {
         let writer = sc.spawn(move || -> Result<std::fs::File> {
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut w = crate::fsutil::StreamWriter::new(file);
             // The header is copied as is: same names, dtypes, shapes and offsets.
             w.write_all(&shard.map[..shard.header_len])?;
             for piece in queue {
@@ -227,7 +230,7 @@ fn write_shard(
                     }
                 }
             }
-            w.into_inner().map_err(|e| e.into_error().into())
+            Ok(w.into_inner()?)
         });
         let mut produce = || -> Result<()> {
             for name in &shard.names {
@@ -247,6 +250,7 @@ fn write_shard(
                 } else {
                     spare.push(buf);
                     report.copied += 1;
+                    base.prefetch(name);
                     Piece::Mapped(&shard.map[e.range.clone()])
                 };
                 if to_writer.send(piece).is_err() {
@@ -320,6 +324,9 @@ struct Merger<'m, 'a> {
 impl Merger<'_, '_> {
     /// W' of `module` (whose weight is the base tensor `name`) into `out`, as stored.
     fn weight(&mut self, module: &str, name: &str, out: &mut Vec<u8>) -> Result<()> {
+        if self.device == MergeDevice::Cpu && self.weight_in_place(module, name, out)? {
+            return Ok(());
+        }
         let (layer, residual) = self.model.layer_and_residual(module)?;
         let layer = {
             let mut l = layer;
@@ -364,6 +371,72 @@ impl Merger<'_, '_> {
             layer.fan_in_fan_out.to_string(),
         );
         Ok(())
+    }
+
+    /// W' of a linear `[d_out, d_in]` module on a kept base, computed on the CPU from the
+    /// memory-mapped base weight where it lies (no copy of W0; one pass on all cores).
+    /// Returns false, having done nothing, for every other module.
+    fn weight_in_place(&mut self, module: &str, name: &str, out: &mut Vec<u8>) -> Result<bool> {
+        let m = &self.model.adapter.modules[module];
+        if !matches!(m.kind, ModuleKind::Linear)
+            || self.model.init != Init::KeepsBase
+            || self.model.module_fan_in_fan_out(module)?
+        {
+            return Ok(false);
+        }
+        let base = self.model.base;
+        let e = base.entry(name)?;
+        let dtype = DType::from_safetensors(e.dtype).with_context(|| {
+            format!("base tensor {name}: quantized or integer base weights are not supported")
+        })?;
+        let (a, b) = (m.lora_a.cast(DType::F32), m.lora_b.cast(DType::F32));
+        let mag = m.magnitude.as_ref().map(|t| t.cast(DType::F32));
+        a.check_finite("lora_A")
+            .with_context(|| module.to_string())?;
+        b.check_finite("lora_B")
+            .with_context(|| module.to_string())?;
+        if let Some(t) = &mag {
+            t.check_finite("magnitude")
+                .with_context(|| module.to_string())?;
+        }
+        base.prefetch(name);
+        let bytes = base.bytes(name)?;
+        let d_out = e.shape.first().copied().unwrap_or(0);
+        let layer = RowLayer::from_parts(
+            Elems::from_bytes(dtype, bytes)?,
+            d_out,
+            &a,
+            &b,
+            mag.as_ref(),
+            m.scaling,
+        )
+        .with_context(|| format!("{module}: base weight {name} {:?}", e.shape))?;
+        out.resize(bytes.len(), 0);
+        let g = match layer.merged_weight_into(out) {
+            Ok(g) => g,
+            Err(err) => {
+                // A non-finite W0 element is named as such, not as the W' it spoils.
+                base.tensor(name)?
+                    .check_finite("weight")
+                    .with_context(|| module.to_string())?;
+                return Err(err).with_context(|| format!("{module}: computing the merged weight"));
+            }
+        };
+        self.unmerge.push((format!("{module}.lora_A"), a));
+        self.unmerge.push((format!("{module}.lora_B"), b));
+        if let Some(g) = g {
+            self.unmerge.push((
+                format!("{module}.g"),
+                Tensor::from_f32(DType::F32, vec![d_out], &g)?,
+            ));
+        }
+        self.meta
+            .insert(format!("scaling.{module}"), format!("{:?}", m.scaling));
+        self.meta
+            .insert(format!("weight.{module}"), name.to_string());
+        self.meta
+            .insert(format!("fan_in_fan_out.{module}"), false.to_string());
+        Ok(true)
     }
 
     fn lora_bias(&mut self, module: &str, name: &str) -> Result<Vec<u8>> {
@@ -661,6 +734,29 @@ fn unmerged_weight_into(
              base row is not recoverable from the merged weight; unmerge refuses",
             entry.weight_name
         );
+    }
+    if entry.residual.is_none() && !entry.fan_in_fan_out {
+        // The common case: one pass on all cores over the mapped weight where it lies.
+        let e = merged.entry(&entry.weight_name)?;
+        let dtype = DType::from_safetensors(e.dtype)
+            .with_context(|| format!("{}: not a float tensor", entry.weight_name))?;
+        merged.prefetch(&entry.weight_name);
+        let bytes = merged.bytes(&entry.weight_name)?;
+        let d_out = e.shape.first().copied().unwrap_or(0);
+        let layer = RowLayer::from_parts(
+            Elems::from_bytes(dtype, bytes)?,
+            d_out,
+            &entry.lora_a,
+            &entry.lora_b,
+            None,
+            entry.scaling,
+        )
+        .with_context(|| format!("{} {:?}", entry.weight_name, e.shape))?;
+        out.resize(bytes.len(), 0);
+        layer
+            .unmerged_weight_into(entry.g.as_deref(), out)
+            .with_context(|| entry.weight_name.clone())?;
+        return Ok((dtype, e.shape.clone()));
     }
     let stored = merged.tensor(&entry.weight_name)?;
     let shape = stored.shape().to_vec();

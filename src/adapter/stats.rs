@@ -1,9 +1,14 @@
-//! Per-module statistics for `dorafuse inspect`, in f64: the size of the update and, with a
-//! base model, the DoRA paper's Figure-2 quantities ΔM and ΔD.
+//! Per-module statistics for `dorafuse inspect`, reported in f64: the size of the update and,
+//! with a base model, the DoRA paper's Figure-2 quantities ΔM and ΔD (computed in f32 with
+//! f64 sums for `[d_out, d_in]` weights, see [`crate::cpu::rows::RowLayer::figure2`]).
 
-use super::model::AdapterModule;
+use super::apply::AdaptedModel;
+use super::config::Init;
+use super::model::{AdapterModule, ModuleKind};
+use crate::cpu::rows::{Elems, RowLayer};
+use crate::dtype::DType;
 use crate::layer::{Layer, NORM_EPS};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// What `inspect` reports for one module.
@@ -100,7 +105,47 @@ pub fn module_stats(m: &AdapterModule) -> ModuleStats {
     }
 }
 
-/// ΔM, ΔD and ‖W0‖_F of a layer, in f64, one row of V = W0 + s·B·A at a time.
+/// [`figure2`] of one module of an adapted model. A linear `[d_out, d_in]` module on a kept
+/// base is read where its base weight lies (memory-mapped, in its stored dtype: no copy of
+/// W0); every other module through [`AdaptedModel::layer`].
+///
+/// # Errors
+/// As [`AdaptedModel::layer`]: an unknown module or an unreadable base tensor.
+pub fn module_figure2(model: &AdaptedModel<'_>, module: &str) -> Result<(f64, f64, f64)> {
+    let m = model
+        .adapter
+        .modules
+        .get(module)
+        .with_context(|| format!("{module}: not a module of this adapter"))?;
+    if matches!(m.kind, ModuleKind::Linear)
+        && model.init == Init::KeepsBase
+        && !model.module_fan_in_fan_out(module)?
+    {
+        let name = model.weight_name(module);
+        let e = model.base.entry(&name)?;
+        let dtype = DType::from_safetensors(e.dtype).with_context(|| {
+            format!("base tensor {name}: quantized or integer base weights are not supported")
+        })?;
+        model.base.prefetch(&name);
+        let w = Elems::from_bytes(dtype, model.base.bytes(&name)?)?;
+        let d_out = e.shape.first().copied().unwrap_or(0);
+        let layer = RowLayer::from_parts(
+            w,
+            d_out,
+            &m.lora_a,
+            &m.lora_b,
+            m.magnitude.as_ref(),
+            m.scaling,
+        )
+        .with_context(|| format!("base weight {name} {:?}", e.shape))?;
+        return Ok(layer.figure2());
+    }
+    figure2(&model.layer(module)?)
+}
+
+/// ΔM, ΔD and ‖W0‖_F of a layer: for a `[d_out, d_in]` weight
+/// [`crate::cpu::rows::RowLayer::figure2`] (one pass on all cores, f32 with f64 sums); for a
+/// `[d_in, d_out]` one in f64, one row of V = W0 + s·B·A at a time.
 ///
 /// With g_j = m_j / max(‖V_j‖, ε) and W'_j = g_j·V_j: ΔM = mean_j |m_j − ‖W0_j‖| and
 /// ΔD = mean_j (1 − cos(W0_j, W'_j)). For plain LoRA, m_j = ‖V_j‖ and W' = V. A row where
@@ -110,7 +155,7 @@ pub fn module_stats(m: &AdapterModule) -> ModuleStats {
 /// Inconsistent layer shapes.
 pub fn figure2(layer: &Layer) -> Result<(f64, f64, f64)> {
     if !layer.fan_in_fan_out {
-        // One pass on all cores, V formed block by block with an f64 GEMM.
+        // One pass on all cores in f32, V never formed.
         return crate::cpu::rows::figure2(layer);
     }
     let (d_in, d_out, r) = layer.dims()?;

@@ -67,8 +67,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 let conv1d = model.module_fan_in_fan_out(&m.name)?;
                 st.layer = Some(if conv1d { "conv1d" } else { "linear" }.into());
             }
-            let layer = model.layer(&m.name)?;
-            let (dm, dd, w0) = stats::figure2(&layer).with_context(|| m.name.clone())?;
+            let (dm, dd, w0) =
+                stats::module_figure2(model, &m.name).with_context(|| m.name.clone())?;
             st.delta_m = Some(dm);
             st.delta_d = Some(dd);
             st.w0_fro = Some(w0);

@@ -9,9 +9,13 @@ use std::process::Command;
 
 const STEPS: [u64; 3] = [10, 20, 30];
 
+/// ΔM and ΔD come from the update Δ = s·B·A in f32 with f64 sums
+/// (`cpu::rows::RowLayer::figure2`): a plain-LoRA ΔM (`‖W0 + Δ‖ − ‖W0‖`, small next to
+/// ‖W0‖) carries Δ's f32 rounding, and a fit's intercept amplifies it (1.8e-6 seen), so
+/// numpy's float64 values to 1e-5.
 fn close(got: f64, want: f64, what: &str) {
     assert!(
-        (got - want).abs() <= 1e-9 * want.abs().max(1e-12),
+        (got - want).abs() <= 1e-5 * want.abs().max(1e-12),
         "{what}: {got} vs numpy {want}"
     );
 }
