@@ -248,7 +248,10 @@ where
         .with_context(|| format!("cannot write {}: not a file path", path.display()))?;
     // A dot-prefixed name in the same directory: hidden from globs such as `*.safetensors`
     // while it is being written, and removed by the guard's Drop if anything fails.
-    let prefix = format!(".{}.", file_name.to_string_lossy());
+    let prefix = format!(".{}.dorafuse-tmp-", file_name.to_string_lossy());
+    // Removed by the signal handler from before it exists (an interruption between creating
+    // and registering it would otherwise leave it behind).
+    let _creating = PendingPrefix::register(dir, &prefix);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
     // A temporary file is private (0600) by default; the renamed output is an ordinary file,

@@ -254,8 +254,11 @@ pub fn save_new_adapter(adapter: &Adapter, out: &Path) -> Result<()> {
     let name = out
         .file_name()
         .with_context(|| format!("output {} has no directory name", out.display()))?;
+    // Removed by the signal handler from before it exists, and once registered below.
+    let prefix = format!(".{}.dorafuse-tmp-", name.to_string_lossy());
+    let _creating = crate::fsutil::PendingPrefix::register(&parent, &prefix);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .prefix(&prefix)
         .suffix(".tmp")
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
