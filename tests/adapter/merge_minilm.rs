@@ -223,8 +223,9 @@ fn inspect_figure2_matches_peft_float64() {
             assert_eq!(row["rank"], w["rank"], "{name}: {module}: rank");
             close("alpha", "alpha", 1e-15);
             close("scaling", "scaling", 1e-15);
-            // Both sides are float64 computations of the same quantities (different
-            // summation orders): agreement to ~1e-12 relative.
+            // PEFT's side is float64 throughout; inspect forms s·B·A by an f32 GEMM of the
+            // f32 factors and sums in f64 (src/adapter/stats.rs): agreement to a few f32
+            // roundings, ~1e-7 relative.
             for (o, t) in [
                 ("delta_m", "delta_M"),
                 ("delta_d", "delta_D"),
@@ -233,7 +234,7 @@ fn inspect_figure2_matches_peft_float64() {
                 ("magnitude_mean", "magnitude_mean"),
                 ("magnitude_max", "magnitude_max"),
             ] {
-                worst = worst.max(close(o, t, 1e-9));
+                worst = worst.max(close(o, t, 1e-6));
             }
         }
         println!("{name}: figure2 worst rel difference {worst:.2e}");

@@ -324,10 +324,13 @@ fn bwd_dz<B: TestBackend>() {
                 let (u, up) = d.random(F32, t * r);
                 let (bm, bp) = d.random(adt, d_out * r);
                 let (g, gp) = d.random(F32, d_out);
-                for dora in [true, false] {
+                // One split of d_out, and two (whole jt chunks, the last ending at d_out):
+                // split k writes its own [T, r] slab of dz·B.
+                for (dora, splits) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
+                    let cols_per_split = d_out.div_ceil(jt).div_ceil(splits) * jt;
                     let (dz_i, dzp) = d.output(act, t * d_out);
                     let (c_i, cp) = d.output(F32, parts * d_out);
-                    let (dzb_i, dzbp) = d.output(F32, t * r);
+                    let (dzb_i, dzbp) = d.output(F32, splits * t * r);
                     let on = |p| if dora { p } else { NULL };
                     let args = [
                         dyp,
@@ -341,12 +344,13 @@ fn bwd_dz<B: TestBackend>() {
                         int(r),
                         int(tt),
                         int(jt),
+                        int(cols_per_split),
                         on(dzp),
                         on(cp),
                         dzbp,
                     ];
                     let shared = spec::bwd_dz_shared_bytes(tt, jt, r);
-                    d.launch(&name, [parts, 1, 1], spec::THREADS, shared, &args);
+                    d.launch(&name, [parts, splits, 1], spec::THREADS, shared, &args);
                     let want = ops::bwd_dz(
                         &dy,
                         &u,
@@ -355,14 +359,15 @@ fn bwd_dz<B: TestBackend>() {
                         s,
                         (t, d_out, r),
                     );
-                    let what = format!("{name} r={r} t={t} d_out={d_out} dora={dora}");
-                    // dz·B is accumulated from dz before its rounding to the dtype.
-                    check(
-                        &format!("{what} dzb"),
-                        &d.read(dzb_i, F32, t * r),
-                        &want.dzb,
-                        F32.tolerance(),
-                    );
+                    let what =
+                        format!("{name} r={r} t={t} d_out={d_out} dora={dora} splits={splits}");
+                    // dz·B is accumulated from dz before its rounding to the dtype; the slabs
+                    // add up in split order.
+                    let slabs = d.read(dzb_i, F32, splits * t * r);
+                    let dzb: Vec<f64> = (0..t * r)
+                        .map(|e| (0..splits).map(|k| slabs[k * t * r + e]).sum())
+                        .collect();
+                    check(&format!("{what} dzb"), &dzb, &want.dzb, F32.tolerance());
                     if dora {
                         check(
                             &format!("{what} dz"),
