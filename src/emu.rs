@@ -285,11 +285,27 @@ pub struct EmuBackend {
     log: Arc<Mutex<StreamLog>>,
 }
 
-/// What a recording backend records, and the records so far.
-#[derive(Debug)]
+/// Where a recording backend hands each launch's record, right after the launch.
+pub type RecordSink = Box<dyn FnMut(record::LaunchRecord) + Send>;
+
+/// Which kernels a recording backend launches at all (by entry point): a profile run skips
+/// the launches it no longer needs (their results are meaningless there anyway).
+pub type LaunchFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// What a recording backend records, and the records so far (or their sink).
 struct Recording {
     options: RecordOptions,
     records: Mutex<Vec<record::LaunchRecord>>,
+    sink: Mutex<Option<RecordSink>>,
+    filter: Option<LaunchFilter>,
+}
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Options of [`EmuBackend::recording`].
@@ -336,6 +352,28 @@ impl EmuBackend {
         self.recording = Some(Recording {
             options,
             records: Mutex::new(Vec::new()),
+            sink: Mutex::new(None),
+            filter: None,
+        });
+        self
+    }
+
+    /// Like [`EmuBackend::recording`], but each launch's record goes to `sink` as soon as the
+    /// launch returns, and is not kept: for long runs whose records would not fit in memory
+    /// together (a launch's record takes 40 bytes per access). With `filter`, a launch of a
+    /// kernel it rejects is skipped entirely (returns `Ok` without running: for profile runs,
+    /// whose results are not used).
+    pub fn recording_into(
+        mut self,
+        options: RecordOptions,
+        sink: RecordSink,
+        filter: Option<LaunchFilter>,
+    ) -> EmuBackend {
+        self.recording = Some(Recording {
+            options,
+            records: Mutex::new(Vec::new()),
+            sink: Mutex::new(Some(sink)),
+            filter,
         });
         self
     }
@@ -577,6 +615,15 @@ impl Backend for EmuBackend {
     }
 
     unsafe fn launch(&self, kernel: &str, dims: LaunchDims, args: &[KernelArg]) -> Result<()> {
+        if let Some(Recording {
+            filter: Some(f), ..
+        }) = &self.recording
+        {
+            if !f(kernel) {
+                self.launches.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         let cname = CString::new(kernel).with_context(|| format!("kernel name {kernel:?}"))?;
         // SAFETY: `cname` is NUL-terminated; the table lookups only read static data.
         let k = unsafe {
@@ -696,17 +743,23 @@ impl Backend for EmuBackend {
                     };
                     // SAFETY: reads a thread-local value of the launch just made.
                     let static_shared = unsafe { ffi::dfemu_last_static_shared() };
-                    r.records.lock().unwrap_or_else(|e| e.into_inner()).push(
-                        record::LaunchRecord {
-                            kernel: kernel.to_string(),
-                            grid: dims.grid,
-                            block: dims.block,
-                            dynamic_shared: dims.shared_bytes,
-                            static_shared: static_shared as u32,
-                            block_stride: stride,
-                            accesses,
-                        },
-                    );
+                    let rec = record::LaunchRecord {
+                        kernel: kernel.to_string(),
+                        grid: dims.grid,
+                        block: dims.block,
+                        dynamic_shared: dims.shared_bytes,
+                        static_shared: static_shared as u32,
+                        block_stride: stride,
+                        accesses,
+                    };
+                    match r.sink.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                        Some(sink) => sink(rec),
+                        None => r
+                            .records
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(rec),
+                    }
                 }
                 rc
             }

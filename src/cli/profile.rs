@@ -15,7 +15,8 @@ use std::process::ExitCode;
 #[command(after_help = "Examples:
   dorafuse profile --device emu
   dorafuse profile --device emu --kernel dora_norm_v2 --json norm.json
-  dorafuse profile --device emu --tokens 4096 --kernel dora_compose_bf16")]
+  dorafuse profile --device emu --tokens 4096 --kernel dora_compose_bf16
+  dorafuse profile --device emu --shape 4096x4096 --tokens 512 --kernel dora_bwd_dz_bf16")]
 pub struct Args {
     /// Where the kernels run: only `emu` (the access record comes from the emulator).
     #[arg(long, value_enum, default_value = "emu")]
@@ -23,10 +24,15 @@ pub struct Args {
     /// Profile only the entry points whose name contains this (e.g. `dora_norm_v2_bf16`).
     #[arg(long)]
     kernel: Option<String>,
-    /// The layer as `D_INxD_OUT` (the bench's reference shape by default).
+    /// The weight of the norm and merged-weight passes as `D_INxD_OUT` (the bench's
+    /// reference layer by default).
     #[arg(long, default_value = "4096x4096")]
+    weight_shape: String,
+    /// The layer of the forward, backward and multi-adapter calls, `D_INxD_OUT` (their host
+    /// GEMMs run in full on the CPU; scaled down from the reference by default).
+    #[arg(long, default_value = "1024x1024")]
     shape: String,
-    /// Tokens T.
+    /// Tokens T of the forward, backward and multi-adapter calls.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
     /// Adapter rank.
@@ -36,7 +42,7 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     large_rank: usize,
     /// Blocks per launch recorded and run at most (the others are skipped); 0 runs all.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 2)]
     max_blocks: u32,
     /// Environment settings for the run, `NAME=VALUE` (repeatable): a launch knob the
     /// kernels read from the environment selects the variant profiled.
@@ -121,6 +127,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         std::env::set_var(k, v);
     }
     let (d_in, d_out) = parse_shape(&args.shape)?;
+    let (w_in, w_out) = parse_shape(&args.weight_shape)?;
     anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
     anyhow::ensure!(
         (1..=dorafuse::kernels::spec::MAX_RANK).contains(&args.rank)
@@ -129,6 +136,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         dorafuse::kernels::spec::MAX_RANK
     );
     let settings = Settings {
+        weight_shape: Shape {
+            t: 1,
+            d_in: w_in,
+            d_out: w_out,
+            r: args.rank,
+        },
         shape: Shape {
             t: args.tokens,
             d_in,

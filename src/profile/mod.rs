@@ -5,7 +5,7 @@
 //! points (the norm with each variant of the specialisation table forced, the forward and
 //! both backward modes, the merged weight, the multi-adapter forward, and the bench's unfused
 //! rows for the baseline kernels) on a recording [`EmuBackend`], for every dtype pair a
-//! kernel is stamped for. Each kernel's first launch is profiled ([`KernelProfile`]):
+//! kernel is stamped for. Each kernel's first launch is profiled ([`KernelProfile`]; its later launches are skipped):
 //! requests, sectors per request, load and store efficiency ([`metrics`]), unique global
 //! bytes against the bench's bytes-that-must-move formula where the bench has one
 //! ([`crate::bench::formula::cost`]), shared-memory wavefronts per request, and the grid
@@ -34,12 +34,18 @@ use crate::layer::{GradMode, Layer, Shape};
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// What to profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// The layer: tokens T, d_in, d_out and the rank (the bench's reference shape by
-    /// default: 4096 × 4096, T = 512, r = 16).
+    /// The shape of the weight passes (the norm and the merged weight, which have no host
+    /// GEMM): the bench's reference layer by default, 4096 × 4096, r = 16 (T unused).
+    pub weight_shape: Shape,
+    /// The layer of the forward, backward, multi-adapter and bench-row calls, whose host
+    /// GEMMs (the emulator's `Backend::gemm`) run in full: T = 512 (the bench's prefill
+    /// row), scaled down to 1024 × 1024 by default so that the run takes about a minute.
     pub shape: Shape,
     /// A second rank for the kernels that serve only larger ranks (`dora_tn_r64`).
     pub large_rank: usize,
@@ -54,15 +60,21 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            shape: Shape {
-                t: 512,
+            weight_shape: Shape {
+                t: 1,
                 d_in: 4096,
                 d_out: 4096,
                 r: 16,
             },
+            shape: Shape {
+                t: 512,
+                d_in: 1024,
+                d_out: 1024,
+                r: 16,
+            },
             large_rank: 64,
             kernel: None,
-            max_blocks: 8,
+            max_blocks: 2,
             seed: crate::emu::DEFAULT_SEED,
         }
     }
@@ -98,8 +110,6 @@ pub struct KernelProfile {
     pub d_out: usize,
     /// Rank.
     pub r: usize,
-    /// Launches of this kernel in the run (the first is profiled).
-    pub launches: usize,
     /// Grid.
     pub grid: [u32; 3],
     /// Block.
@@ -206,50 +216,46 @@ fn layer_for(
 }
 
 /// Runs every kernel of `kernels/kernels.list` on `b` (a recording backend) through the
-/// library's entry points at `shape` (and `large_rank`), and returns each launch's record
-/// with the call that made it. A step runs only when `wanted` accepts the name (prefix) of
-/// one of the kernel families it launches.
+/// library's entry points: the norm and merged weight at `weight_shape`, the rest at `shape`
+/// (and at `large_rank`). `on_step` is told the call, its shape and its activation dtype
+/// before each call (a record sink labels the launches that follow with it). A step runs
+/// only when `wanted` accepts the name (prefix) of one of the kernel families it launches.
 ///
 /// # Errors
 /// A failing launch, naming the step and the kernel.
 pub fn drive(
     b: &EmuBackend,
+    weight_shape: Shape,
     shape: Shape,
     large_rank: usize,
     wanted: &dyn Fn(&str) -> bool,
-) -> Result<Vec<Launch>> {
-    let mut out: Vec<Launch> = Vec::new();
-    let take = |step: String, shape: Shape, act: DType, out: &mut Vec<Launch>| {
-        for record in b.take_records() {
-            out.push(Launch {
-                step: step.clone(),
-                shape,
-                act,
-                record,
-            });
-        }
-    };
+    on_step: &dyn Fn(&str, Shape, DType),
+) -> Result<()> {
     for (act, adapter) in PAIRS {
         // A step runs when it launches a selected kernel (any dtype of its families).
         let want_pair = |prefixes: &[&str]| prefixes.iter().any(|p| wanted(p));
-        let (layer, x, dy) = layer_for(shape, act, adapter, 11)?;
-        // The norm, each variant of the table that can run the pair.
-        for v in VARIANTS
+        // The weight passes at the weight shape: the norm, each variant of the table that
+        // can run the pair, and the merged weight.
+        let norms: Vec<_> = VARIANTS
             .iter()
-            .filter(|v| v.op == spec::Op::Norm && v.supports(act, adapter, shape.r))
-        {
-            if !want_pair(&[v.prefix]) {
-                continue;
+            .filter(|v| v.op == spec::Op::Norm && v.supports(act, adapter, weight_shape.r))
+            .filter(|v| want_pair(&[v.prefix]))
+            .collect();
+        let merged = want_pair(&["dora_merged_weight_f32out"]);
+        if !norms.is_empty() || merged {
+            let wl = layer_for(weight_shape, act, adapter, 10)?.0;
+            for v in norms {
+                let step = format!("norm ({}, {act} with {adapter} adapters)", v.prefix);
+                on_step(&step, weight_shape, act);
+                crate::kernels::norm(b, &wl, Some(v)).with_context(|| step.clone())?;
             }
-            let step = format!("norm ({}, {act} with {adapter} adapters)", v.prefix);
-            crate::kernels::norm(b, &layer, Some(v)).with_context(|| step.clone())?;
-            take(step, shape, act, &mut out);
+            if merged {
+                let step = format!("merged weight (f32 out, {act} with {adapter} adapters)");
+                on_step(&step, weight_shape, act);
+                crate::kernels::merged_weight(b, &wl).with_context(|| step.clone())?;
+            }
         }
-        if want_pair(&["dora_merged_weight_f32out"]) {
-            let step = format!("merged weight (f32 out, {act} with {adapter} adapters)");
-            crate::kernels::merged_weight(b, &layer).with_context(|| step.clone())?;
-            take(step, shape, act, &mut out);
-        }
+        let (layer, x, dy) = layer_for(shape, act, adapter, 11)?;
         let fwd_bwd = [
             "dora_shrink",
             "dora_compose",
@@ -265,9 +271,9 @@ pub fn drive(
         if want_pair(&fwd_bwd) {
             for mode in [GradMode::Detached, GradMode::Exact] {
                 let step = format!("forward + backward ({mode:?}, {act} with {adapter} adapters)");
+                on_step(&step, shape, act);
                 crate::kernels::run(b, &layer, &x, Some(&dy), mode)
                     .with_context(|| step.clone())?;
-                take(step, shape, act, &mut out);
             }
         }
         if large_rank != shape.r && want_pair(&["dora_tn_r64"]) {
@@ -278,9 +284,9 @@ pub fn drive(
             let (layer, x, dy) = layer_for(big, act, adapter, 12)?;
             let step =
                 format!("forward + backward (r = {large_rank}, {act} with {adapter} adapters)");
+            on_step(&step, big, act);
             crate::kernels::run(b, &layer, &x, Some(&dy), GradMode::Detached)
                 .with_context(|| step.clone())?;
-            take(step, big, act, &mut out);
         }
         if want_pair(&["dora_multi_shrink", "dora_multi_expand"]) {
             let second = layer_for(shape, act, adapter, 13)?.0;
@@ -306,8 +312,8 @@ pub fn drive(
             // Tokens cycle through adapter 0, adapter 1 and no adapter.
             let index: Vec<i32> = (0..shape.t).map(|i| (i % 3) as i32 - 1).collect();
             let step = format!("multi-adapter forward ({act} with {adapter} adapters)");
+            on_step(&step, shape, act);
             run_multi(b, &multi, &x, &index, MultiBase::Compute).with_context(|| step.clone())?;
-            take(step, shape, act, &mut out);
         }
         if act == adapter && act == DType::F32 && want_pair(&["dora_multi_copy_table"]) {
             // An adapter pool's swap: a slot-table image staged, then committed by one copy.
@@ -333,11 +339,11 @@ pub fn drive(
             ])
         {
             let step = format!("bench rows, forward + backward ({act})");
+            on_step(&step, shape, act);
             unfused_rows(b, shape, act).with_context(|| step.clone())?;
-            take(step, shape, act, &mut out);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The bench's forward + backward rows (fused and PEFT's unfused graph, whose passes are the
@@ -372,11 +378,6 @@ fn unfused_rows(b: &EmuBackend, shape: Shape, dtype: DType) -> Result<()> {
 /// # Errors
 /// A failing launch (naming the call and kernel), or a kernel filter that matches nothing.
 pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profile> {
-    let b = EmuBackend::new(settings.seed).recording(RecordOptions {
-        max_blocks: settings.max_blocks,
-        skip_unrecorded: settings.max_blocks > 0,
-        ..RecordOptions::default()
-    });
     let filter = settings.kernel.clone();
     let selected = |name: &str| filter.as_deref().map_or(true, |f| name.contains(f));
     let listed: Vec<&str> = KERNELS.iter().map(|(_, n)| *n).collect();
@@ -386,23 +387,89 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
             "--kernel {f}: no entry point of kernels/kernels.list contains it"
         );
     }
+    // The sink profiles each selected kernel's first launch as it returns and drops every
+    // record (records of large launches do not fit in memory together).
+    type Step = (String, Shape, DType);
+    struct State {
+        step: Option<Step>,
+        sites: Sites,
+        done: HashMap<String, KernelProfile>,
+        filter: Option<String>,
+    }
+    let state = Arc::new(Mutex::new(State {
+        step: None,
+        sites: Sites::new(),
+        done: HashMap::new(),
+        filter: filter.clone(),
+    }));
+    let sink_state = Arc::clone(&state);
+    let sink = Box::new(move |record: LaunchRecord| {
+        let mut st = sink_state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *st;
+        if st
+            .filter
+            .as_deref()
+            .is_some_and(|f| !record.kernel.contains(f))
+        {
+            return;
+        }
+        if st.done.contains_key(&record.kernel) {
+            return;
+        }
+        let (step, shape, act) = st.step.clone().unwrap_or_else(|| {
+            let none = Shape {
+                t: 0,
+                d_in: 0,
+                d_out: 0,
+                r: 0,
+            };
+            ("(no call)".into(), none, DType::F32)
+        });
+        let l = Launch {
+            step,
+            shape,
+            act,
+            record,
+        };
+        let p = profile_launch(&l, &mut st.sites);
+        st.done.insert(l.record.kernel.clone(), p);
+    });
+    // Launches of kernels not selected, or already profiled, are skipped.
+    let filter_state = Arc::clone(&state);
+    let launch_filter = Box::new(move |kernel: &str| {
+        let st = filter_state.lock().unwrap_or_else(|e| e.into_inner());
+        st.filter.as_deref().map_or(true, |f| kernel.contains(f)) && !st.done.contains_key(kernel)
+    });
+    let b = EmuBackend::new(settings.seed).recording_into(
+        RecordOptions {
+            max_blocks: settings.max_blocks,
+            skip_unrecorded: settings.max_blocks > 0,
+            max_accesses: 40_000_000,
+        },
+        sink,
+        Some(launch_filter),
+    );
     let wanted = |p: &str| listed.iter().any(|n| n.starts_with(p) && selected(n));
     progress("running the kernels on the recording emulator");
-    let launches = drive(&b, settings.shape, settings.large_rank, &wanted)?;
-    let mut sites = Sites::new();
+    drive(
+        &b,
+        settings.weight_shape,
+        settings.shape,
+        settings.large_rank,
+        &wanted,
+        &|step, shape, act| {
+            state.lock().unwrap_or_else(|e| e.into_inner()).step =
+                Some((step.to_string(), shape, act));
+        },
+    )?;
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let mut kernels = Vec::new();
     let mut not_launched = Vec::new();
     for name in listed.iter().filter(|n| selected(n)) {
-        let mine: Vec<&Launch> = launches
-            .iter()
-            .filter(|l| l.record.kernel == *name)
-            .collect();
-        let Some(first) = mine.first() else {
-            not_launched.push(name.to_string());
-            continue;
-        };
-        progress(&format!("analysing {name}"));
-        kernels.push(profile_launch(first, mine.len(), &mut sites));
+        match st.done.remove(*name) {
+            Some(p) => kernels.push(p),
+            None => not_launched.push(name.to_string()),
+        }
     }
     Ok(Profile {
         notes: vec![
@@ -410,6 +477,13 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
                 "emulator access record; at most {} blocks per launch recorded and run \
                  (0 = all); grids, blocks and waves are those of the full launch",
                 settings.max_blocks
+            ),
+            format!(
+                "norm and merged weight at {}x{} r={}; the other kernels at {}",
+                settings.weight_shape.d_in,
+                settings.weight_shape.d_out,
+                settings.weight_shape.r,
+                settings.shape
             ),
             "unique bytes: distinct 32-byte sectors; with sampled blocks, sectors of one block \
              scaled by blocks / recorded blocks, sectors shared by recorded blocks counted once"
@@ -422,7 +496,7 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
 }
 
 /// The profile of one launch.
-pub fn profile_launch(l: &Launch, launches: usize, sites: &mut Sites) -> KernelProfile {
+pub fn profile_launch(l: &Launch, sites: &mut Sites) -> KernelProfile {
     let rec = &l.record;
     let f = metrics::figures(rec, sites);
     let mut global = f.global_load;
@@ -454,7 +528,6 @@ pub fn profile_launch(l: &Launch, launches: usize, sites: &mut Sites) -> KernelP
         d_in: l.shape.d_in,
         d_out: l.shape.d_out,
         r: l.shape.r,
-        launches,
         grid: rec.grid,
         block: rec.block,
         blocks: rec.blocks(),

@@ -16,6 +16,8 @@ fn profile_writes_the_documented_fields_for_each_selected_kernel() {
             "dora_shrink_f32",
             "--shape",
             "40x24",
+            "--weight-shape",
+            "40x24",
             "--tokens",
             "3",
             "--rank",

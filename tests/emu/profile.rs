@@ -16,6 +16,7 @@ fn norm_and_compose_profiles_hold_their_shapes_and_figures() {
     for kernel in ["dora_norm_v2_bf16", "dora_compose_bf16"] {
         let p = run(
             &Settings {
+                weight_shape: shape,
                 shape,
                 large_rank: 37,
                 kernel: Some(kernel.into()),
