@@ -318,6 +318,7 @@ pub fn drive(
         if act == adapter && act == DType::F32 && want_pair(&["dora_multi_copy_table"]) {
             // An adapter pool's swap: a slot-table image staged, then committed by one copy.
             let step = "adapter pool swap (slot table committed)".to_string();
+            on_step(&step, shape, act);
             // SAFETY: no slot holds an adapter, so the tables hold no device address.
             let mut tables =
                 unsafe { SlotTables::new(b, adapter, (shape.d_in, shape.d_out), shape.r, &[None]) }
@@ -328,7 +329,6 @@ pub fn drive(
             // SAFETY: the staged slot is base-only (no address); `b` is the staging stream
             // itself, so the copy is ordered after the upload.
             unsafe { tables.commit(b, &staged) }.with_context(|| step.clone())?;
-            take(step, shape, act, &mut out);
         }
         if act == adapter
             && want_pair(&[
