@@ -253,7 +253,14 @@ struct ThreadPool {
   std::size_t arena_cap = 0;
   ~ThreadPool() {
     const std::size_t page = static_cast<std::size_t>(getpagesize());
-    for (char* lo : stacks) munmap(lo - page, kStackSize + page);
+    for (char* lo : stacks) {
+#if DFEMU_ASAN
+      // Redzones of frames left on the stack stay in the shadow after munmap; a later mapping
+      // at the same address (a file mapped by the symbolizer, say) would read as a stack.
+      __asan_unpoison_memory_region(lo, kStackSize);
+#endif
+      munmap(lo - page, kStackSize + page);
+    }
     std::free(arena);
   }
 };
