@@ -18,7 +18,7 @@ Rows (impl / kind / op):
 Timing: CUDA events around each run, the L2 cache flushed before every timed run (a memset of
 twice its size, outside the timed region), warm-up first, median and spread of many runs.
 Ceilings (device-to-device copy, a large bf16 matmul) are measured in the same run. Bytes and
-FLOPs are left to dorafuse's formulas (src/bench/formula.rs), which fill them when the file is
+FLOPs are left to dorafuse's formulas (src/formula.rs), which fill them when the file is
 read: one formula per operation, in one place.
 
 Without CUDA the script says so and exits 2, unless --cpu is given: a tiny CPU smoke run (host

@@ -18,6 +18,7 @@
 //! - [`backend`]: one launch API over CUDA ([`cuda`]) and the CPU emulator ([`emu`]);
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
+//! - [`formula`]: bytes and FLOPs of every operation, read by [`bench`] and [`profile`];
 //! - [`bench`]: the benchmark behind `dorafuse bench`;
 //! - [`analysis`]: `analyze` (the DoRA paper's Figure 2), `resize` and `export-lora` (SVD).
 //!
@@ -44,6 +45,7 @@ pub mod dtype;
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod error;
+pub mod formula;
 pub mod fsutil;
 pub mod kernels;
 pub mod layer;

@@ -4,14 +4,14 @@
 //! conversions in every implementation alike); and the CPU ceilings (copy bandwidth and the
 //! GEMM crate's large sgemm rate).
 
-use super::formula::{LayerKind, Op};
 use super::inputs::{random_set, uniform, InputSet};
-use super::measure::{measure, HostClock, Phase, Plan};
+use super::measure::{rate, HostClock};
 use super::report::{host_cpu, imp, load_average, load_note, Ceilings, Report};
 use super::runner::{self, Config, Layer, Machine, RowSpec, Target, WithLayer};
 use super::unfused::{self, Passes, T};
 use crate::cpu::gemm::{gemm, View, ViewMut};
 use crate::dtype::DType;
+use crate::formula::{LayerKind, Op};
 use crate::layer::{GradMode, Shape, NORM_EPS};
 use crate::tensor::{Tensor, TensorData};
 use anyhow::{bail, Context, Result};
@@ -248,24 +248,10 @@ impl Layer for CpuLayer {
         let scaling = self.sets[i].layer.scaling as f32;
         let (x, dy) = (&self.cut[i].0, &self.cut[i].1);
         match (row.implementation, row.kind, row.op) {
-            (imp::UNFUSED, _, Op::Norm) => unfused::norm(&mut self.passes(i), s, scaling)?,
-            (imp::UNFUSED, _, Op::Forward) => {
-                unfused::forward(&mut self.passes(i), s, scaling)?;
-                self.outputs(&[T::Y])?;
-            }
-            (imp::UNFUSED, _, Op::ForwardBackward) => {
-                let p = &mut self.passes(i);
-                unfused::forward(p, s, scaling)?;
-                unfused::backward(p, s, scaling)?;
-                self.outputs(&[T::Y, T::GradX, T::GradA, T::GradB, T::GradM])?;
-            }
-            (imp::BASE, _, op) => {
-                unfused::base(&mut self.passes(i), s, op)?;
-                self.outputs(if op == Op::Forward {
-                    &[T::Y]
-                } else {
-                    &[T::Y, T::GradX]
-                })?;
+            (imp::UNFUSED | imp::BASE, _, op) => {
+                let is_base = row.implementation == imp::BASE;
+                let outs = unfused::row(&mut self.passes(i), s, scaling, is_base, op)?;
+                self.outputs(outs)?;
             }
             (imp::DORAFUSE, kind, op) => {
                 let set = &mut self.sets[i];
@@ -326,63 +312,42 @@ impl Target for CpuTarget {
     }
 }
 
-/// The host's copy bandwidth in bytes/s, counting bytes read plus bytes written (as the
-/// formulas count them): `bytes` copied between two buffers split over every core, the
-/// median of `reps` runs after one warm-up.
-///
-/// # Errors
-/// A broken clock.
-pub fn copy_bandwidth(bytes: usize, reps: usize) -> Result<f64> {
-    let n = bytes / 4;
-    // Non-zero data, first-touched before timing.
-    let src: Vec<f32> = (0..n).map(|i| (i % 251) as f32 + 0.5).collect();
-    let mut dst = vec![1f32; n];
-    let per = n.div_ceil(host_cpu().units.unwrap_or(1) as usize);
-    let st = measure(&mut HostClock, &Plan::fixed(1, reps), 1, 1, |p, _, _| {
-        if p == Phase::Timed {
-            std::thread::scope(|sc| {
-                for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
-                    sc.spawn(move || d.copy_from_slice(s));
-                }
-            });
-            black_box(&mut dst);
-        }
-        Ok(())
-    })?;
-    Ok(2.0 * (n * 4) as f64 / st[0].median_s)
-}
-
-/// The GEMM crate's sgemm rate in FLOP/s on an `n × n × n` product (median of `reps`).
-///
-/// # Errors
-/// A broken clock.
-pub fn sgemm_rate(n: usize, reps: usize) -> Result<f64> {
-    let rng = &mut <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(0x5eed);
-    let (a, b) = (uniform(rng, n * n, 1.0), uniform(rng, n * n, 1.0));
-    let mut c = vec![0f32; n * n];
-    let st = measure(&mut HostClock, &Plan::fixed(1, reps), 1, 1, |p, _, _| {
-        if p == Phase::Timed {
-            let cv = ViewMut::new(&mut c, n, n);
-            gemm(1.0, view(&a, n, n, false), view(&b, n, n, false), 0.0, cv);
-        }
-        Ok(())
-    })?;
-    Ok(2.0 * (n as f64).powi(3) / st[0].median_s)
-}
-
-/// The CPU ceilings: copy bandwidth over 2 × 256 MiB and the GEMM crate's 2048³ sgemm.
+/// The CPU ceilings, each the median of a few runs after one warm-up: the copy bandwidth
+/// (bytes read plus bytes written, as the formulas count them) of 256 MiB copied between two
+/// buffers split over every core, and the GEMM crate's sgemm rate on a 2048³ product.
 ///
 /// # Errors
 /// A broken clock.
 pub fn ceilings() -> Result<Ceilings> {
-    let n = 2048;
+    let (bytes, n, threads) = (256usize << 20, 2048, host_cpu().units.unwrap_or(1));
+    // Non-zero data, first-touched before timing.
+    let src: Vec<f32> = (0..bytes / 4).map(|i| (i % 251) as f32 + 0.5).collect();
+    let mut dst = vec![1f32; bytes / 4];
+    let per = src.len().div_ceil(threads as usize);
+    let copy = rate(&mut HostClock, (1, 5), 2.0 * bytes as f64, || {
+        std::thread::scope(|sc| {
+            for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                sc.spawn(move || d.copy_from_slice(s));
+            }
+        });
+        black_box(&mut dst);
+        Ok(())
+    })?;
+    let rng = &mut <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(0x5eed);
+    let (a, b) = (uniform(rng, n * n, 1.0), uniform(rng, n * n, 1.0));
+    let mut c = vec![0f32; n * n];
+    let flops = 2.0 * (n as f64).powi(3);
+    let sgemm = rate(&mut HostClock, (1, 3), flops, || {
+        let cv = ViewMut::new(&mut c, n, n);
+        gemm(1.0, view(&a, n, n, false), view(&b, n, n, false), 0.0, cv);
+        Ok(())
+    })?;
     Ok(Ceilings {
-        copy_gbps: copy_bandwidth(256 << 20, 5)? / 1e9,
+        copy_gbps: copy / 1e9,
         copy_method: format!(
-            "copy_from_slice of 256 MiB split over {} threads, read + write bytes, median of 5",
-            host_cpu().units.unwrap_or(1)
+            "copy_from_slice of 256 MiB split over {threads} threads, read + write bytes, median of 5"
         ),
-        gemm_tflops: sgemm_rate(n, 3)? / 1e12,
+        gemm_tflops: sgemm / 1e12,
         gemm_dtype: "f32".into(),
         gemm_method: format!("matrixmultiply sgemm {n}x{n}x{n}, median of 3"),
     })

@@ -3,14 +3,14 @@
 //! cuBLAS GEMM in the run's dtype) measured in the same process, and [`run_cuda`].
 
 use super::device::DeviceTarget;
-use super::formula::Op;
-use super::measure::{measure, Clock, Phase, Plan};
+use super::measure::{rate, Clock};
 use super::report::imp;
 use super::report::{Ceilings, DeviceInfo, Report};
 use super::runner::{self, Config, Machine, Target};
 use crate::backend::{Backend, DeviceBuffer};
 use crate::cuda::{CudaBackend, CudaBuffer, EventTimer};
 use crate::dtype::DType;
+use crate::formula::Op;
 use crate::layer::Shape;
 use anyhow::{Context, Result};
 use cudarc::driver::{result as cu, sys};
@@ -101,20 +101,22 @@ impl Clock for CudaClock<'_> {
 pub fn copy_bandwidth(b: &CudaBackend, bytes: usize, reps: usize) -> Result<f64> {
     let src = b.alloc_zeroed(bytes).context("copy ceiling: source")?;
     let dst = b.alloc_zeroed(bytes).context("copy ceiling: destination")?;
-    let mut clock = CudaClock::new(b, 0)?;
     b.context()
         .bind_to_thread()
         .context("binding the CUDA context")?;
-    let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, _| {
-        if p == Phase::Setup {
-            return Ok(());
-        }
-        // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
-        // stream work (dropped after the final synchronising event read).
-        unsafe { cu::memcpy_dtod_async(dst.ptr().0, src.ptr().0, bytes, b.stream().cu_stream()) }
+    rate(
+        &mut CudaClock::new(b, 0)?,
+        (3, reps),
+        2.0 * bytes as f64,
+        || {
+            // SAFETY: both buffers hold `bytes` bytes on this backend's context and outlive the
+            // stream work (dropped after the final synchronising event read).
+            unsafe {
+                cu::memcpy_dtod_async(dst.ptr().0, src.ptr().0, bytes, b.stream().cu_stream())
+            }
             .context("cuMemcpyDtoDAsync")
-    })?;
-    Ok(2.0 * bytes as f64 / st[0].median_s)
+        },
+    )
 }
 
 /// The GEMM rate in FLOP/s of an `n × n × n` product in `dtype`: the base layer's forward
@@ -134,17 +136,14 @@ pub fn gemm_rate(b: &CudaBackend, n: usize, dtype: DType, reps: usize) -> Result
         d_out: n,
         r: 1,
     };
-    let mut median = f64::NAN;
+    let mut flops_per_s = f64::NAN;
     DeviceTarget { backend: b }.with_layer(full, dtype, 1, &mut |l| {
         l.tokens(n)?;
-        let st = measure(&mut clock, &Plan::fixed(3, reps), 1, 1, |p, _, i| match p {
-            Phase::Setup => Ok(()),
-            Phase::Timed => l.call(base, i),
-        })?;
-        median = st[0].median_s;
+        let flops = 2.0 * (n as f64).powi(3);
+        flops_per_s = rate(&mut clock, (3, reps), flops, || l.call(base, 0))?;
         Ok(())
     })?;
-    Ok(2.0 * (n as f64).powi(3) / median)
+    Ok(flops_per_s)
 }
 
 /// Runs `cfg` on the first CUDA device: ceilings first, then every row.

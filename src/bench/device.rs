@@ -4,7 +4,6 @@
 //! intermediate rounded to the layer dtype as PyTorch does. [`run_emu`] runs it on the CPU
 //! emulator (its times say nothing about GPU speed); `cuda::run_cuda` on a GPU.
 
-use super::formula::{LayerKind, Op};
 use super::inputs::{random_set, InputSet};
 use super::measure::SyncClock;
 use super::report::{host_cpu, imp, DeviceInfo, Report};
@@ -12,6 +11,7 @@ use super::runner::{self, Config, Layer, Machine, RowSpec, Target, WithLayer};
 use super::unfused::{self, Passes, T};
 use crate::backend::{Backend, DevPtr, DeviceBuffer, GemmDesc, KernelArg, LaunchDims};
 use crate::dtype::DType;
+use crate::formula::{LayerKind, Op};
 use crate::kernels::{Base, DevTensor, DoraLayer, DoraWeights, GradTargets};
 use crate::layer::{GradMode, Shape, NORM_EPS};
 use anyhow::{Context, Result};
@@ -426,17 +426,9 @@ impl<B: Backend> Layer for DevLayer<'_, B> {
                 let io = io(&self.tmp, &self.sets[i], self.dt, s)?;
                 self.fused[i].call(self.b, row.kind, row.op, &io)
             }
-            imp::BASE => unfused::base(&mut self.passes(i), s, row.op),
-            _ => {
+            im => {
                 let p = &mut self.passes(i);
-                match row.op {
-                    Op::Norm => unfused::norm(p, s, scaling),
-                    Op::Forward => unfused::forward(p, s, scaling),
-                    _ => {
-                        unfused::forward(p, s, scaling)?;
-                        unfused::backward(p, s, scaling)
-                    }
-                }
+                unfused::row(p, s, scaling, im == imp::BASE, row.op).map(drop)
             }
         }
     }

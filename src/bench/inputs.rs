@@ -13,6 +13,15 @@ pub fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
 }
 
+/// A tensor of `shape` in `dtype`, values uniform in `[-scale, scale)`.
+///
+/// # Errors
+/// Only if `dtype` cannot hold f32 values (a bug).
+pub fn tensor(rng: &mut SmallRng, dtype: DType, shape: Vec<usize>, scale: f32) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Tensor::from_f32(dtype, shape, &uniform(rng, n, scale))
+}
+
 /// One input set of the benchmark: a DoRA layer (take `magnitude` out for LoRA), an input
 /// and an output gradient.
 #[derive(Debug, Clone)]
@@ -38,22 +47,20 @@ pub fn random_set(shape: Shape, dtype: DType, seed: u64) -> Result<InputSet> {
     let Shape { t, d_in, d_out, r } = shape;
     let rng = &mut SmallRng::seed_from_u64(seed);
     let w_scale = 1.0 / (d_in as f32).sqrt();
-    let w = uniform(rng, d_out * d_in, w_scale);
-    let a = uniform(rng, r * d_in, w_scale);
-    let b = uniform(rng, d_out * r, 0.5 / (r as f32).sqrt());
+    let ctx = || format!("benchmark inputs for {shape}");
+    let weight = tensor(rng, dtype, vec![d_out, d_in], w_scale).with_context(ctx)?;
+    let lora_a = tensor(rng, dtype, vec![r, d_in], w_scale).with_context(ctx)?;
+    let lora_b = tensor(rng, dtype, vec![d_out, r], 0.5 / (r as f32).sqrt()).with_context(ctx)?;
     // Row norms of a Kaiming-uniform row are ≈ 1/√3; m near them keeps g ≈ 1 without
     // computing the norm here (that is what is being benchmarked).
     let m: Vec<f32> = (0..d_out)
         .map(|_| (1.0 / 3f32.sqrt()) * (1.0 + rng.gen_range(-0.1..0.1)))
         .collect();
-    let x = uniform(rng, t * d_in, 1.0);
-    let dy = uniform(rng, t * d_out, 1.0);
-    let ctx = || format!("benchmark inputs for {shape}");
     let layer = Layer {
-        weight: Tensor::from_f32(dtype, vec![d_out, d_in], &w).with_context(ctx)?,
+        weight,
         bias: None,
-        lora_a: Tensor::from_f32(dtype, vec![r, d_in], &a).with_context(ctx)?,
-        lora_b: Tensor::from_f32(dtype, vec![d_out, r], &b).with_context(ctx)?,
+        lora_a,
+        lora_b,
         magnitude: Some(Tensor::from_f32(DType::F32, vec![d_out], &m).with_context(ctx)?),
         scaling: 2.0,
         fan_in_fan_out: false,
@@ -61,8 +68,8 @@ pub fn random_set(shape: Shape, dtype: DType, seed: u64) -> Result<InputSet> {
     layer.dims().with_context(ctx)?;
     Ok(InputSet {
         layer,
-        x: Tensor::from_f32(dtype, vec![t, d_in], &x).with_context(ctx)?,
-        dy: Tensor::from_f32(dtype, vec![t, d_out], &dy).with_context(ctx)?,
+        x: tensor(rng, dtype, vec![t, d_in], 1.0).with_context(ctx)?,
+        dy: tensor(rng, dtype, vec![t, d_out], 1.0).with_context(ctx)?,
     })
 }
 

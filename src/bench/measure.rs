@@ -91,6 +91,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// `warmup` untimed runs, then `min_reps` to `max_reps` timed runs within `budget_s`.
+    pub const fn new(warmup: usize, min_reps: usize, max_reps: usize, budget_s: f64) -> Plan {
+        Plan {
+            warmup,
+            min_reps,
+            max_reps,
+            budget_s,
+        }
+    }
+
     /// Exactly `reps` timed runs after `warmup`.
     pub fn fixed(warmup: usize, reps: usize) -> Plan {
         Plan {
@@ -153,6 +163,39 @@ pub fn measure(
         round += 1;
     }
     samples.iter().map(|v| Stats::from_samples(v)).collect()
+}
+
+/// [`measure`] for operations with no untimed set-up: `run(k, i)` is the timed call of
+/// operation `k` on input set `i`.
+///
+/// # Errors
+/// As [`measure`].
+pub fn measure_timed(
+    clock: &mut dyn Clock,
+    plan: &Plan,
+    sets: usize,
+    n_ops: usize,
+    mut run: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<Vec<Stats>> {
+    measure(clock, plan, sets, n_ops, |p, k, i| match p {
+        Phase::Setup => Ok(()),
+        Phase::Timed => run(k, i),
+    })
+}
+
+/// How a ceiling is measured: `work` (bytes or FLOPs) over the median of `reps` timed runs
+/// of `f` after `warmup` untimed ones, per second.
+///
+/// # Errors
+/// Whatever `f` or the clock returns.
+pub fn rate(
+    clock: &mut dyn Clock,
+    (warmup, reps): (usize, usize),
+    work: f64,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let st = measure_timed(clock, &Plan::fixed(warmup, reps), 1, 1, |_, _| f())?;
+    Ok(work / st[0].median_s)
 }
 
 /// How many input sets to cycle so that together they exceed `rotate_bytes` (twice the

@@ -6,7 +6,8 @@
 //! [`runner::Target`]: the CPU path ([`cpu`]), or the kernels on a backend ([`device`]: the
 //! emulator, or CUDA through [`cuda`]). Around it:
 //!
-//! - [`formula`]: bytes and FLOPs of every operation, by formula (the one place);
+//! - [`formula`]: bytes and FLOPs of every operation, by formula (the one place; a crate
+//!   module, [`crate::formula`], since the profiler reads it too);
 //! - [`measure`]: the clocks and the timing loop (warm-up, interleaved rounds, rotated sets);
 //! - [`stats`]: median, p10/p90 and MAD of the runs;
 //! - [`inputs`]: random, non-zero benchmark layers;
@@ -18,7 +19,6 @@
 pub mod cpu;
 pub mod cuda;
 pub mod device;
-pub mod formula;
 pub mod inputs;
 pub mod measure;
 pub mod plot;
@@ -28,3 +28,6 @@ pub mod serving;
 pub mod stats;
 pub mod table;
 pub mod unfused;
+
+/// The bytes and FLOPs formulas, shared with [`crate::profile`].
+pub use crate::formula;

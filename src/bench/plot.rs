@@ -3,9 +3,9 @@
 //! (base, LoRA, unfused DoRA, fused DoRA, and PEFT's when its rows were merged in). Drawn
 //! from a [`Report`], so an old JSON can be plotted again (`--from`).
 
-use super::formula::Op;
 use super::report::{series_label, Report, SERIES};
 use super::stats::fmt_time;
+use crate::formula::Op;
 use anyhow::{anyhow, ensure, Result};
 use plotters::prelude::*;
 use std::collections::BTreeSet;

@@ -2,9 +2,9 @@
 //! --json` and `benches/peft_bench.py` both write (schema in `docs/bench-json.md`), and the
 //! facts every report carries (device, date, commit, ceilings).
 
-use super::formula::{cost, floor_s, Cost, LayerKind, Op};
 use super::stats::Stats;
 use crate::dtype::DType;
+use crate::formula::{cost, floor_s, Cost, LayerKind, Op};
 use crate::layer::Shape;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};

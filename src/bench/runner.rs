@@ -1,10 +1,10 @@
 //! The one runner: a benchmark set ([`Config`]) on a [`Target`] (the CPU path, or the
 //! kernels on a backend), timed row by row from the one row list [`ROWS`] into a [`Report`].
 
-use super::formula::{LayerKind, Op};
 use super::measure::{measure, rotation_sets, Clock, Phase, Plan};
 use super::report::{imp, series_label, Ceilings, DeviceInfo, Report, Row, Settings};
 use crate::dtype::DType;
+use crate::formula::{LayerKind, Op};
 use crate::layer::Shape;
 use anyhow::{ensure, Context, Result};
 
@@ -36,12 +36,7 @@ impl Config {
             ranks: vec![16, 64],
             dtype: DType::BF16,
             ops: Op::ALL.to_vec(),
-            plan: Plan {
-                warmup: 5,
-                min_reps: 20,
-                max_reps: 100,
-                budget_s: 0.1,
-            },
+            plan: Plan::new(5, 20, 100, 0.1),
         }
     }
 
@@ -53,12 +48,7 @@ impl Config {
             tokens: vec![1, 16, 256],
             dtype: DType::F32,
             ops: vec![Op::Norm, Op::Forward, Op::ForwardBackward, Op::Inference],
-            plan: Plan {
-                warmup: 1,
-                min_reps: 3,
-                max_reps: 30,
-                budget_s: 0.4,
-            },
+            plan: Plan::new(1, 3, 30, 0.4),
             ..Config::default_gpu()
         }
     }
@@ -71,12 +61,7 @@ impl Config {
             tokens: vec![1, 16],
             ranks: vec![16],
             dtype: DType::BF16,
-            plan: Plan {
-                warmup: 1,
-                min_reps: 2,
-                max_reps: 3,
-                budget_s: 1.0,
-            },
+            plan: Plan::new(1, 2, 3, 1.0),
             ..Config::default_cpu()
         }
     }

@@ -11,8 +11,8 @@
 //! The GPU goal (docs/design.md §2b): a decode batch of 64 tokens over 64 DoRA adapters costs
 //! at most [`GOAL`]× the same batch as plain LoRA.
 
-use super::inputs::uniform;
-use super::measure::{measure, Clock, Plan};
+use super::inputs::{tensor, uniform};
+use super::measure::{measure_timed, Clock, HostClock, Plan};
 use super::stats::{fmt_time, Stats};
 use super::table::Table;
 use crate::adapter::{AdapterModule, ModuleKind};
@@ -150,11 +150,6 @@ fn segments(b: Batch) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn tensor(rng: &mut SmallRng, dt: DType, shape: Vec<usize>, scale: f32) -> Result<Tensor> {
-    let n = shape.iter().product();
-    Tensor::from_f32(dt, shape, &uniform(rng, n, scale))
-}
-
 /// Adapter k: A, B, m (DoRA; `None` for the LoRA copy), s.
 fn adapter_module(
     rng: &mut SmallRng,
@@ -236,45 +231,27 @@ pub fn run_device<B: Backend, T: Elem>(
             let xv = main.view(&x, MatShape::new(t, d_in));
             let mut yv = main.view_mut(&mut y, MatShape::new(t, d_out));
             let mut wv = main.view_mut(&mut ws, MatShape::new(1, ws_len));
-            measure(clock, plan, 1, 4, |phase, k, _| {
-                if phase == super::measure::Phase::Setup {
-                    return Ok(());
+            measure_timed(clock, plan, 1, 4, |k, _| match k {
+                0 => linear.base_product(&xv, &mut yv),
+                1 | 2 => {
+                    let p = if k == 1 { &dora } else { &lora };
+                    p.forward(&linear, &xv, &idx, BaseResult::Compute, &mut yv, &mut wv)
                 }
-                match k {
-                    0 => linear.base_product(&xv, &mut yv),
-                    1 | 2 => {
-                        let p = if k == 1 { &dora } else { &lora };
-                        p.forward(&linear, &xv, &idx, BaseResult::Compute, &mut yv, &mut wv)
-                    }
-                    _ => segs.iter().zip(&naive).try_for_each(|(&(s0, n), a)| {
-                        let xs = xv.rows(s0, n)?;
-                        let mut ys = yv.rows(s0, n)?;
-                        linear.forward_with_workspace(a, &xs, BaseResult::Compute, &mut ys, &mut wv)
-                    }),
-                }
+                _ => segs.iter().zip(&naive).try_for_each(|(&(s0, n), a)| {
+                    let xs = xv.rows(s0, n)?;
+                    let mut ys = yv.rows(s0, n)?;
+                    linear.forward_with_workspace(a, &xs, BaseResult::Compute, &mut ys, &mut wv)
+                }),
             })
             .with_context(|| format!("serving rows, {} T={t} A={}", b.kind, b.adapters))?
         };
         dora.check_errors()?;
-        rows.push(row(b, stats));
+        rows.push(ServingRow {
+            batch: b,
+            stats: stats.try_into().expect("four rows"),
+        });
     }
     Ok(rows)
-}
-
-fn row(batch: Batch, s: Vec<Stats>) -> ServingRow {
-    ServingRow {
-        batch,
-        stats: [s[0], s[1], s[2], s[3]],
-    }
-}
-
-const fn plan(warmup: usize, min_reps: usize, max_reps: usize, budget_s: f64) -> Plan {
-    Plan {
-        warmup,
-        min_reps,
-        max_reps,
-        budget_s,
-    }
 }
 
 /// `out[t, d_out] = x·Wᵀ` on the CPU (the base GEMM).
@@ -339,7 +316,6 @@ pub fn run_cpu(sizes: &Sizes, plan: &Plan) -> Result<Vec<ServingRow>> {
         .iter()
         .map(magnitude_scales)
         .collect::<Result<Vec<_>>>()?;
-    let clock = &mut super::measure::HostClock;
     let mut rows = Vec::new();
     for &b in &sizes.batches {
         let t = b.tokens;
@@ -357,10 +333,7 @@ pub fn run_cpu(sizes: &Sizes, plan: &Plan) -> Result<Vec<ServingRow>> {
             .collect::<Result<_>>()?;
         let mut base = vec![0f32; t * d_out];
         let zeros = vec![0i32; t];
-        let stats = measure(clock, plan, 1, 4, |phase, k, _| {
-            if phase == super::measure::Phase::Setup {
-                return Ok(());
-            }
+        let stats = measure_timed(&mut HostClock, plan, 1, 4, |k, _| {
             match k {
                 0 => cpu_base(&xf, &w, (t, d_in, d_out), &mut base),
                 1 | 2 => {
@@ -379,7 +352,10 @@ pub fn run_cpu(sizes: &Sizes, plan: &Plan) -> Result<Vec<ServingRow>> {
             Ok(())
         })
         .with_context(|| format!("serving rows, {} T={t} A={}", b.kind, b.adapters))?;
-        rows.push(row(b, stats));
+        rows.push(ServingRow {
+            batch: b,
+            stats: stats.try_into().expect("four rows"),
+        });
     }
     Ok(rows)
 }
@@ -441,7 +417,7 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
             let side = crate::cuda::CudaBackend::from_stream(stream)?;
             let mut clock = super::cuda::CudaClock::new(&main, 0)?;
             let sizes = Sizes::gpu();
-            let plan = fixed(plan(5, 20, 100, 0.05));
+            let plan = fixed(Plan::new(5, 20, 100, 0.05));
             let rows = run_device::<_, half::bf16>(main.clone(), &side, &mut clock, &sizes, &plan)?;
             let note = format!(
                 "{}; CUDA events, L2 not flushed (a serving loop keeps it warm)",
@@ -453,19 +429,13 @@ pub fn run(device: &str, reps: Option<usize>) -> Result<(String, String)> {
             let main = Arc::new(crate::emu::EmuBackend::from_env()?);
             let side = main.new_stream();
             let sizes = Sizes::emu();
-            let plan = fixed(plan(1, 2, 2, 0.0));
-            let rows = run_device::<_, f32>(
-                main.clone(),
-                &side,
-                &mut super::measure::HostClock,
-                &sizes,
-                &plan,
-            )?;
+            let plan = fixed(Plan::new(1, 2, 2, 0.0));
+            let rows = run_device::<_, f32>(main.clone(), &side, &mut HostClock, &sizes, &plan)?;
             (rows, sizes, "the CUDA kernels on the CPU emulator, scaled down; emulator times say nothing about GPU speed".into())
         }
         "cpu" => {
             let sizes = Sizes::cpu();
-            let plan = fixed(plan(1, 3, 10, 0.2));
+            let plan = fixed(Plan::new(1, 3, 10, 0.2));
             (
                 run_cpu(&sizes, &plan)?,
                 sizes,

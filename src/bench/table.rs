@@ -2,9 +2,9 @@
 //! BENCHMARKS.md and docs/, both from the same rows and laid out by comfy-table (numbers are
 //! never typed by hand into a document); and the generated sections of Markdown files.
 
-use super::formula::{LayerKind, Op};
 use super::report::{imp, series_label, Report, Row, SERIES};
 use super::stats::{fmt_time, Stats};
+use crate::formula::{LayerKind, Op};
 use crate::layer::Shape;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
@@ -445,7 +445,7 @@ pub fn render(rep: &Report, markdown: bool) -> String {
     }
     let t = ceiling_table(rep);
     section(
-        "Against the ceilings (bytes and FLOPs by formula, src/bench/formula.rs)",
+        "Against the ceilings (bytes and FLOPs by formula, src/formula.rs)",
         &t,
     );
     out

@@ -10,6 +10,7 @@
 //! is cheaper, so this baseline is, if anything, faster than PEFT's own. The backward is the
 //! one autograd runs for that graph, norm detached.
 
+use crate::formula::Op;
 use crate::layer::Shape;
 use anyhow::Result;
 
@@ -184,8 +185,7 @@ pub fn backward(p: &mut dyn Passes, sh: Shape, s: f32) -> Result<()> {
 ///
 /// # Errors
 /// A failure of the GEMM.
-pub fn base(p: &mut dyn Passes, sh: Shape, op: super::formula::Op) -> Result<()> {
-    use super::formula::Op;
+pub fn base(p: &mut dyn Passes, sh: Shape, op: Op) -> Result<()> {
     let (t, i, o) = (sh.t, sh.d_in, sh.d_out);
     if op != Op::Backward {
         p.gemm((t, o, i), (T::X, false), (T::W, true), T::Y, 0.0)?;
@@ -196,11 +196,31 @@ pub fn base(p: &mut dyn Passes, sh: Shape, op: super::formula::Op) -> Result<()>
     Ok(())
 }
 
+/// One timed call of a row built from passes: the base layer ([`base`], with `is_base`), or
+/// PEFT's graph for `op` ([`norm`]; [`forward`]; else [`forward`] then [`backward`]).
+/// Returns the tensors the call outputs, as a layer call would return them.
+///
+/// # Errors
+/// A failure of a pass.
+pub fn row(p: &mut dyn Passes, sh: Shape, s: f32, is_base: bool, op: Op) -> Result<&'static [T]> {
+    Ok(match (is_base, op) {
+        (true, Op::Forward) => base(p, sh, op).map(|_| &[T::Y][..])?,
+        (true, Op::Backward) => base(p, sh, op).map(|_| &[T::GradX][..])?,
+        (true, _) => base(p, sh, op).map(|_| &[T::Y, T::GradX][..])?,
+        (false, Op::Norm) => norm(p, sh, s).map(|_| &[][..])?,
+        (false, Op::Forward) => forward(p, sh, s).map(|_| &[T::Y][..])?,
+        (false, _) => {
+            forward(p, sh, s)?;
+            backward(p, sh, s)?;
+            &[T::Y, T::GradX, T::GradA, T::GradB, T::GradM]
+        }
+    })
+}
+
 /// Bytes PEFT's graph allocates beyond its inputs and outputs for `op`, with `e` bytes per
 /// element of the working dtype: `B·A` and `V`, n and g; the forward's U and four `[T, O]`
 /// temporaries; the backward's d(lora) and dU.
-pub fn extra_bytes(op: super::formula::Op, s: Shape, e: usize) -> u64 {
-    use super::formula::Op;
+pub fn extra_bytes(op: Op, s: Shape, e: usize) -> u64 {
     let norm = 2 * s.d_out * s.d_in * e + 8 * s.d_out;
     let fwd = norm + s.t * s.r * e + 4 * s.t * s.d_out * e;
     let bwd = s.t * s.d_out * e + s.t * s.r * e;

@@ -1,5 +1,6 @@
-//! Bytes and FLOPs of every benchmarked operation, by formula: the one place they are
-//! written down (docs/design.md §5: "for each kernel write down two numbers before tuning").
+//! Bytes and FLOPs of every operation the benchmark ([`crate::bench`]) and the profiler
+//! ([`crate::profile`]) measure, by formula: the one place they are written down
+//! (docs/design.md §5: "for each kernel write down two numbers before tuning").
 //!
 //! Conventions, with `e` the activation/weight element size (2 for bf16/f16, 4 for f32),
 //! `T` tokens, `I = d_in`, `O = d_out`, `r` the rank:
