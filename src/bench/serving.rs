@@ -14,7 +14,7 @@
 use super::inputs::{tensor, uniform};
 use super::measure::{measure_timed, Clock, HostClock, Plan};
 use super::stats::{fmt_time, Stats};
-use super::table::Table;
+use super::table::{columns, Table};
 use crate::adapter::{AdapterModule, ModuleKind};
 use crate::backend::{Backend, Elem};
 use crate::case_multi::{AdapterWeights, MultiLayer};
@@ -362,8 +362,6 @@ pub fn run_cpu(sizes: &Sizes, plan: &Plan) -> Result<Vec<ServingRow>> {
 
 /// The table: one line per batch, medians, and the ratios the goal is stated in.
 pub fn table(rows: &[ServingRow]) -> Table {
-    const HEADER: &str =
-        "batch|T|adapters|base GEMM|DoRA pool|LoRA pool|naive loop|DoRA/LoRA|DoRA/base|naive/DoRA";
     let rows = rows.iter().map(|r| {
         let [base, dora, lora, naive] = r.stats.map(|s| s.median_s);
         let b = r.batch;
@@ -377,7 +375,9 @@ pub fn table(rows: &[ServingRow]) -> Table {
         v
     });
     Table {
-        header: HEADER.split('|').map(String::from).collect(),
+        header: columns(
+            "batch|T|adapters|base GEMM|DoRA pool|LoRA pool|naive loop|DoRA/LoRA|DoRA/base|naive/DoRA",
+        ),
         rows: rows.collect(),
     }
 }

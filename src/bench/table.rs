@@ -50,8 +50,9 @@ impl Table {
     }
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// Column titles from one `|`-separated line.
+pub fn columns(titles: &str) -> Vec<String> {
+    titles.split('|').map(String::from).collect()
 }
 
 /// `met` or `missed`, for a target's figure.
@@ -95,9 +96,9 @@ pub fn overhead_table(rep: &Report, op: Op) -> Option<Table> {
     if cols.is_empty() {
         return None;
     }
-    let mut header = strings(&["shape (d_in×d_out)", "r", "T"]);
+    let mut header = columns("shape (d_in×d_out)|r|T");
     header.extend(cols.iter().map(|&(im, k)| series_label(im, k)));
-    header.extend(strings(&["fused/base", "fused/LoRA", "unfused/fused"]));
+    header.extend(columns("fused/base|fused/LoRA|unfused/fused"));
     let has_peft = cols.iter().any(|&(im, _)| im.starts_with("peft"));
     if has_peft {
         header.push("PEFT/fused".into());
@@ -150,20 +151,7 @@ fn pct(v: Option<f64>) -> String {
 /// Every DoRA and base row against the ceilings: time, GB/s, TFLOP/s and the fractions of
 /// copy bandwidth, GEMM rate and the floor; extra memory where known.
 pub fn ceiling_table(rep: &Report) -> Table {
-    let header = strings(&[
-        "op",
-        "impl",
-        "shape",
-        "r",
-        "T",
-        "time",
-        "GB/s",
-        "TFLOP/s",
-        "of copy",
-        "of GEMM",
-        "of floor",
-        "extra mem",
-    ]);
+    let header = columns("op|impl|shape|r|T|time|GB/s|TFLOP/s|of copy|of GEMM|of floor|extra mem");
     let mut rows: Vec<&Row> = (rep.rows.iter())
         .filter(|r| r.kind == LayerKind::Dora || r.implementation == imp::BASE)
         .collect();
@@ -241,7 +229,7 @@ pub fn targets_table(rep: &Report) -> Option<Table> {
             ]
         })
         .collect();
-    let header = strings(&[title, "shape", "measured", "verdict"]);
+    let header = columns(&format!("{title}|shape|measured|verdict"));
     (!rows.is_empty()).then_some(Table { header, rows })
 }
 
