@@ -85,6 +85,20 @@ __device__ __forceinline__ void stage_w0_tile(const T* __restrict__ w0, long lon
 // Elements of T in one 16-byte load.
 template <typename T> constexpr int VEC16 = 16 / static_cast<int>(sizeof(T));
 
+// One 16-byte global load from a 16-byte aligned address (ld.global.v4.u32 under nvcc). On
+// the emulator the load goes through a 16-byte vector type, so the host compiler keeps it
+// one access (its recording build then reports one 16-byte read, as the GPU issues it,
+// where a copy of the uint4 struct may be split into four 4-byte reads).
+__device__ __forceinline__ uint4 load16(const void* p) {
+#if defined(__CUDACC__)
+    return *reinterpret_cast<const uint4*>(p);
+#else
+    typedef unsigned int v4u __attribute__((vector_size(16)));
+    const v4u v = *reinterpret_cast<const v4u*>(p);
+    return make_uint4(v[0], v[1], v[2], v[3]);
+#endif
+}
+
 // Reads rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of a row-major matrix
 // (element (i, k) at src[i*ld + k]) in 16-byte loads and hands each group of
 // VEC16<T> consecutive columns to put(rr, c, uint4), zero outside [0, nrows) x
@@ -104,7 +118,7 @@ __device__ __forceinline__ void stage_tile_vec16(const T* __restrict__ src, long
         const int rr = f / G, c = (f % G) * V;
         const int i = row0 + rr, k = col0 + c;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (i < nrows && k < ncols) v = *reinterpret_cast<const uint4*>(src + i * ld + k);
+        if (i < nrows && k < ncols) v = load16(src + i * ld + k);
         put(rr, c, v);
     }
 }

@@ -12,8 +12,10 @@
 //       W0 (`_a32`).                                     dora_norm_v1_{f32,f16,bf16,*_a32}
 //   v2  tensor cores (mma.sync m16n8k16) for the B·A tile;      dora_norm_v2_{f16,bf16}
 //       f16/bf16, any rank ≥ 1 (padded to 16 with zeros, so r % 16 == 0 wastes nothing),
-//       any layout.
-// The launcher (src/kernels/launch.rs) picks v2 for f16/bf16 when r ≥ 16, v1 otherwise.
+//       any layout; with f32 adapters (`_a32`) each f32 is split into three bf16 terms
+//       and the B·A tile keeps f32 accuracy (r ≤ 112).   dora_norm_v2_{f16,bf16}_a32
+// The launcher (src/kernels/launch.rs) picks v2 for f16/bf16 when r ≥ 16 (and, with f32
+// adapters, its tiles fit 48 KB of shared memory), v1 otherwise.
 //
 // Launch configurations (spec::Tuning; the same code, two grids):
 //   previous  grid (⌈d_out/rows⌉, 1): each block walks all of d_in and writes n (and g);
@@ -181,6 +183,43 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
     mma_m16n8k16_f16(d, a, b, c);
 }
 
+// The end of a norm v2 block: lane (gq, tq) of warp w holds partial sums of V² of rows
+// j0 + 16w + gq (sq0) and + 8 (sq1) over its columns; the 4 lanes of a row are summed by a
+// fixed-order butterfly, then lane tq = 0 writes the row's partial (split) or n and g.
+__device__ __forceinline__ void norm_v2_rows_out(float sq0, float sq1,
+                                                 const float* __restrict__ m, float eps,
+                                                 int d_out, float* __restrict__ part,
+                                                 float* __restrict__ n_out,
+                                                 float* __restrict__ g_out) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int j0 = blockIdx.x * NT_ROWS;
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        sq0 += __shfl_xor_sync(0xffffffffu, sq0, o);
+        sq1 += __shfl_xor_sync(0xffffffffu, sq1, o);
+    }
+    if (tq == 0 && part) {
+        const int ja = j0 + 16 * warp + gq;
+        const int jb = ja + 8;
+        if (ja < d_out) part[(long long)blockIdx.y * d_out + ja] = sq0;
+        if (jb < d_out) part[(long long)blockIdx.y * d_out + jb] = sq1;
+    } else if (tq == 0) {
+        const int ja = j0 + 16 * warp + gq;
+        const int jb = ja + 8;
+        if (ja < d_out) {
+            const float n = sqrtf(sq0);
+            n_out[ja] = n;
+            if (m && g_out) g_out[ja] = m[ja] / fmaxf(n, eps);
+        }
+        if (jb < d_out) {
+            const float n = sqrtf(sq1);
+            n_out[jb] = n;
+            if (m && g_out) g_out[jb] = m[jb] / fmaxf(n, eps);
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void norm_v2(
     const T* __restrict__ w0,     // [d_out, d_in] at (j, k) -> w0[j*ldw_j + k*ldw_k]
@@ -285,32 +324,177 @@ __device__ __forceinline__ void norm_v2(
             sq1 += v2 * v2 + v3 * v3;
         }
     }
-    // The 4 lanes of a row (tq = 0..3) hold its partial sums: fixed-order butterfly.
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-        sq0 += __shfl_xor_sync(0xffffffffu, sq0, o);
-        sq1 += __shfl_xor_sync(0xffffffffu, sq1, o);
-    }
-    if (tq == 0 && part) {
-        const int ja = j0 + 16 * warp + gq;
-        const int jb = ja + 8;
-        if (ja < d_out) part[(long long)blockIdx.y * d_out + ja] = sq0;
-        if (jb < d_out) part[(long long)blockIdx.y * d_out + jb] = sq1;
-    } else if (tq == 0) {
-        const int ja = j0 + 16 * warp + gq;
-        const int jb = ja + 8;
-        if (ja < d_out) {
-            const float n = sqrtf(sq0);
-            n_out[ja] = n;
-            if (m && g_out) g_out[ja] = m[ja] / fmaxf(n, eps);
-        }
-        if (jb < d_out) {
-            const float n = sqrtf(sq1);
-            n_out[jb] = n;
-            if (m && g_out) g_out[jb] = m[jb] / fmaxf(n, eps);
-        }
-    }
+    norm_v2_rows_out(sq0, sq1, m, eps, d_out, part, n_out, g_out);
 }
+
+// ---------------------------------------------------------------------------------------
+// v2 with f32 adapters (`_a32`: f16/bf16 W0, f32 lora_A/lora_B, PEFT's default mix): the
+// same block, grid and W0 tile as v2, with the B·A tile on bf16 tensor cores at f32
+// accuracy. B rows and the A chunk stay f32 in shared memory; each f32 x entering an mma
+// fragment is split in registers into three bf16 terms, x ≈ h + mi + l with
+// h = bf16(x), mi = bf16(x − h), l = bf16(x − h − mi) (every difference exact in f32), and
+// each product a·b is formed from the six terms of order ≤ u² (u = 2⁻⁸, bf16's unit
+// roundoff): l·h, h·l, mi·mi, mi·h, h·mi, h·h, accumulated in f32 in that order (smallest
+// first). Bound: |a − h − mi − l| ≤ u³|a|, and the terms left out (mi·l, l·mi, l·l) are
+// ≤ 2u³|a·b| + u⁴|a·b|, so each product is off by at most ≈ 4u³|a·b| = 4·2⁻²⁴|a·b| before the
+// f32 accumulation, the order of the one rounding v1 makes forming it in f32; bf16 has f32's
+// exponent range, so no value overflows or loses precision to the split (only terms below
+// 2⁻¹²⁶ go subnormal). tests/kernels/layer.rs holds it to v1 `_a32` with V = s·B·A alone.
+// Shared memory (dynamic):
+//   bsf [64, rp + 8]   f32, the block's rows of B, zero beyond r / d_out   (loaded once)
+//   asf [32, 64 + 4]   f32, one rank chunk of the A chunk, zero beyond r / d_in
+//   ws  [64, 64 + 8]   the W0 tile, 16-bit, as in v2
+// Fragments are read straight from the f32 tiles (no ldmatrix): the A operand as float2
+// pairs of a B row (row stride ≡ 8 or 24 words mod 32: a half-warp of float2 hits 32
+// distinct banks), the B operand as single floats of A (row stride 68 ≡ 4 mod 32: the 32
+// lanes hit 32 distinct banks). Shared: 4·64·(rp+8) + 4·32·68 + 2·64·72 bytes (24 064 at
+// r = 16); ranks whose tiles pass 48 KB (r > 112) run v1.
+// FLOPs: 6·2·d_out·d_in·rp on tensor cores + 3·d_out·d_in on CUDA cores.
+// ---------------------------------------------------------------------------------------
+constexpr int NT_LDA32 = NT_COLS + 4;
+// Minimum resident blocks per SM the entry points declare (`__launch_bounds__`): 0 (no
+// constraint) for 16-bit adapters; 3 with f32 adapters, a cap of 170 registers, which keeps
+// ptxas from choosing 80 registers and spilling on sm_86/89 (it uses 146 to 162, no spill).
+template <typename TA> constexpr int norm_v2_min_blocks() { return sizeof(TA) == 4 ? 3 : 0; }
+
+// Splits x into three bf16 terms (see above), returned as their bit patterns.
+__device__ __forceinline__ void split_bf16x3(float x, uint32_t& h, uint32_t& mi, uint32_t& l) {
+    const __nv_bfloat16 bh = __float2bfloat16_rn(x);
+    const float r1 = x - __bfloat162float(bh);
+    const __nv_bfloat16 bm = __float2bfloat16_rn(r1);
+    const float r2 = r1 - __bfloat162float(bm);
+    h = __bfloat16_as_ushort(bh);
+    mi = __bfloat16_as_ushort(bm);
+    l = __bfloat16_as_ushort(__float2bfloat16_rn(r2));
+}
+
+// Two f32 values (lower column or k index first) as the three packed bf16x2 registers of
+// their terms.
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& h, uint32_t& mi,
+                                           uint32_t& l) {
+    uint32_t h0, m0, l0, h1, m1, l1;
+    split_bf16x3(x0, h0, m0, l0);
+    split_bf16x3(x1, h1, m1, l1);
+    h = h0 | (h1 << 16);
+    mi = m0 | (m1 << 16);
+    l = l0 | (l1 << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void norm_v2(
+    const T* __restrict__ w0,         // [d_out, d_in] at (j, k) -> w0[j*ldw_j + k*ldw_k]
+    long long ldw_j, long long ldw_k,
+    const float* __restrict__ a,      // [r, d_in] f32
+    const float* __restrict__ b,      // [d_out, r] f32
+    const float* __restrict__ m,      // [d_out] or null
+    float s, float eps, int d_out, int d_in, int r,
+    int k_per_split,                  // columns of d_in per grid.y split (a multiple of NT_COLS)
+    int vec,                          // 1: W0 rows and A rows are read in 16-byte loads
+    float* __restrict__ part,         // [splits, d_out] or null (split: Σ v² of the split)
+    float* __restrict__ n_out,        // [d_out] (unsplit)
+    float* __restrict__ g_out) {      // [d_out] or null (unsplit)
+    extern __shared__ uint4 smem_v2[];
+    const int rp = (r + 15) / 16 * 16;
+    const int ldb = rp + 8;
+    float* bsf = reinterpret_cast<float*>(smem_v2);  // [NT_ROWS, ldb]
+    float* asf = bsf + NT_ROWS * ldb;                 // [NT_RK, NT_LDA32]
+    T* ws = reinterpret_cast<T*>(asf + NT_RK * NT_LDA32);  // [NT_ROWS, NT_LD]
+    constexpr int NTH = NT_WARPS * 32;
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int j0 = blockIdx.x * NT_ROWS;
+    const T zero = from_f32<T>(0.f);
+    const int kb = blockIdx.y * k_per_split;
+    const int ke = min(d_in, kb + k_per_split);
+
+    for (int f = tid; f < NT_ROWS * rp; f += NTH) {
+        const int jj = f / rp, i = f % rp;
+        const int j = j0 + jj;
+        bsf[jj * ldb + i] = (j < d_out && i < r) ? b[(long long)j * r + i] : 0.f;
+    }
+
+    float sq0 = 0.f, sq1 = 0.f;  // rows 16·warp + gq and + 8
+    const float* brow0 = bsf + (16 * warp + gq) * ldb + 2 * tq;
+    const float* brow1 = brow0 + 8 * ldb;
+
+    for (int k0 = kb; k0 < ke; k0 += NT_COLS) {
+        __syncthreads();  // readers of the previous ws/asf (first time: writers of bsf) done
+        if (vec) {
+            stage_tile_vec16<NT_ROWS, NT_COLS, NTH>(
+                w0, ldw_j, j0, k0, d_out, ke, [&](int jj, int c, const uint4& v) {
+                    *reinterpret_cast<uint4*>(ws + jj * NT_LD + c) = v;
+                });
+        } else {
+            stage_w0_tile<NT_ROWS, NT_COLS, NTH>(
+                w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero,
+                [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
+        }
+        float acc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+        for (int i0 = 0; i0 < rp; i0 += NT_RK) {
+            if (i0 > 0) __syncthreads();  // readers of the previous rank chunk are done
+            if (vec) {  // rows of asf are 16-byte aligned (68·4 = 272 bytes)
+                stage_tile_vec16<NT_RK, NT_COLS, NTH>(
+                    a, d_in, i0, k0, r, ke, [&](int ii, int c, const uint4& v) {
+                        *reinterpret_cast<uint4*>(asf + ii * NT_LDA32 + c) = v;
+                    });
+            } else {
+                for (int f = tid; f < NT_RK * NT_COLS; f += NTH) {
+                    const int ii = f / NT_COLS, c = f % NT_COLS;
+                    const int i = i0 + ii, k = k0 + c;
+                    asf[ii * NT_LDA32 + c] =
+                        (i < r && k < ke) ? a[(long long)i * d_in + k] : 0.f;
+                }
+            }
+            __syncthreads();
+            const int nk = min(NT_RK, rp - i0) / 16;
+            for (int ks = 0; ks < nk; ++ks) {
+                // A operand (rows of B): (row gq, k 2tq..+1), (row gq+8, ...), then k + 8.
+                const int kc = i0 + 16 * ks;
+                uint32_t ah[4], am[4], al[4];
+                split_pair(brow0[kc], brow0[kc + 1], ah[0], am[0], al[0]);
+                split_pair(brow1[kc], brow1[kc + 1], ah[1], am[1], al[1]);
+                split_pair(brow0[kc + 8], brow0[kc + 9], ah[2], am[2], al[2]);
+                split_pair(brow1[kc + 8], brow1[kc + 9], ah[3], am[3], al[3]);
+                const float* acol = asf + (16 * ks + 2 * tq) * NT_LDA32 + gq;
+#pragma unroll
+                for (int nt = 0; nt < 8; ++nt) {
+                    // B operand (columns of the A chunk): (k 2tq..+1, n gq), then k + 8.
+                    const float* p = acol + 8 * nt;
+                    uint32_t bh[2], bm[2], bl[2];
+                    split_pair(p[0], p[NT_LDA32], bh[0], bm[0], bl[0]);
+                    split_pair(p[8 * NT_LDA32], p[9 * NT_LDA32], bh[1], bm[1], bl[1]);
+                    mma_m16n8k16_bf16(acc[nt], al, bh, acc[nt]);
+                    mma_m16n8k16_bf16(acc[nt], ah, bl, acc[nt]);
+                    mma_m16n8k16_bf16(acc[nt], am, bm, acc[nt]);
+                    mma_m16n8k16_bf16(acc[nt], am, bh, acc[nt]);
+                    mma_m16n8k16_bf16(acc[nt], ah, bm, acc[nt]);
+                    mma_m16n8k16_bf16(acc[nt], ah, bh, acc[nt]);
+                }
+            }
+        }
+        // Padded rows/columns: W0 tile, B rows and A columns are all zero there, so v = 0.
+        const int r0 = 16 * warp + gq;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            const int c = 8 * nt + 2 * tq;
+            const float v0 = to_f32(ws[r0 * NT_LD + c]) + s * acc[nt][0];
+            const float v1 = to_f32(ws[r0 * NT_LD + c + 1]) + s * acc[nt][1];
+            const float v2 = to_f32(ws[(r0 + 8) * NT_LD + c]) + s * acc[nt][2];
+            const float v3 = to_f32(ws[(r0 + 8) * NT_LD + c + 1]) + s * acc[nt][3];
+            sq0 += v0 * v0 + v1 * v1;
+            sq1 += v2 * v2 + v3 * v3;
+        }
+    }
+    norm_v2_rows_out(sq0, sq1, m, eps, d_out, part, n_out, g_out);
+}
+
 
 }  // namespace df
 
@@ -333,11 +517,11 @@ __device__ __forceinline__ void norm_v2(
 DF_STAMP(dora_norm_v1, DF_NORM_V1)
 
 #define DF_NORM_V2(sfx, T, TA)                                                              \
-    extern "C" __global__ void __launch_bounds__(128) dora_norm_v2_##sfx(                   \
+    extern "C" __global__ void __launch_bounds__(128, df::norm_v2_min_blocks<TA>()) dora_norm_v2_##sfx(                   \
         const T* __restrict__ w0, /* [d_out, d_in] via (ldw_j, ldw_k) */                    \
         long long ldw_j, long long ldw_k,                                                   \
-        const T* __restrict__ a,      /* [r, d_in] */                                       \
-        const T* __restrict__ b,      /* [d_out, r] */                                      \
+        const TA* __restrict__ a,     /* [r, d_in] */                                       \
+        const TA* __restrict__ b,     /* [d_out, r] */                                      \
         const float* __restrict__ m,  /* [d_out] or null */                                 \
         float s, float eps, int d_out, int d_in, int r,                                     \
         int k_per_split, int vec,                                                           \

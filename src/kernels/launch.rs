@@ -129,9 +129,17 @@ fn norm_variant(
     let v = spec::select(Op::Norm, dtype, adapter, r).with_context(|| {
         format!("no norm kernel for {dtype} with {adapter} adapters at rank {r}")
     })?;
-    // Fall back to v1 where v2's shared memory would not fit (it never should for r ≤ 256;
-    // the assertion keeps a future table edit honest).
-    if v.version == 2 && spec::norm_v2_shared_bytes(r) > spec::MAX_DYNAMIC_SHARED {
+    // Before tuning, f32 adapters beside 16-bit W0 ran on CUDA cores (v1 `_a32`): keep that
+    // under `Tuning::Previous`, so a GPU run times the two against each other.
+    if v.version == 2 && adapter != dtype && spec::tuning() == Tuning::Previous {
+        return spec::candidates(Op::Norm, dtype, adapter, r)
+            .into_iter()
+            .find(|v| v.version == 1)
+            .context("norm v1 missing from the table");
+    }
+    // Fall back to v1 where v2's shared memory would not fit (`select` already skips such a
+    // v2: f32 adapters at r > 112; this keeps a future table edit honest).
+    if v.version == 2 && spec::norm_shared_bytes(2, adapter, r) > spec::MAX_DYNAMIC_SHARED {
         return spec::candidates(Op::Norm, dtype, adapter, r)
             .into_iter()
             .find(|v| v.version == 1)
@@ -162,7 +170,7 @@ pub(crate) unsafe fn norm<B: Backend>(
     } else {
         Tuning::Previous
     };
-    let (splits, per) = spec::norm_splits(v.version, x.d_out, x.d_in, x.r, tuning);
+    let (splits, per) = spec::norm_splits(v.version, x.adapter, x.d_out, x.d_in, x.r, tuning);
     debug_assert!(splits * x.d_out <= spec::norm_partials_len(x.d_out, x.d_in));
     // 16-byte loads in v2 only: in the v1 pass (f32 tiles in shared memory) the unpacking
     // made ptxas spill on sm_80/86.
@@ -173,7 +181,7 @@ pub(crate) unsafe fn norm<B: Backend>(
     };
     let part = if splits > 1 { x.part } else { None };
     let (grid, threads, shared) = if v.version == 2 {
-        let sh = spec::norm_v2_shared_bytes(x.r);
+        let sh = spec::norm_shared_bytes(2, x.adapter, x.r);
         ensure!(
             sh <= spec::MAX_DYNAMIC_SHARED,
             "norm v2: {sh} bytes of shared memory"

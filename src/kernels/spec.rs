@@ -28,6 +28,7 @@ pub const TARGET_BLOCKS: usize = 264;
 /// |---|---|---|
 /// | norm v1/v2 | one block per row tile | d_in split over grid.y for [`NORM_WAVES`] waves, partials summed in split order by `dora_norm_reduce_f32` |
 /// | norm v2 | element-by-element loads | 16-byte loads of W0 and A when aligned ([`vec16_ok`]) |
+/// | norm, f32 adapters beside f16/bf16 | v1 `_a32` (CUDA cores) | v2 `_a32` (tensor cores, three bf16 terms per f32) for r ≤ [`NORM_V2_A32_MAX_RANK`] |
 /// | bwd_dz | one block per `tt` tokens | d_out split over grid.y for [`BWD_DZ_WAVES`] wave(s), dz·B slabs summed in split order |
 /// | tn | [`TARGET_BLOCKS`] blocks | [`TN_WAVES`] wave(s) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -163,21 +164,25 @@ pub const fn norm_threads(version: u32) -> usize {
     }
 }
 
-/// Shared bytes (static + dynamic) per block of the norm variant `version` at rank `r`.
-pub const fn norm_shared_bytes(version: u32, r: usize) -> usize {
-    if version == 2 {
+/// Shared bytes (static + dynamic) per block of the norm variant `version` at rank `r`, with
+/// adapters (A, B) stored in `adapter` (f32: the `_a32` entry points).
+pub fn norm_shared_bytes(version: u32, adapter: DType, r: usize) -> usize {
+    if version == 2 && adapter == DType::F32 {
+        norm_v2_a32_shared_bytes(r)
+    } else if version == 2 {
         norm_v2_shared_bytes(r)
     } else {
         vtile_shared_bytes(r) + vtile_static_shared_bytes()
     }
 }
 
-/// `(splits, columns per split)` of d_in for the norm variant `version` under `tuning`:
-/// one split before tuning; tuned, enough whole 64-column chunks per split for
-/// [`NORM_WAVES`] waves on [`H200`] (each split's partial Σ v² summed afterwards in split
-/// order).
+/// `(splits, columns per split)` of d_in for the norm variant `version` with adapters in
+/// `adapter` under `tuning`: one split before tuning; tuned, enough whole 64-column chunks
+/// per split for [`NORM_WAVES`] waves on [`H200`] (each split's partial Σ v² summed
+/// afterwards in split order).
 pub fn norm_splits(
     version: u32,
+    adapter: DType,
     d_out: usize,
     d_in: usize,
     r: usize,
@@ -195,7 +200,7 @@ pub fn norm_splits(
     let target = H200.wave_blocks(
         NORM_WAVES,
         norm_threads(version),
-        norm_shared_bytes(version, r),
+        norm_shared_bytes(version, adapter, r),
     );
     let (splits, per) = split_chunks(chunks, d_out.div_ceil(rows), target, MAX_GRID_YZ);
     (splits, per * cols)
@@ -320,9 +325,14 @@ impl Variant {
     }
 
     /// True when this variant is stamped for the pair (`act`, `adapter`) and can run rank
-    /// `r` (whether or not the dispatcher would prefer it).
+    /// `r` (whether or not the dispatcher would prefer it): norm v2 only where its shared
+    /// memory fits [`MAX_DYNAMIC_SHARED`] (with f32 adapters, r ≤ 112).
     pub fn supports(&self, act: DType, adapter: DType, r: usize) -> bool {
-        stamped(self.prefix, act, adapter).is_some() && (1..=MAX_RANK).contains(&r)
+        stamped(self.prefix, act, adapter).is_some()
+            && (1..=MAX_RANK).contains(&r)
+            && !(self.op == Op::Norm
+                && self.version == 2
+                && norm_shared_bytes(2, adapter, r) > MAX_DYNAMIC_SHARED)
     }
 }
 
@@ -442,11 +452,25 @@ pub const fn norm_v2_shared_bytes(r: usize) -> usize {
     B16_BYTES * (NT_ROWS * (rp + 8) + NT_RK * (NT_COLS + 8) + NT_ROWS * (NT_COLS + 8))
 }
 
+/// Dynamic shared bytes of norm v2 with f32 adapters (`dora_norm_v2_*_a32`): B rows
+/// `[64, rp + 8]` f32, one rank chunk of A `[32, 64 + 4]` f32 and the W0 tile
+/// `[64, 64 + 8]` 16-bit. Within [`MAX_DYNAMIC_SHARED`] for r ≤ [`NORM_V2_A32_MAX_RANK`].
+pub const fn norm_v2_a32_shared_bytes(r: usize) -> usize {
+    let rp = pad16(r);
+    F32_BYTES * (NT_ROWS * (rp + 8) + NT_RK * (NT_COLS + 4)) + B16_BYTES * NT_ROWS * (NT_COLS + 8)
+}
+
+/// The largest rank norm v2 runs with f32 adapters (its f32 tiles fill 48 KB there); above
+/// it the dispatcher uses v1.
+pub const NORM_V2_A32_MAX_RANK: usize = 112;
+
 // Constants that must agree, checked when the crate compiles.
 const _: () = assert!(bwd_dz_shared_bytes(16, 32, 128) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(bwd_dz_shared_bytes(8, 16, MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(vtile_shared_bytes(MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(norm_v2_shared_bytes(MAX_RANK) <= MAX_DYNAMIC_SHARED);
+const _: () = assert!(norm_v2_a32_shared_bytes(NORM_V2_A32_MAX_RANK) <= MAX_DYNAMIC_SHARED);
+const _: () = assert!(norm_v2_a32_shared_bytes(NORM_V2_A32_MAX_RANK + 1) > MAX_DYNAMIC_SHARED);
 const _: () = assert!(THREADS % WARP_SIZE == 0 && THREADS % CO_COLS == 0);
 const _: () = assert!(THREADS % SH_RANKS == 0 && THREADS % TN_COLS == 0);
 
@@ -469,15 +493,23 @@ fn geometry_rows(tuning: Tuning) -> Vec<GeometryRow> {
         _ => WARP_SIZE * sz,
     };
     let mut rows = Vec::new();
-    for (version, label) in [(2, "norm v2 (bf16)"), (1, "norm v1 (bf16, f32 adapters)")] {
+    for (version, adapter, label) in [
+        (2, DType::BF16, "norm v2 (bf16)"),
+        (2, DType::F32, "norm v2 (bf16, f32 adapters)"),
+        (
+            1,
+            DType::F32,
+            "norm v1 (bf16, f32 adapters; fallback above r = 112)",
+        ),
+    ] {
         let tile = if version == 2 { NT_ROWS } else { VT_ROWS };
-        let (splits, _) = norm_splits(version, d_out, d_in, r, tuning);
+        let (splits, _) = norm_splits(version, adapter, d_out, d_in, r, tuning);
         rows.push(GeometryRow {
             kernel: label,
             shape: format!("{d_out}×{d_in}, r = {r}"),
             grid: [d_out.div_ceil(tile), splits, 1],
             threads: norm_threads(version),
-            shared: norm_shared_bytes(version, r),
+            shared: norm_shared_bytes(version, adapter, r),
             warp_load_bytes: vec(version, bf16),
         });
         if splits > 1 {

@@ -275,6 +275,81 @@ fn norm_every_variant_against_f64<B: TestBackend>() {
 }
 test_device!(norm_every_variant_against_f64);
 
+/// Largest relative error of `got` against `want` over the rows.
+fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / w.abs().max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// f32 adapters beside f16/bf16 W0 on tensor cores (`dora_norm_v2_*_a32`, each f32 split into
+/// three bf16 terms; bound ≈ 4·2⁻²⁴ per product, kernels/norm.cu) lose no accuracy against
+/// the f32 CUDA-core path (`dora_norm_v1_*_a32`): per row, n's relative error to the f64
+/// reference is within twice v1's, or 2·2⁻²⁴ when v1's is smaller still. With W0 = 0 the
+/// norm is that of s·B·A alone, where one rounding of A and B to 16 bits (≈ 2⁻⁹) or a split
+/// into two terms (≈ 3·2⁻¹⁶) shows. Sizes off every tile (d_out off 64 rows, d_in off the
+/// 64-column chunk, ranks off 16 and off the 32-rank chunk, up to the largest v2 takes with
+/// f32 adapters), both layouts, d_in a multiple of 8 (16-byte loads) and not (scalar).
+fn norm_v2_a32_as_accurate_as_the_f32_cuda_core_path<B: TestBackend>() {
+    let v1 = spec::VARIANTS
+        .iter()
+        .find(|v| v.op == spec::Op::Norm && v.version == 1)
+        .unwrap();
+    let v2 = spec::VARIANTS
+        .iter()
+        .find(|v| v.op == spec::Op::Norm && v.version == 2)
+        .unwrap();
+    let shapes = [
+        (65, 129, 17),
+        (130, 200, 40),
+        (33, 72, spec::NORM_V2_A32_MAX_RANK),
+    ];
+    for dt in [DType::BF16, DType::F16] {
+        for (i, &(d_out, d_in, r)) in shapes.iter().enumerate() {
+            for fifo in [false, true] {
+                for zero_w0 in [true, false] {
+                    let c = Case {
+                        fifo,
+                        a32: true,
+                        d_out,
+                        d_in,
+                        r,
+                        ..case(1, dt, true)
+                    };
+                    let (mut layer, _, _) = make(c, 23 + i as u64);
+                    if zero_w0 {
+                        let shape = layer.weight.shape().to_vec();
+                        let zeros = vec![0.0; layer.weight.len()];
+                        layer.weight = Tensor::from_f64(dt, shape, &zeros).unwrap();
+                    }
+                    let want = reference::norm_f64(&layer).unwrap();
+                    assert!(v2.supports(dt, DType::F32, r), "{c:?}");
+                    assert_eq!(
+                        spec::select(spec::Op::Norm, dt, DType::F32, r).map(|v| v.version),
+                        Some(2),
+                        "{c:?}: the dispatcher sends f32 adapters to tensor cores"
+                    );
+                    for &seed in B::SEEDS {
+                        let dev = B::with_seed(seed);
+                        let (n1, _) = kernels::norm(&dev, &layer, Some(v1)).unwrap();
+                        let (n2, _) = kernels::norm(&dev, &layer, Some(v2)).unwrap();
+                        let (e1, e2) = (max_rel(&n1, &want), max_rel(&n2, &want));
+                        // f32::EPSILON = 2·2⁻²⁴.
+                        let bound = (2.0 * e1).max(f32::EPSILON as f64);
+                        assert!(
+                            e2 <= bound,
+                            "{c:?} W0 = 0: {zero_w0}, seed {seed}: v2 a32 max row error {e2:e} \
+                             > {bound:e} (v1 a32: {e1:e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+test_device!(norm_v2_a32_as_accurate_as_the_f32_cuda_core_path);
+
 /// A zero row of V (W0 row and B row zero) has n = 0 and a finite g = m / ε (not NaN);
 /// its output is then just the bias, as in the f64 reference.
 fn zero_rows_give_finite_scale_not_nan<B: TestBackend>() {

@@ -79,12 +79,15 @@ fn dispatcher_prefers_tensor_cores_and_falls_back() {
         assert_eq!(select(Op::Norm, BF16, BF16, r).unwrap().version, 2);
         assert_eq!(select(Op::Norm, F16, F16, r).unwrap().version, 2);
         assert_eq!(select(Op::Norm, F32, F32, r).unwrap().version, 1);
-        // f32 adapters: the CUDA-core v1 (its `_a32` form), never a rounding to 16 bits.
+        // f32 adapters: the tensor-core v2 in its `_a32` form (three bf16 terms per f32,
+        // never one rounding to 16 bits) where its tiles fit, else the CUDA-core v1.
         let v = select(Op::Norm, BF16, F32, r).unwrap();
-        assert_eq!(
-            (v.version, v.entry(BF16, F32).as_str()),
+        let want = if r <= spec::NORM_V2_A32_MAX_RANK {
+            (2, "dora_norm_v2_bf16_a32")
+        } else {
             (1, "dora_norm_v1_bf16_a32")
-        );
+        };
+        assert_eq!((v.version, v.entry(BF16, F32).as_str()), want);
     }
     assert!(
         select(Op::Norm, F32, BF16, 16).is_none(),
@@ -106,6 +109,14 @@ fn dispatcher_prefers_tensor_cores_and_falls_back() {
             spec::norm_v2_shared_bytes(r) <= spec::MAX_DYNAMIC_SHARED,
             "r={r}"
         );
+        // With f32 adapters, v2 is offered exactly where its f32 tiles fit; v1 elsewhere.
+        let v2_a32 = spec::norm_v2_a32_shared_bytes(r) <= spec::MAX_DYNAMIC_SHARED;
+        assert_eq!(v2_a32, r <= spec::NORM_V2_A32_MAX_RANK, "r={r}");
+        for act in [F16, BF16] {
+            let v = select(Op::Norm, act, F32, r).unwrap();
+            let want = if v2_a32 && r >= 16 { 2 } else { 1 };
+            assert_eq!(v.version, want, "{act} with f32 adapters, r={r}");
+        }
         assert!(
             spec::vtile_shared_bytes(r) <= spec::MAX_DYNAMIC_SHARED,
             "r={r}"

@@ -3,6 +3,7 @@
 //! must be the output of `cargo run --example tuning_geometry` (never typed by hand).
 //! The kernels under both configurations are checked against float64 truth in layer.rs.
 
+use dorafuse::dtype::DType;
 use dorafuse::kernels::spec::{self, Tuning, H200};
 
 const BEGIN: &str = "<!-- tuning_geometry: begin -->";
@@ -32,14 +33,19 @@ fn waves(blocks: usize, threads: usize, shared: usize) -> f64 {
 #[test]
 fn tuned_launches_fill_an_h200_at_the_reference_shapes() {
     let (d_out, d_in, r, t) = (4096, 4096, 16, 512);
-    // norm v2 (tensor cores, bf16) and v1 (bf16 with f32 adapters): ≥ 2 full waves.
-    for (version, rows) in [(2, spec::NT_ROWS), (1, spec::VT_ROWS)] {
+    // norm v2 (tensor cores, bf16 adapters and f32 adapters) and v1 (CUDA cores, f32
+    // adapters): ≥ 2 full waves.
+    for (version, adapter, rows) in [
+        (2, DType::BF16, spec::NT_ROWS),
+        (2, DType::F32, spec::NT_ROWS),
+        (1, DType::F32, spec::VT_ROWS),
+    ] {
         let (threads, shared) = (
             spec::norm_threads(version),
-            spec::norm_shared_bytes(version, r),
+            spec::norm_shared_bytes(version, adapter, r),
         );
-        let (before, _) = spec::norm_splits(version, d_out, d_in, r, Tuning::Previous);
-        let (splits, per) = spec::norm_splits(version, d_out, d_in, r, Tuning::Tuned);
+        let (before, _) = spec::norm_splits(version, adapter, d_out, d_in, r, Tuning::Previous);
+        let (splits, per) = spec::norm_splits(version, adapter, d_out, d_in, r, Tuning::Tuned);
         assert_eq!(before, 1);
         assert_eq!(per % 64, 0, "v{version}: whole 64-column chunks per split");
         assert!(splits * per >= d_in && (splits - 1) * per < d_in);
