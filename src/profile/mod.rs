@@ -509,8 +509,10 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
                 settings.weight_shape.r,
                 settings.shape
             ),
-            "unique bytes: distinct 32-byte sectors; with sampled blocks, sectors of one block \
-             scaled by blocks / recorded blocks, sectors shared by recorded blocks counted once"
+            "unique bytes: distinct 32-byte sectors read + distinct sectors written; with sampled \
+             blocks, sectors of one block scaled by blocks / recorded blocks, sectors shared by \
+             recorded blocks counted once, and at most the sectors each array of the launch \
+             spans"
                 .into(),
             format!("registers: {}", registers::source()),
         ],
