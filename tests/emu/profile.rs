@@ -1,5 +1,5 @@
 //! `dorafuse profile` on a subset: the figures of a launch follow from its shape (grid fill)
-//! and its record (requests, sectors, unique bytes against the bench's formula).
+//! and its record (requests, sectors, unique bytes against each launch's formula).
 
 use dorafuse::layer::Shape;
 use dorafuse::profile::{gpu, run, Settings};
@@ -49,7 +49,7 @@ fn norm_and_compose_profiles_hold_their_shapes_and_figures() {
             assert!(e > 0.0 && e <= 1.0, "{kernel}: efficiency {e}");
         }
         // Unique bytes at least the bytes of the largest tensor read (W0 for the norm, the
-        // base output for compose, bf16), and a formula from the bench for both.
+        // base output for compose, bf16), and a formula for both (src/profile/formula.rs).
         let biggest = match kernel {
             "dora_norm_v2_bf16" => 2 * shape.d_in * shape.d_out,
             _ => 2 * shape.t * shape.d_out,
