@@ -197,7 +197,9 @@ fi
 
 # --- 2a. tuned against previous launch configurations, timed in one process -----------------
 # spec::Tuning: the same kernels under the grids and load widths before tuning and after; the
-# test also checks that both give the same gradients (dtype tolerance).
+# test also checks that both give the same gradients (dtype tolerance). The emulator's figures
+# of the same two configurations (`dorafuse profile --device emu --tuning previous|tuned`) are
+# the before/after table of kernels/README.md: read the timings against it.
 if [ -x "$bin/kernels" ]; then
   run_step "tuned vs previous (timed)" 120 "$bin/kernels" --ignored --exact \
     layer::tuned_against_previous_timed::cuda --nocapture --test-threads=1

@@ -751,6 +751,7 @@ impl Backend for EmuBackend {
                         static_shared: static_shared as u32,
                         block_stride: stride,
                         accesses,
+                        args: args.to_vec(),
                     };
                     match r.sink.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                         Some(sink) => sink(rec),

@@ -5,6 +5,7 @@ use super::Device;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use dorafuse::bench::table::Table;
+use dorafuse::kernels::spec::Tuning;
 use dorafuse::layer::Shape;
 use dorafuse::profile::{self, KernelProfile, Profile, Settings};
 use std::path::PathBuf;
@@ -16,14 +17,27 @@ use std::process::ExitCode;
   dorafuse profile --device emu
   dorafuse profile --device emu --kernel dora_norm_v2 --json norm.json
   dorafuse profile --device emu --tokens 4096 --kernel dora_compose_bf16
-  dorafuse profile --device emu --shape 4096x4096 --tokens 512 --kernel dora_bwd_dz_bf16")]
+  dorafuse profile --device emu --shape 4096x4096 --tokens 512 --kernel dora_bwd_dz_bf16
+  dorafuse profile --device emu --tuning previous --kernel dora_norm_v2_bf16
+  dorafuse profile --device emu --markdown kernels/README.md")]
 pub struct Args {
     /// Where the kernels run: only `emu` (the access record comes from the emulator).
     #[arg(long, value_enum, default_value = "emu")]
     device: Device,
-    /// Profile only the entry points whose name contains this (e.g. `dora_norm_v2_bf16`).
+    /// Profile only the entry points whose name contains this, or one of its comma-separated
+    /// parts (e.g. `dora_norm_v2_bf16` or `dora_shrink_bf16,dora_compose_bf16`).
     #[arg(long)]
     kernel: Option<String>,
+    /// The launch configuration of the tuned kernels: `tuned` (the library's) or `previous`
+    /// (before tuning; src/kernels/spec.rs `Tuning`).
+    #[arg(long, default_value = "tuned", value_parser = ["tuned", "previous"])]
+    tuning: String,
+    /// Regenerate the profile blocks of this Markdown file (kernels/README.md): the
+    /// bytes-that-must-move formulas and the before/after table of the tuned kernels (bf16
+    /// and bf16 with f32 adapters, both configurations, at the shapes given), between their
+    /// `profile_formulas` / `profile_tuning` markers. Replaces the per-kernel table.
+    #[arg(long, value_name = "FILE.md")]
+    markdown: Option<PathBuf>,
     /// The weight of the norm and merged-weight passes as `D_INxD_OUT` (the bench's
     /// reference layer by default).
     #[arg(long, default_value = "4096x4096")]
@@ -150,9 +164,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         large_rank: args.large_rank,
         kernel: args.kernel.clone(),
+        tuning: if args.tuning == "previous" {
+            Tuning::Previous
+        } else {
+            Tuning::Tuned
+        },
         max_blocks: args.max_blocks,
         seed: dorafuse::emu::EmuBackend::from_env()?.seed(),
     };
+    if let Some(path) = &args.markdown {
+        return write_markdown(path, &settings);
+    }
     let p = profile::run(&settings, &mut |msg| eprintln!("{msg}"))?;
     for n in &p.notes {
         println!("# {n}");
@@ -190,5 +212,31 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--markdown FILE`: the formula block and the before/after table regenerated in place.
+fn write_markdown(path: &std::path::Path, settings: &Settings) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--markdown: reading {}", path.display()))?;
+    // Markers checked before the (long) run.
+    for m in [profile::FORMULA_MARKERS, profile::TUNING_MARKERS] {
+        profile::block(&text, m).with_context(|| format!("--markdown {}", path.display()))?;
+    }
+    let table = profile::tuning_table(settings, &mut |msg| eprintln!("{msg}"))?;
+    let text = profile::replace_block(
+        &text,
+        profile::FORMULA_MARKERS,
+        &profile::formula::markdown(),
+    )?;
+    let text = profile::replace_block(&text, profile::TUNING_MARKERS, &table)?;
+    dorafuse::fsutil::write_atomic(path, |f| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", path.display()))?;
+    print!("{table}");
+    println!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -78,6 +78,9 @@ pub struct LaunchRecord {
     pub block_stride: u32,
     /// The accesses, each thread's in program order (threads interleave by the schedule).
     pub accesses: Vec<Access>,
+    /// The kernel's arguments as launched (pointers, sizes, scalars in parameter order): the
+    /// launch shapes a per-kernel byte count reads ([`crate::profile::formula`]).
+    pub args: Vec<crate::backend::KernelArg>,
 }
 
 impl LaunchRecord {

@@ -785,6 +785,12 @@ impl<B: Backend> DoraAdapter<B> {
             w.dtype()
         );
         let n_out = info.ptr;
+        // The partial sums of the norm split over d_in (the tuned launch), sized by the same
+        // spec function the launcher checks; allocated on `stream` and dropped after the
+        // launches are queued (stream-ordered free), so the adapter keeps only n and g.
+        let part = stream
+            .alloc_slice::<f32>(super::spec::norm_partials_len(self.d_out, self.d_in))
+            .context("allocating the norm's partial sums")?;
         let args = launch::NormArgs {
             dtype: w.dtype(),
             adapter: self.dtype,
@@ -799,11 +805,12 @@ impl<B: Backend> DoraAdapter<B> {
             r: self.r,
             n_out,
             g_out: Some(n_out.offset(4 * self.d_out)),
-            part: None,
+            part: Some(part.info().ptr),
         };
         // SAFETY: W0, A, B and m are held by `linear` and `self`, checked at construction for
         // these dims and dtypes on this device; `memory` holds 2·d_out f32 (checked above) and
-        // overlaps none of them.
+        // overlaps none of them; `part` holds norm_partials_len f32 on this device, freshly
+        // allocated (disjoint from all), and is freed on `stream` after the launches.
         unsafe { launch::norm(stream, &args, None) }?;
         self.scale = Some(Scale {
             mem: memory,

@@ -592,6 +592,10 @@ pub fn run_multi<B: Backend>(
                 let ng = b
                     .alloc_zeroed(8 * d_out)
                     .with_context(|| format!("allocating n and g of adapter {k}"))?;
+                // The partial sums of the tuned norm's split over d_in.
+                let part = b
+                    .alloc_zeroed(4 * super::spec::norm_partials_len(d_out, d_in))
+                    .with_context(|| format!("allocating the norm partials of adapter {k}"))?;
                 let args = launch::NormArgs {
                     dtype: dt,
                     adapter: ad,
@@ -606,11 +610,11 @@ pub fn run_multi<B: Backend>(
                     r: a.rank(),
                     n_out: ng.ptr(),
                     g_out: Some(ng.ptr().offset(4 * d_out)),
-                    part: None,
+                    part: Some(part.ptr()),
                 };
                 // SAFETY: W0 holds d_out·d_in elements of `dt` in the layout fan_in_fan_out
                 // says, A and B r·d_in and d_out·r of `ad`, m d_out f32 (shapes validated by
-                // layer.dims()), and `ng` 2·d_out f32 (n, then g).
+                // layer.dims()), `ng` 2·d_out f32 (n, then g), `part` norm_partials_len f32.
                 unsafe { launch::norm(b, &args, None) }
                     .with_context(|| format!("the norm of adapter {k}"))?;
                 Some(ng)

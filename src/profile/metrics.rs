@@ -1,6 +1,8 @@
 //! The memory figures of one launch, from its access record ([`crate::emu::record`]), as
 //! Nsight Compute's memory tables define them.
 //!
+//! - **Vector accesses**: a 16- or 8-byte access the emulator's host build split into
+//!   member-by-member pieces is joined back into one access first ([`vector_accesses`]).
 //! - **Request**: the k-th access of each lane of a warp between two synchronisation points
 //!   of that lane (a `__syncthreads()` or a warp collective), per kind (global load, global
 //!   store, atomic, shared load, shared store): the accesses one warp-wide instruction makes.
@@ -13,13 +15,18 @@
 //!   lanes (one phase for 4-byte accesses, 2 for 8-byte, 4 for 16-byte; an `ldmatrix` is
 //!   recorded as 16-byte rows, one phase per 8 rows). A phase takes as many wavefronts as the
 //!   largest number of distinct 4-byte words it addresses in one bank (same word: broadcast).
-//! - **Unique global bytes**: the distinct 32-byte sectors the launch touches, × 32: what an
-//!   ideal cache would move from DRAM. When only some blocks were recorded, sectors touched by
+//! - **Unique global bytes**: the distinct 32-byte sectors the launch reads plus the distinct
+//!   sectors it writes (a sector read and written counts twice, an atomic's both), × 32: what
+//!   an ideal cache would move to and from DRAM (each sector filled once, written back once). When only some blocks were recorded, sectors touched by
 //!   exactly one recorded block are scaled by blocks / recorded blocks (data private to a
 //!   block), sectors touched by several recorded blocks are counted once (data every block
-//!   reads, like the adapter): an estimate, exact when every block is recorded.
+//!   reads, like the adapter): an estimate, exact when every block is recorded. Data shared
+//!   by a group of blocks (one split's A columns) looks private to the one recorded block of
+//!   the group, so the estimate is then bounded per array: the sectors read (or written)
+//!   within an array of the launch are at most the sectors it spans.
 
 use crate::emu::record::{Access, LaunchRecord, Sites};
+use crate::profile::formula::Array;
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -89,7 +96,8 @@ pub struct Figures {
     pub shared_load: Counts,
     /// Shared stores (units: wavefronts).
     pub shared_store: Counts,
-    /// Distinct global sectors × 32 over the launch (extrapolated when sampled; module doc).
+    /// Distinct global sectors read plus distinct sectors written, × 32, over the launch
+    /// (extrapolated when sampled; module doc).
     pub unique_global_bytes: f64,
     /// Sites, worst first.
     pub sites: Vec<SiteFigures>,
@@ -188,13 +196,60 @@ fn wavefronts(lanes: &mut [(u32, u64, u32)]) -> (u64, u64) {
     (total, phases)
 }
 
-/// The figures of `rec`.
-pub fn figures(rec: &LaunchRecord, sites: &mut Sites) -> Figures {
+/// The accesses with each vector access the host compiler split into its components put
+/// back together: a thread's consecutive accesses of one kind, in one synchronisation epoch,
+/// from one source line, to contiguous addresses, pieces of one size, that add up to 8 or 16
+/// bytes starting at an address aligned to that total (a `uint4` or `float2` load or store
+/// is one instruction on the GPU; the emulator's host build may copy it member by member).
+/// Each thread's order is kept; threads' accesses may interleave differently.
+pub fn vector_accesses(accesses: &[Access], sites: &mut Sites) -> Vec<Access> {
+    fn flush(run: &mut Vec<Access>, out: &mut Vec<Access>) {
+        let total: u32 = run.iter().map(|a| a.size).sum();
+        if run.len() > 1 && matches!(total, 8 | 16) && run[0].addr % total as u64 == 0 {
+            out.push(Access {
+                size: total,
+                ..run[0]
+            });
+        } else {
+            out.append(run);
+        }
+        run.clear();
+    }
+    let mut out = Vec::with_capacity(accesses.len());
+    let mut runs: HashMap<(u32, u32), Vec<Access>> = HashMap::new();
+    for a in accesses {
+        let run = runs.entry((a.block, a.thread)).or_default();
+        let joins = run.last().is_some_and(|p| {
+            let total: u32 = run.iter().map(|x| x.size).sum();
+            p.flags == a.flags
+                && p.epoch == a.epoch
+                && p.barrier == a.barrier
+                && p.size == a.size
+                && a.size < 8
+                && total + a.size <= 16
+                && p.addr + p.size as u64 == a.addr
+                && (p.pc == a.pc || sites.site(p.pc) == sites.site(a.pc))
+        });
+        if !joins {
+            flush(run, &mut out);
+        }
+        run.push(*a);
+    }
+    for run in runs.values_mut() {
+        flush(run, &mut out);
+    }
+    out
+}
+
+/// The figures of `rec`. `arrays` (the launch's arrays, [`crate::profile::formula::arrays`];
+/// may be empty) bound the extrapolated unique bytes: the distinct sectors read (or written)
+/// within one array are at most the sectors the array spans.
+pub fn figures(rec: &LaunchRecord, sites: &mut Sites, arrays: &[Array]) -> Figures {
     // k: per (block, thread, kind), the running index within the thread's current epoch.
     let mut k_of: HashMap<(u32, u32, Kind), (u32, u32)> = HashMap::new();
     let mut reqs: HashMap<ReqKey, ReqLanes> = HashMap::new();
-    let mut sector_blocks: HashMap<u64, (u32, bool)> = HashMap::new();
-    for a in &rec.accesses {
+    let mut sector_blocks: HashMap<(u64, bool), (u32, bool)> = HashMap::new();
+    for a in &vector_accesses(&rec.accesses, sites) {
         let kind = Kind::of(a);
         let e = k_of
             .entry((a.block, a.thread, kind))
@@ -209,10 +264,24 @@ pub fn figures(rec: &LaunchRecord, sites: &mut Sites) -> Figures {
             .or_insert_with(|| (a.pc, Vec::new()));
         r.1.push((a.thread % 32, a.addr, a.size));
         if !a.is_shared() {
-            for s in (a.addr / SECTOR)..=((a.addr + a.size.max(1) as u64 - 1) / SECTOR) {
-                let e = sector_blocks.entry(s).or_insert((a.block, false));
-                if e.0 != a.block {
-                    e.1 = true;
+            // Read sectors and written sectors apart (an atomic is both): an ideal cache
+            // fills each sector read once and writes back each sector written once.
+            let dirs: &[bool] = match (a.is_atomic(), a.is_write()) {
+                (true, _) => &[false, true],
+                (false, w) => {
+                    if w {
+                        &[true]
+                    } else {
+                        &[false]
+                    }
+                }
+            };
+            for &w in dirs {
+                for s in (a.addr / SECTOR)..=((a.addr + a.size.max(1) as u64 - 1) / SECTOR) {
+                    let e = sector_blocks.entry((s, w)).or_insert((a.block, false));
+                    if e.0 != a.block {
+                        e.1 = true;
+                    }
                 }
             }
         }
@@ -271,9 +340,36 @@ pub fn figures(rec: &LaunchRecord, sites: &mut Sites) -> Figures {
             .then_with(|| a.kind.cmp(b.kind))
     });
     let scale = rec.blocks() as f64 / rec.recorded_blocks().max(1) as f64;
-    let unique: f64 = sector_blocks
-        .values()
-        .map(|&(_, shared)| if shared { 1.0 } else { scale })
+    // Sector ranges of the arrays (one per address: an in-place output shares its input's).
+    let mut ranges: Vec<(u64, u64)> = arrays
+        .iter()
+        .filter(|a| a.extent >= 1.0)
+        .map(|a| (a.addr / SECTOR, (a.addr + a.extent as u64 - 1) / SECTOR))
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup_by(|b, a| {
+        let same = a.0 == b.0;
+        if same {
+            a.1 = a.1.max(b.1);
+        }
+        same
+    });
+    // Per (array, direction) the extrapolated sectors; `None`: outside every array.
+    let mut per_array: HashMap<(Option<usize>, bool), f64> = HashMap::new();
+    for (&(sector, write), &(_, shared)) in &sector_blocks {
+        let i = ranges.partition_point(|r| r.0 <= sector);
+        let arr = match i.checked_sub(1) {
+            Some(k) if sector <= ranges[k].1 => Some(k),
+            _ => None,
+        };
+        *per_array.entry((arr, write)).or_default() += if shared { 1.0 } else { scale };
+    }
+    let unique: f64 = per_array
+        .iter()
+        .map(|(&(arr, _), &n)| match arr {
+            Some(i) => n.min((ranges[i].1 - ranges[i].0 + 1) as f64),
+            None => n,
+        })
         .sum::<f64>()
         * SECTOR as f64;
     let get = |k: Kind| per_kind.get(&k).copied().unwrap_or_default();
@@ -308,6 +404,50 @@ mod tests {
         let mut v: Vec<(u64, u32)> = (0..32).map(|_| (2048, 4)).collect();
         assert_eq!(sectors(&v), 1);
         assert_eq!(union_bytes(&mut v), 4);
+    }
+
+    #[test]
+    fn vector_accesses_split_by_the_host_compiler_are_joined() {
+        let acc = |thread: u32, addr: u64, size: u32, pc: u64| Access {
+            addr,
+            pc,
+            size,
+            block: 0,
+            thread,
+            barrier: 0,
+            epoch: 0,
+            flags: 0,
+        };
+        let mut sites = Sites::new();
+        // A 16-byte load as four 4-byte pieces (one pc: no site lookup needed), interleaved
+        // with another thread's; a scalar 4-byte pair at an 8-byte-misaligned address stays
+        // two accesses; a fifth piece past 16 bytes starts a new access.
+        let v = vec![
+            acc(0, 1024, 4, 7),
+            acc(1, 4096, 4, 7),
+            acc(0, 1028, 4, 7),
+            acc(0, 1032, 4, 7),
+            acc(1, 4100, 4, 7),
+            acc(0, 1036, 4, 7),
+            acc(0, 1040, 4, 7),
+            acc(2, 2052, 4, 7),
+            acc(2, 2056, 4, 7),
+        ];
+        let mut got: Vec<(u32, u64, u32)> = vector_accesses(&v, &mut sites)
+            .iter()
+            .map(|a| (a.thread, a.addr, a.size))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1024, 16),
+                (0, 1040, 4),
+                (1, 4096, 8),
+                (2, 2052, 4),
+                (2, 2056, 4)
+            ]
+        );
     }
 
     #[test]

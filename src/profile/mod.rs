@@ -7,8 +7,7 @@
 //! rows for the baseline kernels) on a recording [`EmuBackend`], for every dtype pair a
 //! kernel is stamped for. Each kernel's first launch is profiled ([`KernelProfile`]; its later launches are skipped):
 //! requests, sectors per request, load and store efficiency ([`metrics`]), unique global
-//! bytes against the bench's bytes-that-must-move formula where the bench has one
-//! ([`crate::bench::formula::cost`]), shared-memory wavefronts per request, and the grid
+//! bytes against the launch's bytes-that-must-move ([`formula`]), shared-memory wavefronts per request, and the grid
 //! fill on an H200, A100 and L40S ([`gpu`]) from the launch's block size, shared memory and
 //! the ptxas register count ([`registers`]). docs/profile.md documents the JSON fields.
 //!
@@ -17,18 +16,19 @@
 //! grids, blocks and waves are those of the full launch; per-request figures are exact for
 //! the recorded blocks; unique bytes are extrapolated as [`metrics`] says.
 
+pub mod formula;
 pub mod gpu;
 pub mod metrics;
 pub mod registers;
 
 use crate::backend::Backend;
-use crate::bench::formula::{cost, LayerKind, Op};
+use crate::bench::formula::Op;
 use crate::case_multi::{AdapterWeights, MultiLayer};
 use crate::dtype::DType;
 use crate::emu::record::{LaunchRecord, Sites};
 use crate::emu::{EmuBackend, RecordOptions};
 use crate::kernels::multi::{run_multi, MultiBase, SlotContent, SlotTables};
-use crate::kernels::spec::{self, VARIANTS};
+use crate::kernels::spec::{self, Tuning, VARIANTS};
 use crate::kernels::KERNELS;
 use crate::layer::{GradMode, Layer, Shape};
 use crate::tensor::Tensor;
@@ -49,8 +49,11 @@ pub struct Settings {
     pub shape: Shape,
     /// A second rank for the kernels that serve only larger ranks (`dora_tn_r64`).
     pub large_rank: usize,
-    /// Profile only kernels whose entry point contains this (all when `None`).
+    /// Profile only kernels whose entry point contains this, or one of its comma-separated
+    /// parts (all when `None`).
     pub kernel: Option<String>,
+    /// The launch configuration of the tuned kernels ([`spec::Tuning`]).
+    pub tuning: Tuning,
     /// Blocks recorded (and run) per launch at most; 0 records every block.
     pub max_blocks: u32,
     /// Seed of the emulator's schedules.
@@ -74,6 +77,7 @@ impl Default for Settings {
             },
             large_rank: 64,
             kernel: None,
+            tuning: Tuning::Tuned,
             max_blocks: 2,
             seed: crate::emu::DEFAULT_SEED,
         }
@@ -132,10 +136,14 @@ pub struct KernelProfile {
     pub store_efficiency: Option<f64>,
     /// Distinct global sectors × 32 of the launch (extrapolated when sampled).
     pub unique_bytes: f64,
-    /// The bench's bytes-that-must-move for this kernel's operation, where it has one.
+    /// The bytes this launch must move ([`formula`]: each array read once, each written
+    /// once, from the launch's arguments).
     pub formula_bytes: Option<f64>,
-    /// `unique_bytes / formula_bytes` (`null` without a formula).
+    /// `unique_bytes / formula_bytes` (`null` when the formula failed: `formula_error`).
     pub unique_bytes_over_formula: Option<f64>,
+    /// Why `formula_bytes` is `null` (a kernel whose signature the formula does not know).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub formula_error: Option<String>,
     /// Shared-memory load and store requests.
     pub shared_requests: u64,
     /// Shared-memory wavefronts per request (1 = no bank conflict; `null` without shared
@@ -175,18 +183,6 @@ const PAIRS: [(DType, DType); 5] = [
     (DType::F16, DType::F32),
     (DType::BF16, DType::F32),
 ];
-
-/// The bench's bytes-that-must-move of the operation a kernel is, where the bench has one.
-fn formula_bytes(kernel: &str, s: Shape, act: DType) -> Option<f64> {
-    let op = if kernel.starts_with("dora_norm_") {
-        Op::Norm
-    } else if kernel.starts_with("dora_compose_") {
-        Op::Compose
-    } else {
-        return None;
-    };
-    cost(LayerKind::Dora, op, s, act).map(|c| c.bytes)
-}
 
 /// A launch record with the call that made it.
 pub struct Launch {
@@ -232,8 +228,20 @@ pub fn drive(
     on_step: &dyn Fn(&str, Shape, DType),
 ) -> Result<()> {
     for (act, adapter) in PAIRS {
-        // A step runs when it launches a selected kernel (any dtype of its families).
-        let want_pair = |prefixes: &[&str]| prefixes.iter().any(|p| wanted(p));
+        // A step runs when it launches a selected kernel: the entry point of one of its
+        // families for this pair (for the activation dtype alone where the family has no
+        // `_a32` form), or the family's single entry point.
+        let want_pair = |prefixes: &[&str]| {
+            prefixes.iter().any(|p| {
+                let single = crate::kernels::FAMILIES
+                    .iter()
+                    .any(|(_, name, sfxs)| *name == *p && sfxs.is_empty());
+                match spec::stamped(p, act, adapter).or_else(|| spec::stamped(p, act, act)) {
+                    Some(entry) => wanted(&entry),
+                    None => single && wanted(p),
+                }
+            })
+        };
         // The weight passes at the weight shape: the norm, each variant of the table that
         // can run the pair, and the merged weight.
         let norms: Vec<_> = VARIANTS
@@ -373,19 +381,26 @@ fn unfused_rows(b: &EmuBackend, shape: Shape, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// True when entry point `name` contains `filter` or one of its comma-separated parts.
+fn matches(filter: &str, name: &str) -> bool {
+    filter.split(',').any(|p| name.contains(p.trim()))
+}
+
 /// Profiles every kernel (or those `settings.kernel` selects) on the emulator.
 ///
 /// # Errors
 /// A failing launch (naming the call and kernel), or a kernel filter that matches nothing.
 pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profile> {
     let filter = settings.kernel.clone();
-    let selected = |name: &str| filter.as_deref().map_or(true, |f| name.contains(f));
+    let selected = |name: &str| filter.as_deref().map_or(true, |f| matches(f, name));
     let listed: Vec<&str> = KERNELS.iter().map(|(_, n)| *n).collect();
     if let Some(f) = &filter {
-        anyhow::ensure!(
-            listed.iter().any(|n| n.contains(f.as_str())),
-            "--kernel {f}: no entry point of kernels/kernels.list contains it"
-        );
+        for part in f.split(',') {
+            anyhow::ensure!(
+                listed.iter().any(|n| n.contains(part.trim())),
+                "--kernel {part}: no entry point of kernels/kernels.list contains it"
+            );
+        }
     }
     // The sink profiles each selected kernel's first launch as it returns and drops every
     // record (records of large launches do not fit in memory together).
@@ -409,7 +424,7 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
         if st
             .filter
             .as_deref()
-            .is_some_and(|f| !record.kernel.contains(f))
+            .is_some_and(|f| !matches(f, &record.kernel))
         {
             return;
         }
@@ -438,7 +453,7 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
     let filter_state = Arc::clone(&state);
     let launch_filter = Box::new(move |kernel: &str| {
         let st = filter_state.lock().unwrap_or_else(|e| e.into_inner());
-        st.filter.as_deref().map_or(true, |f| kernel.contains(f)) && !st.done.contains_key(kernel)
+        st.filter.as_deref().map_or(true, |f| matches(f, kernel)) && !st.done.contains_key(kernel)
     });
     let b = EmuBackend::new(settings.seed).recording_into(
         RecordOptions {
@@ -450,18 +465,23 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
         Some(launch_filter),
     );
     let wanted = |p: &str| listed.iter().any(|n| n.starts_with(p) && selected(n));
-    progress("running the kernels on the recording emulator");
-    drive(
-        &b,
-        settings.weight_shape,
-        settings.shape,
-        settings.large_rank,
-        &wanted,
-        &|step, shape, act| {
-            state.lock().unwrap_or_else(|e| e.into_inner()).step =
-                Some((step.to_string(), shape, act));
-        },
-    )?;
+    progress(&format!(
+        "running the kernels on the recording emulator ({} launch configuration)",
+        settings.tuning.name()
+    ));
+    spec::with_tuning(settings.tuning, || {
+        drive(
+            &b,
+            settings.weight_shape,
+            settings.shape,
+            settings.large_rank,
+            &wanted,
+            &|step, shape, act| {
+                state.lock().unwrap_or_else(|e| e.into_inner()).step =
+                    Some((step.to_string(), shape, act));
+            },
+        )
+    })?;
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let mut kernels = Vec::new();
     let mut not_launched = Vec::new();
@@ -474,6 +494,10 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
     Ok(Profile {
         notes: vec![
             format!(
+                "launch configuration: {} (spec::Tuning)",
+                settings.tuning.name()
+            ),
+            format!(
                 "emulator access record; at most {} blocks per launch recorded and run \
                  (0 = all); grids, blocks and waves are those of the full launch",
                 settings.max_blocks
@@ -485,8 +509,10 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
                 settings.weight_shape.r,
                 settings.shape
             ),
-            "unique bytes: distinct 32-byte sectors; with sampled blocks, sectors of one block \
-             scaled by blocks / recorded blocks, sectors shared by recorded blocks counted once"
+            "unique bytes: distinct 32-byte sectors read + distinct sectors written; with sampled \
+             blocks, sectors of one block scaled by blocks / recorded blocks, sectors shared by \
+             recorded blocks counted once, and at most the sectors each array of the launch \
+             spans"
                 .into(),
             format!("registers: {}", registers::source()),
         ],
@@ -498,7 +524,8 @@ pub fn run(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Profil
 /// The profile of one launch.
 pub fn profile_launch(l: &Launch, sites: &mut Sites) -> KernelProfile {
     let rec = &l.record;
-    let f = metrics::figures(rec, sites);
+    let arrays = formula::arrays(&rec.kernel, &rec.args, rec.grid);
+    let f = metrics::figures(rec, sites, arrays.as_ref().map_or(&[][..], |(a, _)| &a[..]));
     let mut global = f.global_load;
     for c in [f.global_store, f.atomic] {
         global.requests += c.requests;
@@ -520,7 +547,9 @@ pub fn profile_launch(l: &Launch, sites: &mut Sites) -> KernelProfile {
             )
         })
         .collect();
-    let formula = formula_bytes(&rec.kernel, l.shape, l.act);
+    let formula = formula::bytes(&rec.kernel, &rec.args, rec.grid);
+    let formula_error = formula.as_ref().err().map(|e| format!("{e:#}"));
+    let formula = formula.ok();
     KernelProfile {
         kernel: rec.kernel.clone(),
         step: l.step.clone(),
@@ -541,6 +570,7 @@ pub fn profile_launch(l: &Launch, sites: &mut Sites) -> KernelProfile {
         unique_bytes: f.unique_global_bytes,
         formula_bytes: formula,
         unique_bytes_over_formula: formula.map(|x| f.unique_global_bytes / x),
+        formula_error,
         shared_requests: shared_req,
         shared_wavefronts_per_request: (shared_req > 0)
             .then(|| shared_wf as f64 / shared_req as f64),
@@ -564,4 +594,132 @@ pub fn profile_launch(l: &Launch, sites: &mut Sites) -> KernelProfile {
             })
             .collect(),
     }
+}
+
+/// The kernel families whose launch the tuning changes ([`spec::Tuning`]), or which the
+/// tuning's 16-byte loads and tensor-core forms reach, in the before/after table.
+pub const TUNED_FAMILIES: &[&str] = &[
+    "dora_norm_v1",
+    "dora_norm_v2",
+    "dora_norm_reduce_f32",
+    "dora_shrink",
+    "dora_compose",
+    "dora_bwd_dz",
+    "dora_tn_r16",
+];
+
+/// The entry points of [`TUNED_FAMILIES`] in bf16, and bf16 with f32 adapters, that
+/// `kernels/kernels.list` stamps (the table follows the list: a form added there appears).
+pub fn tuned_entry_points() -> Vec<&'static str> {
+    KERNELS
+        .iter()
+        .map(|(_, n)| *n)
+        .filter(|n| {
+            TUNED_FAMILIES.iter().any(|f| {
+                *n == *f
+                    || n.strip_prefix(f)
+                        .is_some_and(|s| s == "_bf16" || s == "_bf16_a32")
+            })
+        })
+        .collect()
+}
+
+/// The before/after table of kernels/README.md ("Tuning"): each entry point of
+/// [`tuned_entry_points`] profiled under [`Tuning::Previous`] and [`Tuning::Tuned`] at
+/// `settings`' shapes, one row per kernel and configuration (Markdown).
+///
+/// # Errors
+/// A failing launch, as [`run`].
+pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<String> {
+    let names = tuned_entry_points();
+    let mut runs = Vec::new();
+    for tuning in Tuning::ALL {
+        let s = Settings {
+            kernel: Some(names.join(",")),
+            tuning,
+            ..settings.clone()
+        };
+        runs.push((tuning, run(&s, progress)?));
+    }
+    let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+    let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+    let mut out = String::from(
+        "| kernel | shape | tuning | grid | blocks | waves H200 | requests | sectors/req | \
+         load eff | store eff | unique/formula | smem wavefronts/req |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for name in names {
+        for (tuning, p) in &runs {
+            let Some(k) = p.kernels.iter().find(|k| k.kernel == name) else {
+                out.push_str(&format!(
+                    "| `{name}` | | {} | not launched | | | | | | | | |\n",
+                    tuning.name()
+                ));
+                continue;
+            };
+            let shape = if k.kernel.starts_with("dora_norm") {
+                format!("{}×{}, r = {}", k.d_in, k.d_out, k.r)
+            } else {
+                format!("T = {}, {}×{}, r = {}", k.t, k.d_in, k.d_out, k.r)
+            };
+            out.push_str(&format!(
+                "| `{}` | {shape} | {} | {}×{}×{} | {} | {:.2} | {} | {:.2} | {} | {} | {} | {} |\n",
+                k.kernel,
+                tuning.name(),
+                k.grid[0],
+                k.grid[1],
+                k.grid[2],
+                k.blocks,
+                k.waves_h200,
+                k.requests,
+                k.sectors_per_request,
+                pct(k.load_efficiency),
+                pct(k.store_efficiency),
+                num(k.unique_bytes_over_formula),
+                num(k.shared_wavefronts_per_request),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The markers of the generated before/after table in kernels/README.md.
+pub const TUNING_MARKERS: (&str, &str) = (
+    "<!-- profile_tuning: begin -->",
+    "<!-- profile_tuning: end -->",
+);
+
+/// The markers of the generated bytes-that-must-move block in kernels/README.md.
+pub const FORMULA_MARKERS: (&str, &str) = (
+    "<!-- profile_formulas: begin -->",
+    "<!-- profile_formulas: end -->",
+);
+
+/// The text between `markers` in `text` (without the newline after the begin marker).
+///
+/// # Errors
+/// A marker missing, or the end before the begin.
+pub fn block<'a>(text: &'a str, markers: (&str, &str)) -> Result<&'a str> {
+    let b = text
+        .find(markers.0)
+        .with_context(|| format!("no {} marker", markers.0))?
+        + markers.0.len();
+    let e = text[b..]
+        .find(markers.1)
+        .with_context(|| format!("no {} marker after {}", markers.1, markers.0))?;
+    Ok(text[b..b + e].strip_prefix('\n').unwrap_or(&text[b..b + e]))
+}
+
+/// `text` with the text between `markers` replaced by `content`.
+///
+/// # Errors
+/// As [`block`].
+pub fn replace_block(text: &str, markers: (&str, &str), content: &str) -> Result<String> {
+    let old = block(text, markers)?;
+    let start = old.as_ptr() as usize - text.as_ptr() as usize;
+    Ok(format!(
+        "{}{content}{}",
+        &text[..start],
+        &text[start + old.len()..]
+    ))
 }

@@ -1,5 +1,5 @@
 //! `dorafuse profile` on a subset: the figures of a launch follow from its shape (grid fill)
-//! and its record (requests, sectors, unique bytes against the bench's formula).
+//! and its record (requests, sectors, unique bytes against each launch's formula).
 
 use dorafuse::layer::Shape;
 use dorafuse::profile::{gpu, run, Settings};
@@ -49,7 +49,7 @@ fn norm_and_compose_profiles_hold_their_shapes_and_figures() {
             assert!(e > 0.0 && e <= 1.0, "{kernel}: efficiency {e}");
         }
         // Unique bytes at least the bytes of the largest tensor read (W0 for the norm, the
-        // base output for compose, bf16), and a formula from the bench for both.
+        // base output for compose, bf16), and a formula for both (src/profile/formula.rs).
         let biggest = match kernel {
             "dora_norm_v2_bf16" => 2 * shape.d_in * shape.d_out,
             _ => 2 * shape.t * shape.d_out,
@@ -79,4 +79,52 @@ fn a_filter_matching_no_kernel_is_an_error_naming_it() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("no_such_kernel"), "{e}");
+}
+
+#[test]
+fn every_kernel_has_a_formula_and_moves_about_its_bytes() {
+    // Every block recorded (exact unique bytes), at a shape off every tile, every kernel of
+    // the list. Unique bytes (sectors read + sectors written) against each launch's bytes
+    // that must move: close to 1 for kernels that read each input once and write each
+    // output once; the sector rounding of arrays of a few hundred bytes and re-reads
+    // through L1/L2 (counted once here) keep the rest within a few percent.
+    let shape = Shape {
+        t: 21,
+        d_in: 101,
+        d_out: 81,
+        r: 16,
+    };
+    let p = run(
+        &Settings {
+            weight_shape: shape,
+            shape,
+            large_rank: 37,
+            max_blocks: 0,
+            ..Settings::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!p.kernels.is_empty());
+    for k in &p.kernels {
+        let ratio = k.unique_bytes_over_formula.unwrap_or_else(|| {
+            panic!("{}: no formula ({:?})", k.kernel, k.formula_error);
+        });
+        assert!(k.formula_bytes.is_some_and(|f| f > 0.0), "{}", k.kernel);
+        assert!((0.75..=1.25).contains(&ratio), "{}: {ratio}", k.kernel);
+    }
+    // The streaming kernels, which touch each byte of each array exactly once, within the
+    // sector rounding of the small arrays.
+    for name in [
+        "dora_norm_v2_bf16",
+        "dora_norm_v1_bf16_a32",
+        "dora_merged_weight_f32out_bf16",
+        "dora_compose_bf16",
+        "dora_scale_rows_f32",
+        "baseline_axpby_f16",
+    ] {
+        let k = p.kernels.iter().find(|k| k.kernel == name).unwrap();
+        let ratio = k.unique_bytes_over_formula.unwrap();
+        assert!((0.95..=1.1).contains(&ratio), "{name}: {ratio}");
+    }
 }

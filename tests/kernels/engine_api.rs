@@ -605,3 +605,43 @@ fn layers_and_adapters_are_send_and_sync() {
     send_sync::<DoraLinear<dorafuse::cuda::CudaBackend>>();
     send_sync::<DoraAdapter<dorafuse::cuda::CudaBackend>>();
 }
+
+#[test]
+fn compute_scale_launches_the_tuned_norm_split_over_d_in() {
+    use dorafuse::emu::RecordOptions;
+    use dorafuse::kernels::spec::{self, Tuning};
+    // A recording emulator lists the launches; d_in = 72 spans two 64-column chunks, so the
+    // tuned norm (v1 for bf16 with f32 adapters) splits it in two and sums the partials.
+    let emu = Arc::new(EmuBackend::new(3).recording(RecordOptions::default()));
+    let layer = layer(0, true);
+    let linear = DoraLinear::upload(emu.clone(), &layer).unwrap();
+    let mut adapter =
+        DoraAdapter::upload(&*emu, &adapter_module(&layer, "proj"), DType::F32).unwrap();
+    emu.take_records();
+    adapter.compute_scale(&linear).unwrap();
+    let launches: Vec<(String, [u32; 3])> = emu
+        .take_records()
+        .into_iter()
+        .map(|r| (r.kernel, r.grid))
+        .collect();
+    let (splits, _) = spec::norm_splits(1, D_OUT, D_IN, R, Tuning::Tuned);
+    assert_eq!(splits, 2);
+    assert_eq!(
+        launches,
+        vec![
+            (
+                "dora_norm_v1_bf16_a32".to_string(),
+                [D_OUT.div_ceil(16) as u32, splits as u32, 1]
+            ),
+            ("dora_norm_reduce_f32".to_string(), [1, 1, 1]),
+        ]
+    );
+    // n and g bit-identical to the library's norm (the same tuned launches), and the adapter
+    // keeps only n and g.
+    let (n, g) = dorafuse::kernels::norm(&*emu, &layer, None).unwrap();
+    let mem = adapter.scale_memory().unwrap();
+    assert_eq!(mem.len(), 2 * D_OUT);
+    let got = emu.download_slice(mem).unwrap();
+    assert_eq!(&got[..D_OUT], &n[..]);
+    assert_eq!(&got[D_OUT..], &g.unwrap()[..]);
+}
