@@ -10,7 +10,7 @@
 
 use super::engine::{EngineLayer, EnginePool};
 use super::to_candle;
-use crate::backend::Elem;
+use crate::backend::{Backend, Elem};
 use crate::cuda::CudaBackend;
 use crate::kernels::{DevView, DevViewMut, MatShape};
 use anyhow::{bail, Context, Result};
