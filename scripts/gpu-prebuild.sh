@@ -13,6 +13,8 @@
 #     GPU"]` tests, named `cuda`), with the kernels
 #     compiled by nvcc for sm_80/86/89/90 (override with DORAFUSE_CUDA_ARCHS, e.g. 90 alone
 #     for a smaller bundle); refuses to continue if build.rs did not compile the kernels;
+#     with GPU_PREBUILD_CANDLE=1 also the candle test binary with CUDA tensors (feature
+#     candle-cuda: needs the CUDA libraries to link, see below);
 #  3. copies the binaries (debug info stripped: the kernels keep their -lineinfo for
 #     compute-sanitizer, which lives in the fatbin) into .gpu-bundle/bin, packs them as
 #     .gpu-bundle/bin.tar.gz, and writes .gpu-bundle/manifest.txt (commit, nvcc, archs,
@@ -44,6 +46,16 @@ cargo build --release --bin dorafuse --message-format=json-render-diagnostics >"
 # The engine integration example (docs/engine.md): gpu-check.sh runs it on the GPU.
 cargo build --release --example engine --message-format=json-render-diagnostics >>"$json"
 cargo test --release --no-run "${tests[@]}" --message-format=json-render-diagnostics >>"$json"
+# The candle layers on CUDA tensors (feature candle-cuda; gpu-check.sh step 2c), only with
+# GPU_PREBUILD_CANDLE=1: candle-core/cuda compiles candle's kernels with nvcc (for
+# CUDA_COMPUTE_CAP, default 90) and links the CUDA libraries at build time (libcuda, cublas,
+# cublasLt, curand, nvrtc, cudart: a CUDA toolkit with lib64/stubs on the library path), which
+# the pinned pip nvcc alone does not provide.
+if [ -n "${GPU_PREBUILD_CANDLE:-}" ]; then
+  PATH=$(dirname "$nvcc"):$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
+    cargo test --release --no-run --features candle-cuda --test candle \
+    --message-format=json-render-diagnostics >>"$json"
+fi
 
 rm -rf "$bundle"
 mkdir -p "$bundle/bin"

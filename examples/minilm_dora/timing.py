@@ -46,7 +46,7 @@ def rows():
 
 
 def candle(model_dir, repeat, merged):
-    exe = ROOT / "target/release/examples/minilm_dora"
+    exe = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release/examples/minilm_dora"
     if not exe.exists():
         sys.exit(f"{exe} not found: cargo build --release --features candle --example minilm_dora")
     cmd = [str(exe), "--model", str(model_dir), "--sentences", str(FIX / "sentences.tsv"),

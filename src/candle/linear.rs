@@ -1,7 +1,8 @@
 //! [`DoraLinear`]: one DoRA (or plain LoRA) adapter on one linear layer, as a candle
 //! `Module`, with a `CustomOp3` for training through candle's autograd.
 
-use super::{emulator, flatten_tokens, from_host, to_candle, to_host, CpuRoute};
+use super::engine::EngineLayer;
+use super::{emulator, flatten_tokens, from_host, to_candle, to_host, CpuRoute, Lazy};
 use crate::adapter::AdapterModule;
 use crate::layer::{GradMode, Layer};
 use crate::tensor::{Tensor as HostTensor, TensorData};
@@ -34,6 +35,11 @@ pub struct DoraLinear {
     name: String,
     d_in: usize,
     d_out: usize,
+    /// The kernels on the emulator (route [`CpuRoute::EmulatedKernels`]), built at first use.
+    emu: Lazy<EngineLayer<crate::emu::EmuBackend>>,
+    /// The kernels on candle's CUDA stream, for a layer built from CUDA tensors.
+    #[cfg(feature = "candle-cuda")]
+    cuda: Option<Arc<EngineLayer<crate::cuda::CudaBackend>>>,
 }
 
 impl DoraLinear {
@@ -65,6 +71,14 @@ impl DoraLinear {
         };
         let (d_in, d_out, _) = layer.dims()?;
         let scale = crate::cpu::magnitude_scale(&layer)?;
+        #[cfg(feature = "candle-cuda")]
+        let cuda = match weight.device() {
+            Device::Cuda(d) => Some(Arc::new(EngineLayer::upload(
+                super::cuda::backend(d)?,
+                &layer,
+            )?)),
+            _ => None,
+        };
         Ok(Self {
             layer: Arc::new(layer),
             lora_a,
@@ -76,6 +90,9 @@ impl DoraLinear {
             name: "linear".to_string(),
             d_in,
             d_out,
+            emu: Lazy::default(),
+            #[cfg(feature = "candle-cuda")]
+            cuda,
         })
     }
 
@@ -161,10 +178,26 @@ impl DoraLinear {
                 crate::cpu::forward_with_scale(&self.layer, &xh, self.scale.as_deref())?
             }
             CpuRoute::EmulatedKernels => {
-                crate::kernels::run(&emulator()?, &self.layer, &xh, None, GradMode::Detached)?.y
+                let e = self
+                    .emu
+                    .get_or_try(|| EngineLayer::upload(Arc::new(emulator()?), &self.layer))?;
+                super::on_host_by_dtype!(e.backend(), e.dtype(), &xh, self.d_out, |x, y| e
+                    .forward(x, y))?
             }
         };
         Ok(from_host(&y, x.device())?)
+    }
+
+    /// Inference on a CUDA tensor `[T, d_in]`: the kernels on candle's stream.
+    #[cfg(feature = "candle-cuda")]
+    fn forward_cuda(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.cuda {
+            Some(e) => super::cuda::forward_linear(e, x, (self.d_in, self.d_out), &self.name),
+            None => Err(candle_core::Error::Msg(format!(
+                "layer {}: x is a CUDA tensor but the layer was built from CPU tensors",
+                self.name
+            ))),
+        }
     }
 
     fn tracked(&self, x: &Tensor) -> bool {
@@ -179,6 +212,14 @@ impl Module for DoraLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (x, lead) = flatten_tokens(xs, self.d_in, &self.name)?;
         let y = if self.tracked(xs) {
+            if !x.device().is_cpu() {
+                return Err(candle_core::Error::Msg(format!(
+                    "layer {}: training on {:?} tensors is not supported (CPU tensors only); \
+                     detach the inputs for inference",
+                    self.name,
+                    x.device()
+                )));
+            }
             // [B | m]: one argument, so candle's cat splits the gradient back into B's and m's.
             let bm = match &self.magnitude {
                 Some(m) => Tensor::cat(&[&self.lora_b, &m.unsqueeze(1)?], 1)?,
@@ -195,9 +236,12 @@ impl Module for DoraLinear {
                     .forward_host(&x)
                     .with_context(|| format!("layer {}", self.name))
                     .map_err(to_candle)?,
+                #[cfg(feature = "candle-cuda")]
+                Device::Cuda(_) => self.forward_cuda(&x)?,
                 d => {
                     return Err(candle_core::Error::Msg(format!(
-                        "layer {}: {d:?} tensors are not supported yet (CPU tensors only)",
+                        "layer {}: {d:?} tensors are not supported by this build (CPU tensors; \
+                         CUDA tensors with the feature candle-cuda)",
                         self.name
                     )))
                 }

@@ -15,18 +15,27 @@
 //!   once when the layer is built ([`CpuRoute::CpuPath`]), or the CUDA kernels on the
 //!   emulator ([`CpuRoute::EmulatedKernels`], [`crate::emu`]), so the kernel path is exercised
 //!   through candle on machines without a GPU;
-//! - CUDA tensors are refused with a one-line error naming the layer until the kernels run on
-//!   candle's stream (see docs/design.md "candle").
+//! - CUDA tensors (feature `candle-cuda`) run the kernels on candle's own stream, reading
+//!   candle's input buffer and writing the output tensor's buffer, with W0, bias, the
+//!   adapters and g uploaded and computed once on the device when the layer is built; no
+//!   copy of the activations and no host synchronisation. The emulated route and the CUDA
+//!   route are the same generic launch code (the engine API, docs/engine.md, over
+//!   dorafuse's `Backend`), with different backends and buffers. Without the feature, CUDA
+//!   tensors are refused in one line naming the layer.
 //!
 //! Training: when x, A, B or m is tracked by candle's autograd (a `Var`, or computed from
 //! one), [`DoraLinear`] runs as a `CustomOp3` over `(x, A, [B | m])` whose backward is
 //! dorafuse's ([`crate::cpu::run`], or [`crate::kernels::run`] on the emulator): gradients for
 //! x, A, B and m, the norm detached as PEFT does ([`GradMode::Detached`]) or exact
-//! ([`DoraLinear::with_grad_mode`]). W0 and the bias are frozen.
+//! ([`DoraLinear::with_grad_mode`]). W0 and the bias are frozen. Training on CUDA tensors is
+//! refused in one line (inference only there).
 //!
 //! Errors from dorafuse reach candle as `candle_core::Error::Msg` with the whole context on
 //! one line (`layer …: x is [..], expected …`).
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
+mod engine;
 mod linear;
 mod load;
 mod multi;
@@ -130,3 +139,51 @@ pub(crate) fn flatten_tokens(
 pub(crate) fn emulator() -> Result<crate::emu::EmuBackend> {
     crate::emu::EmuBackend::from_env()
 }
+
+/// A value built at its first use and kept (a layer's device state for the emulated route,
+/// built only when that route is taken). Clones share it.
+#[derive(Debug)]
+pub(crate) struct Lazy<T>(std::sync::Arc<std::sync::OnceLock<T>>);
+
+impl<T> Clone for Lazy<T> {
+    fn clone(&self) -> Self {
+        Lazy(self.0.clone())
+    }
+}
+
+impl<T> Default for Lazy<T> {
+    fn default() -> Self {
+        Lazy(Default::default())
+    }
+}
+
+impl<T> Lazy<T> {
+    /// The value, built by `init` at the first call (a failed build is retried next time).
+    pub(crate) fn get_or_try(&self, init: impl FnOnce() -> Result<T>) -> Result<&T> {
+        if let Some(v) = self.0.get() {
+            return Ok(v);
+        }
+        let v = init()?;
+        // A racing call may have set it first; either value is the same layer's.
+        let _ = self.0.set(v);
+        Ok(self.0.get().expect("set just above"))
+    }
+}
+
+/// Runs an `EngineLayer`/`EnginePool` forward on a host tensor, typed by the layer dtype.
+macro_rules! on_host_by_dtype {
+    ($b:expr, $dtype:expr, $x:expr, $d_out:expr, |$xv:ident, $yv:ident| $body:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F32 => {
+                super::engine::on_host::<_, f32>($b, $x, $d_out, |$xv, $yv| $body)
+            }
+            $crate::dtype::DType::F16 => {
+                super::engine::on_host::<_, half::f16>($b, $x, $d_out, |$xv, $yv| $body)
+            }
+            $crate::dtype::DType::BF16 => {
+                super::engine::on_host::<_, half::bf16>($b, $x, $d_out, |$xv, $yv| $body)
+            }
+        }
+    };
+}
+pub(crate) use on_host_by_dtype;

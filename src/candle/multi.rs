@@ -1,10 +1,12 @@
 //! [`MultiDoraLinear`]: one base linear layer with several adapters, each token on its own
 //! adapter or none (docs/design.md §2b), as a candle `Module` once given the batch's indices.
 
-use super::{emulator, flatten_tokens, from_host, to_candle, to_host, CpuRoute};
+use super::engine::EnginePool;
+use super::{emulator, flatten_tokens, from_host, to_candle, to_host, CpuRoute, Lazy};
 use crate::case_multi::{AdapterWeights, MultiLayer};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType as CDType, Device, Module, Tensor};
+use std::sync::Arc;
 
 /// A linear layer serving several adapters at once:
 /// `y_t = g_k ⊙ (x_t·W0ᵀ + s_k·(x_t·A_kᵀ)·B_kᵀ) + b` for the adapter k of token t, and
@@ -32,6 +34,12 @@ pub struct MultiDoraLinear {
     name: String,
     d_in: usize,
     d_out: usize,
+    /// The adapter pool on the emulator (route [`CpuRoute::EmulatedKernels`]), built at
+    /// first use.
+    emu: Lazy<EnginePool<crate::emu::EmuBackend>>,
+    /// The adapter pool on candle's CUDA stream, for a layer built from CUDA tensors.
+    #[cfg(feature = "candle-cuda")]
+    cuda: Option<Arc<EnginePool<crate::cuda::CudaBackend>>>,
 }
 
 impl MultiDoraLinear {
@@ -68,6 +76,16 @@ impl MultiDoraLinear {
             };
             let (d_in, d_out) = layer.dims()?;
             let scales = crate::cpu::multi::magnitude_scales(&layer)?;
+            #[cfg(feature = "candle-cuda")]
+            let cuda = match weight.device() {
+                Device::Cuda(d) => Some(Arc::new(EnginePool::upload(
+                    super::cuda::backend(d)?,
+                    &layer,
+                    local.len(),
+                    &slot_of(&local),
+                )?)),
+                _ => None,
+            };
             Ok(Self {
                 weight_t: weight.to_dtype(CDType::F32)?.t()?,
                 layer,
@@ -77,6 +95,9 @@ impl MultiDoraLinear {
                 name: name.to_string(),
                 d_in,
                 d_out,
+                emu: Lazy::default(),
+                #[cfg(feature = "candle-cuda")]
+                cuda,
             })
         };
         build().with_context(|| format!("layer {name}"))
@@ -115,9 +136,12 @@ impl MultiDoraLinear {
                 .forward_host(&x, adapter_index)
                 .with_context(|| format!("layer {}", self.name))
                 .map_err(to_candle)?,
+            #[cfg(feature = "candle-cuda")]
+            Device::Cuda(_) => self.forward_cuda(&x, adapter_index)?,
             d => {
                 return Err(candle_core::Error::Msg(format!(
-                    "layer {}: {d:?} tensors are not supported yet (CPU tensors only)",
+                    "layer {}: {d:?} tensors are not supported by this build (CPU tensors; \
+                     CUDA tensors with the feature candle-cuda)",
                     self.name
                 )))
             }
@@ -167,16 +191,57 @@ impl MultiDoraLinear {
                 let base: Vec<f32> = base.flatten_all()?.to_vec1()?;
                 crate::cpu::multi::forward_on_base(&self.layer, &xh, &local, &base, &self.scales)?
             }
-            CpuRoute::EmulatedKernels => crate::kernels::multi::run_multi(
-                &emulator()?,
-                &self.layer,
-                &xh,
-                &local,
-                crate::kernels::multi::MultiBase::Compute,
-            )?,
+            CpuRoute::EmulatedKernels => {
+                let p = self.emu.get_or_try(|| {
+                    EnginePool::upload(
+                        Arc::new(emulator()?),
+                        &self.layer,
+                        self.local.len(),
+                        &slot_of(&self.local),
+                    )
+                })?;
+                super::on_host_by_dtype!(p.backend(), p.dtype(), &xh, self.d_out, |x, y| p
+                    .forward(x, index, y))?
+            }
         };
         Ok(from_host(&y, x.device())?)
     }
+
+    /// The forward of a CUDA tensor `[T, d_in]`: the adapter pool on candle's stream.
+    #[cfg(feature = "candle-cuda")]
+    fn forward_cuda(&self, x: &Tensor, index: &[i32]) -> candle_core::Result<Tensor> {
+        let check = || -> Result<()> {
+            let t = x.dims()[0];
+            ensure!(
+                index.len() == t,
+                "adapter_index has {} entries, expected one per token ({t})",
+                index.len()
+            );
+            self.local_index(index)?;
+            Ok(())
+        };
+        check()
+            .with_context(|| format!("layer {}", self.name))
+            .map_err(to_candle)?;
+        match &self.cuda {
+            Some(p) => super::cuda::forward_pool(p, x, index, (self.d_in, self.d_out), &self.name),
+            None => Err(candle_core::Error::Msg(format!(
+                "layer {}: x is a CUDA tensor but the layer was built from CPU tensors",
+                self.name
+            ))),
+        }
+    }
+}
+
+/// The model slot of each present adapter: `local[k] = j` puts adapter j in slot k.
+fn slot_of(local: &[i32]) -> Vec<usize> {
+    let mut v = vec![0; local.iter().filter(|&&j| j >= 0).count()];
+    for (k, &j) in local.iter().enumerate() {
+        if j >= 0 {
+            v[j as usize] = k;
+        }
+    }
+    v
 }
 
 /// A [`MultiDoraLinear`] bound to one batch's adapter indices: a `candle_core::Module`.

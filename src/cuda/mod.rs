@@ -75,6 +75,21 @@ pub fn device_available() -> bool {
     device_count().map(|n| n > 0).unwrap_or(false)
 }
 
+/// Whether the driver library can be loaded (cudarc's dynamic loading probes it).
+#[cfg(not(feature = "candle-cuda"))]
+fn culib_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the driver library and closes it again; it
+    // calls no driver function.
+    unsafe { sys::is_culib_present() }
+}
+
+/// With `candle-cuda`, candle links the CUDA libraries (cudarc's `dynamic-linking`): a
+/// running program has them.
+#[cfg(feature = "candle-cuda")]
+fn culib_present() -> bool {
+    true
+}
+
 /// The number of CUDA devices.
 ///
 /// # Errors
@@ -82,9 +97,7 @@ pub fn device_available() -> bool {
 /// `cuInit` fails (for instance a driver older than the CUDA 13 API this crate uses).
 pub fn device_count() -> Result<usize> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: is_culib_present only tries to dlopen the driver library and closes it again; it
-    // calls no driver function.
-    let present = *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() });
+    let present = *PRESENT.get_or_init(culib_present);
     if !present {
         return Err(Error::new(
             ErrorKind::NoDriver,
@@ -337,7 +350,8 @@ fn blas_for_stream(stream: &Arc<CudaStream>) -> Result<SharedBlas> {
     {
         return Ok(h);
     }
-    // SAFETY: only tries to dlopen libcublas; calls nothing in it.
+    // SAFETY: only tries to dlopen libcublas; calls nothing in it. Linked with candle-cuda.
+    #[cfg(not(feature = "candle-cuda"))]
     if !unsafe { cublas::sys::is_culib_present() } {
         bail!(
             "cuBLAS not found (libcublas.so.13): add the CUDA toolkit's lib64, or \

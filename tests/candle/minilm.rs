@@ -39,7 +39,7 @@ fn expected(name: &str) -> Tensor {
 }
 
 /// Runs the example on the fixture and returns max |ours − PEFT's|.
-fn max_abs_vs_peft(device: &str) -> f32 {
+pub fn max_abs_vs_peft(device: &str) -> f32 {
     let model = require_minilm();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emb.safetensors");
