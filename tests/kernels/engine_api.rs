@@ -624,7 +624,7 @@ fn compute_scale_launches_the_tuned_norm_split_over_d_in() {
         .into_iter()
         .map(|r| (r.kernel, r.grid))
         .collect();
-    let (splits, _) = spec::norm_splits(1, D_OUT, D_IN, R, Tuning::Tuned);
+    let (splits, _) = spec::norm_splits(1, DType::F32, D_OUT, D_IN, R, Tuning::Tuned);
     assert_eq!(splits, 2);
     assert_eq!(
         launches,
