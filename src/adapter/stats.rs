@@ -53,8 +53,9 @@ pub fn sba_fro(m: &AdapterModule) -> f64 {
     let (d_in, d_out, r) = m.dims();
     let a = m.lora_a.to_f64();
     let b = m.lora_b.to_f64();
-    use crate::cpu::gemm::{gemm, View, ViewMut};
-    // A·Aᵀ [r, r] and Bᵀ·B [r, r], f64 products.
+    use crate::cpu::gemm::{gemm_on_this_thread as gemm, View, ViewMut};
+    // A·Aᵀ [r, r] and Bᵀ·B [r, r], f64 products on this thread (waking a pool's threads for
+    // so few FLOPs costs more than the products, a wait for a core on a loaded machine).
     let mut aat = vec![0f64; r * r];
     let mut btb = vec![0f64; r * r];
     gemm(

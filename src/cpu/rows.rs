@@ -529,10 +529,10 @@ impl RowLayer<'_> {
     pub fn figure2(&self) -> (f64, f64, f64) {
         let (d_in, d_out, r) = self.dims();
         let (a, b, m, s) = (&self.a, &self.b, &self.m, self.s as f64);
-        // The Gram matrix A·Aᵀ `[r, r]` in f64.
+        // The Gram matrix A·Aᵀ `[r, r]` in f64, on this thread (too small to wake a pool).
         let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
         let mut gram = vec![0.0f64; r * r];
-        gemm(
+        gemm_on_this_thread(
             1.0,
             View::new(&a64, r, d_in),
             View::new(&a64, r, d_in).t(),
