@@ -53,18 +53,25 @@ pub fn sba_fro(m: &AdapterModule) -> f64 {
     let (d_in, d_out, r) = m.dims();
     let a = m.lora_a.to_f64();
     let b = m.lora_b.to_f64();
+    use crate::cpu::gemm::{gemm_on_this_thread as gemm, View, ViewMut};
+    // A·Aᵀ [r, r] and Bᵀ·B [r, r], f64 products on this thread (waking a pool's threads for
+    // so few FLOPs costs more than the products, a wait for a core on a loaded machine).
     let mut aat = vec![0f64; r * r];
     let mut btb = vec![0f64; r * r];
-    for p in 0..r {
-        for q in p..r {
-            let s: f64 = (0..d_in).map(|i| a[p * d_in + i] * a[q * d_in + i]).sum();
-            aat[p * r + q] = s;
-            aat[q * r + p] = s;
-            let t: f64 = (0..d_out).map(|j| b[j * r + p] * b[j * r + q]).sum();
-            btb[p * r + q] = t;
-            btb[q * r + p] = t;
-        }
-    }
+    gemm(
+        1.0,
+        View::new(&a, r, d_in),
+        View::new(&a, r, d_in).t(),
+        0.0,
+        ViewMut::new(&mut aat, r, r),
+    );
+    gemm(
+        1.0,
+        View::new(&b, d_out, r).t(),
+        View::new(&b, d_out, r),
+        0.0,
+        ViewMut::new(&mut btb, r, r),
+    );
     // tr(XY) = Σ_pq X_pq·Y_qp, and both are symmetric.
     let tr: f64 = aat.iter().zip(&btb).map(|(x, y)| x * y).sum();
     m.scaling.abs() * tr.max(0.0).sqrt()

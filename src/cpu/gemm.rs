@@ -281,6 +281,62 @@ pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: Vie
     }
 }
 
+/// C ← α·A·B + β·C as [`gemm`], always by the `gemm` crate on the calling thread, whatever
+/// the sizes: for products inside a pass that already runs one thread per core (neither
+/// crate's own threads are woken, so the pass's threads never queue on a pool).
+///
+/// # Panics
+/// When the shapes disagree.
+pub fn gemm_on_this_thread<T: Scalar>(
+    alpha: T,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    beta: T,
+    c: ViewMut<'_, T>,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && c.rows == m && c.cols == n,
+        "gemm shapes: A {}x{} · B {}x{} -> C {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let ok = |s: usize| isize::try_from(s).expect("stride fits isize");
+    // SAFETY: as in [`gemm`]: every element of A, B and C lies inside its bounds-checked
+    // slice, C is borrowed mutably (disjoint from A and B) with unit column stride and row
+    // stride ≥ n (no two elements alias); dst ← β·dst + α·lhs·rhs, dst read only when β ≠ 0.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr(),
+            1,
+            ok(c.rs),
+            beta != T::ZERO,
+            a.data.as_ptr(),
+            ok(a.cs),
+            ok(a.rs),
+            b.data.as_ptr(),
+            ok(b.cs),
+            ok(b.rs),
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -349,16 +349,25 @@ pub fn forward_with_scale(layer: &Layer, x: &Tensor, scale: Option<&[f32]>) -> R
         ViewMut::new(&mut z, shape.t, shape.d_out),
     );
     add_adapter(&p, shape, xv, &mut z);
-    let y = compose(&p, shape, &z, scale);
-    Ok(into_tensor(x.dtype(), vec![shape.t, shape.d_out], y))
+    compose_in_place(&p, shape, &mut z, scale);
+    Ok(into_tensor(x.dtype(), vec![shape.t, shape.d_out], z))
 }
 
 /// z += s·(x·Aᵀ)·Bᵀ; returns U = x·Aᵀ `[T, r]`.
+///
+/// Decode-sized calls (T ≤ [`gemm::SMALL_M`]) run both products on the calling thread: they
+/// are `2·T·r·(d_in + d_out)` FLOPs, far less than waking a pool's threads costs (a wait
+/// for a core on a loaded machine).
 fn add_adapter(p: &Params<'_>, shape: Shape, xv: View<'_, f32>, z: &mut [f32]) -> Vec<f32> {
     let (t, r, d_out) = (shape.t, shape.r, shape.d_out);
+    let product = if t <= gemm::SMALL_M {
+        gemm::gemm_on_this_thread
+    } else {
+        gemm
+    };
     let mut u = vec![0.0f32; t * r];
-    gemm(1.0, xv, p.a().t(), 0.0, ViewMut::new(&mut u, t, r));
-    gemm(
+    product(1.0, xv, p.a().t(), 0.0, ViewMut::new(&mut u, t, r));
+    product(
         p.s,
         View::new(&u, t, r),
         p.b().t(),
@@ -366,6 +375,21 @@ fn add_adapter(p: &Params<'_>, shape: Shape, xv: View<'_, f32>, z: &mut [f32]) -
         ViewMut::new(&mut z[..t * d_out], t, d_out),
     );
     u
+}
+
+/// y = g ⊙ z + b (g = 1 when `None`), in place.
+fn compose_in_place(p: &Params<'_>, shape: Shape, y: &mut [f32], g: Option<&[f32]>) {
+    for row in y[..shape.t * shape.d_out].chunks_exact_mut(shape.d_out) {
+        match (g, &p.bias) {
+            (Some(g), Some(b)) => row
+                .iter_mut()
+                .zip(g.iter().zip(b.iter()))
+                .for_each(|(v, (g, b))| *v = *v * g + b),
+            (Some(g), None) => row.iter_mut().zip(g).for_each(|(v, g)| *v *= g),
+            (None, Some(b)) => row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v += b),
+            (None, None) => {}
+        }
+    }
 }
 
 /// y = g ⊙ z + b (g = 1 when `None`), as f32.

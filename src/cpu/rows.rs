@@ -19,7 +19,7 @@
 //! These passes take row-major `[d_out, d_in]` weights (`fan_in_fan_out == false`); the
 //! callers use [`super::merged_weight`] and the f64 loops for `[d_in, d_out]` weights.
 
-use super::gemm::{gemm, View, ViewMut};
+use super::gemm::{gemm, gemm_on_this_thread, View, ViewMut};
 use super::{sumsq, threads, widen, EPS, PAR_MIN_ELEMS};
 use crate::dtype::DType;
 use crate::layer::{Layer, NORM_EPS};
@@ -515,10 +515,12 @@ impl RowLayer<'_> {
     /// `m_j = ‖V_j‖` and `W' = V`. A row where W0_j or W'_j is zero has no direction and
     /// counts as cos = 1. Returned as f64.
     ///
-    /// One pass over W0 on both cores in f32 arithmetic, V never formed: each block of the
-    /// update `Δ = s·B·A` comes from an f32 GEMM, and each row gives `a = ‖W0_j‖²`,
-    /// `b = W0_j·Δ_j` and `c = ‖Δ_j‖²` ([`row_sums`], in f64: exact products of f32
-    /// values). Then `‖V_j‖² = a + 2b + c` and, where cos > 0,
+    /// One pass over W0 on both cores, neither V nor `s·B·A` formed: each row gives
+    /// `a = ‖W0_j‖²` (an f64 sum of exact f32 squares), `b = W0_j·(s·B_j·A) = s·B_j·P_jᵀ`
+    /// with `P = W0·Aᵀ` (`[rows, r]` per block of rows, an f32 GEMM with the long `d_in`
+    /// as its inner dimension, on the thread that widened the block) and
+    /// `c = ‖s·B_j·A‖² = s²·B_j·(A·Aᵀ)·B_jᵀ` (the `r × r` Gram matrix of A in f64, once).
+    /// Then `‖V_j‖² = a + 2b + c` and, where cos > 0,
     /// `1 − cos = (a·c − b²) / (‖W0_j‖·‖V_j‖·(‖W0_j‖·‖V_j‖ + a + b))` (Lagrange's identity),
     /// which keeps its digits when W' is close to W0's direction, where `1 − cos` computed as
     /// such would cancel. Agrees with the f64 row loop
@@ -526,29 +528,49 @@ impl RowLayer<'_> {
     /// (tested).
     pub fn figure2(&self) -> (f64, f64, f64) {
         let (d_in, d_out, r) = self.dims();
-        let (a, b, m, s) = (&self.a, &self.b, &self.m, self.s);
+        let (a, b, m, s) = (&self.a, &self.b, &self.m, self.s as f64);
+        // The Gram matrix A·Aᵀ `[r, r]` in f64, on this thread (too small to wake a pool).
+        let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let mut gram = vec![0.0f64; r * r];
+        gemm_on_this_thread(
+            1.0,
+            View::new(&a64, r, d_in),
+            View::new(&a64, r, d_in).t(),
+            0.0,
+            ViewMut::new(&mut gram, r, r),
+        );
         let ranges = row_ranges(d_out, d_in);
         let br = block_rows(d_in);
-        // Per thread: (ΔM sum, ΔD sum, ‖W0‖² sum, a scratch block for Δ).
+        // Per thread: (ΔM sum, ΔD sum, ‖W0‖² sum, P of a block `[rows, r]`).
         let states: Vec<(f64, f64, f64, Vec<f32>)> = ranges
             .iter()
-            .map(|rg| (0.0, 0.0, 0.0, vec![0.0; br.min(rg.len()) * d_in]))
+            .map(|rg| (0.0, 0.0, 0.0, vec![0.0; br.min(rg.len()) * r]))
             .collect();
         let sums = for_row_blocks(
             &self.w,
             d_in,
             &ranges,
             states,
-            |(dm, dd, w0sq, dbuf), rows, w0: &mut [f32]| {
-                let delta = &mut dbuf[..w0.len()];
-                rank_update(s, &b[rows.start * r..rows.end * r], a, r, 0.0, delta);
-                for (jj, (w0r, dr)) in w0
-                    .chunks_exact(d_in)
-                    .zip(delta.chunks_exact(d_in))
-                    .enumerate()
-                {
+            |(dm, dd, w0sq, pbuf), rows, w0: &mut [f32]| {
+                let n = rows.len();
+                let p = &mut pbuf[..n * r];
+                gemm_on_this_thread(
+                    1.0,
+                    View::new(w0, n, d_in),
+                    View::new(a, r, d_in).t(),
+                    0.0,
+                    ViewMut::new(p, n, r),
+                );
+                for (jj, (w0r, pr)) in w0.chunks_exact(d_in).zip(p.chunks_exact(r)).enumerate() {
                     let j = rows.start + jj;
-                    let (aa, bb, cc) = row_sums(w0r, dr);
+                    let bj = &b[j * r..(j + 1) * r];
+                    let aa = sumsq_f64(w0r);
+                    let bb = s * bj
+                        .iter()
+                        .zip(pr)
+                        .map(|(&x, &y)| x as f64 * y as f64)
+                        .sum::<f64>();
+                    let cc = s * s * quad_form(&gram, bj);
                     let (row_dm, row_dd) = figure2_row(aa, bb, cc, m.as_ref().map(|m| m[j] as f64));
                     *w0sq += aa;
                     *dm += row_dm;
@@ -563,6 +585,18 @@ impl RowLayer<'_> {
         });
         (dm / d_out as f64, dd / d_out as f64, w0sq.sqrt())
     }
+}
+
+/// `x·G·xᵀ` for a row `x [r]` (f32, widened) and a symmetric `G [r, r]` (f64).
+fn quad_form(g: &[f64], x: &[f32]) -> f64 {
+    let r = x.len();
+    (0..r)
+        .map(|k| {
+            let gk = &g[k * r..(k + 1) * r];
+            let row: f64 = gk.iter().zip(x).map(|(&gv, &xv)| gv * xv as f64).sum();
+            x[k] as f64 * row
+        })
+        .sum()
 }
 
 /// One row's `(|m_j − ‖W0_j‖|, 1 − cos(W0_j, W'_j))` from `a = ‖W0_j‖²`, `b = W0_j·Δ_j`,
@@ -591,29 +625,23 @@ fn figure2_row(a: f64, b: f64, c: f64, m: Option<f64>) -> (f64, f64) {
     ((mj - w0n).abs(), one_minus_cos)
 }
 
-/// `(‖w‖², w·d, ‖d‖²)` of two rows in one pass, in 4 f64 lanes (vectorisable): a product of
-/// two f32 values is exact in f64, so ‖w‖² is W0's own, and the error of the others is Δ's
-/// f32 rounding.
-fn row_sums(w: &[f32], d: &[f32]) -> (f64, f64, f64) {
+/// `‖w‖²` of a row in 4 f64 lanes (vectorisable): a square of an f32 value is exact in f64,
+/// so this is W0's own row norm to f64 rounding.
+fn sumsq_f64(w: &[f32]) -> f64 {
     const L: usize = 4;
-    let (mut ww, mut wd, mut dd) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
-    let (wc, dc) = (w.chunks_exact(L), d.chunks_exact(L));
-    let (wt, dt) = (wc.remainder(), dc.remainder());
-    for (x, y) in wc.zip(dc) {
+    let mut acc = [0.0f64; L];
+    let wc = w.chunks_exact(L);
+    let wt = wc.remainder();
+    for x in wc {
         for l in 0..L {
-            let (x, y) = (x[l] as f64, y[l] as f64);
-            ww[l] += x * x;
-            wd[l] += x * y;
-            dd[l] += y * y;
+            let x = x[l] as f64;
+            acc[l] += x * x;
         }
     }
-    for (l, (&x, &y)) in wt.iter().zip(dt).enumerate() {
-        let (x, y) = (x as f64, y as f64);
-        ww[l] += x * x;
-        wd[l] += x * y;
-        dd[l] += y * y;
+    for (l, &x) in wt.iter().enumerate() {
+        acc[l] += x as f64 * x as f64;
     }
-    (ww.iter().sum(), wd.iter().sum(), dd.iter().sum())
+    acc.iter().sum()
 }
 
 #[cfg(test)]

@@ -223,8 +223,8 @@ fn inspect_figure2_matches_peft_float64() {
             assert_eq!(row["rank"], w["rank"], "{name}: {module}: rank");
             close("alpha", "alpha", 1e-15);
             close("scaling", "scaling", 1e-15);
-            // PEFT's side is float64 throughout; inspect forms s·B·A by an f32 GEMM of the
-            // f32 factors and sums in f64 (src/adapter/stats.rs): agreement to a few f32
+            // PEFT's side is float64 throughout; inspect's Figure-2 pass multiplies W0 by
+            // Aᵀ in an f32 GEMM and sums in f64 (src/cpu/rows.rs): agreement to a few f32
             // roundings, ~1e-7 relative.
             for (o, t) in [
                 ("delta_m", "delta_M"),
