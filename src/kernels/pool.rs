@@ -36,8 +36,10 @@
 
 use super::engine::{BaseResult, DoraAdapter, DoraLinear};
 use super::multi::{self, MultiBatch, SlotAdapter, SlotContent, SlotTables, StagedTable};
-use super::view::{check_disjoint, check_memory, Checked, DevView, DevViewMut, MatShape};
-use crate::backend::{Backend, DevPtr, DeviceBuffer, DeviceId, Elem, MemoryInfo};
+use super::view::{
+    check_disjoint, check_memory, check_region, Checked, DevView, DevViewMut, MatShape, Region,
+};
+use crate::backend::{Backend, DevPtr, DeviceBuffer, DeviceId, Elem};
 use crate::dtype::DType;
 use crate::error::ensure_input;
 use anyhow::{Context, Result};
@@ -48,7 +50,9 @@ use std::sync::Arc;
 /// Read by the kernels only; never by the host.
 #[derive(Clone, Copy, Debug)]
 pub struct SlotIndex<'a> {
-    mem: MemoryInfo,
+    ptr: DevPtr,
+    len: usize,
+    device: DeviceId,
     _borrow: PhantomData<&'a ()>,
 }
 
@@ -73,25 +77,21 @@ impl<'a> SlotIndex<'a> {
     /// `ptr` must address `len` i32 of device memory of `device`, valid while the view lives.
     pub unsafe fn from_raw(ptr: DevPtr, len: usize, device: DeviceId) -> Self {
         SlotIndex {
-            mem: MemoryInfo {
-                ptr,
-                len,
-                // Checked as 4-byte elements: the alignment and span checks are the same.
-                dtype: DType::F32,
-                device,
-            },
+            ptr,
+            len,
+            device,
             _borrow: PhantomData,
         }
     }
 
     /// Entries.
     pub fn len(&self) -> usize {
-        self.mem.len
+        self.len
     }
 
     /// True when the index has no entries.
     pub fn is_empty(&self) -> bool {
-        self.mem.len == 0
+        self.len == 0
     }
 }
 
@@ -404,7 +404,21 @@ impl<B: Backend> AdapterPool<B> {
         ensure_input!(t >= 1, "x: at least one token is needed");
         let xc = x.check("x", dev, t, d_in)?;
         let yc = y.check("y", dev, t, d_out)?;
-        let ic = check_memory("adapter_index", &index.mem, MatShape::new(1, t), dev, 1, t)?;
+        let index_region = Region {
+            ptr: index.ptr,
+            len: index.len,
+            device: index.device,
+            elem_bytes: 4,
+            elem: "i32",
+        };
+        let ic = check_region(
+            "adapter_index",
+            &index_region,
+            MatShape::new(1, t),
+            dev,
+            1,
+            t,
+        )?;
         let need = self.workspace_len(t);
         let wc = check_memory(
             "workspace",

@@ -100,6 +100,36 @@ pub(crate) fn check_memory(
     rows: usize,
     cols: usize,
 ) -> Result<Checked> {
+    let region = Region {
+        ptr: mem.ptr,
+        len: mem.len,
+        device: mem.device,
+        elem_bytes: mem.dtype.size(),
+        elem: mem.dtype.name(),
+    };
+    check_region(name, &region, shape, device, rows, cols)
+}
+
+/// Device memory as the checks see it: `len` elements of `elem_bytes` bytes each (named
+/// `elem` in errors: a dtype, or `i32` for slot indices) at `ptr` on `device`.
+pub(crate) struct Region {
+    pub ptr: DevPtr,
+    pub len: usize,
+    pub device: DeviceId,
+    pub elem_bytes: usize,
+    pub elem: &'static str,
+}
+
+/// Checks `mem` against a `rows × cols` operand of layout `shape` on `device`, naming `name`:
+/// device, shape, row stride, alignment to the element size, null address, length.
+pub(crate) fn check_region(
+    name: &str,
+    mem: &Region,
+    shape: MatShape,
+    device: DeviceId,
+    rows: usize,
+    cols: usize,
+) -> Result<Checked> {
     ensure_input!(
         mem.device == device,
         "{name}: memory of {}, but the layer runs on {device}",
@@ -115,13 +145,13 @@ pub(crate) fn check_memory(
         shape.ld,
         shape.cols
     );
-    let size = mem.dtype.size();
+    let size = mem.elem_bytes;
     ensure_input!(
         mem.ptr.0 % size as u64 == 0,
         "{name}: address {:#x} is not aligned to its {}-byte {} elements",
         mem.ptr.0,
         size,
-        mem.dtype
+        mem.elem
     );
     ensure_input!(mem.ptr.0 != 0, "{name}: null device address");
     let span = shape.span();

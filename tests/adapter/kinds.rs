@@ -29,6 +29,18 @@ fn load_expected(path: &Path) -> BaseModel {
     BaseModel::open(path).unwrap()
 }
 
+/// [`check_against_peft`] on a case directory holding `base/`, `adapter/` and
+/// `expected_merged.safetensors` (tests/fixtures/peft_cases).
+fn check_case(case: &Path, apply: ApplyOptions, tol: f64) {
+    check_against_peft(
+        &case.join("base"),
+        &case.join("adapter"),
+        &case.join("expected_merged.safetensors"),
+        apply,
+        tol,
+    );
+}
+
 /// Merges `adapter` into `base` with `apply`, then checks every tensor against PEFT's
 /// `expected` (rel. L2 ≤ `tol` for tensors PEFT changed, bit-identical to the base for every
 /// other one), then unmerges and checks that the base returns (rel. L2 ≤ 1e-6, untouched
@@ -150,13 +162,7 @@ fn pissa_on_conv1d_weights_takes_the_residual_of_the_rows() {
     // GPT-2's Conv1D weights are stored [in, out]; PEFT transposes before the SVD. The base's
     // config.json (model_type gpt2) tells the square c_proj's layout.
     let c = cases().join("kinds/pissa_conv1d");
-    check_against_peft(
-        &c.join("base"),
-        &c.join("adapter"),
-        &c.join("expected_merged.safetensors"),
-        ApplyOptions::default(),
-        1e-5,
-    );
+    check_case(&c, ApplyOptions::default(), 1e-5);
 }
 
 #[test]
@@ -221,10 +227,8 @@ fn mixed_layouts_are_refused_without_evidence_and_merge_with_an_explicit_pattern
             ApplyOptions::default(),
             &["square", "--fan-in-fan-out", "Conv1D"],
         );
-        check_against_peft(
-            &c.join("base"),
-            &c.join("adapter"),
-            &c.join("expected_merged.safetensors"),
+        check_case(
+            &c,
             ApplyOptions {
                 fan_in_fan_out: Some(r"backbone\..*".into()),
                 ..Default::default()
@@ -279,10 +283,8 @@ fn names_that_fit_two_towers_are_refused_and_an_explicit_prefix_merges() {
         ApplyOptions::default(),
         &["2 ways", "\"text.\"", "\"image.\"", "--base-prefix"],
     );
-    check_against_peft(
-        &c.join("base"),
-        &c.join("adapter"),
-        &c.join("expected_merged.safetensors"),
+    check_case(
+        &c,
         ApplyOptions {
             names: Some(NameMap::Add("image".into())),
             ..all_linear()
@@ -342,50 +344,26 @@ fn modules_that_match_nothing_are_listed() {
 fn dora_on_embedding_and_conv2d_matches_peft() {
     for case in ["embedding", "conv2d"] {
         let c = cases().join("kinds").join(case);
-        check_against_peft(
-            &c.join("base"),
-            &c.join("adapter"),
-            &c.join("expected_merged.safetensors"),
-            all_linear(),
-            1e-6,
-        );
+        check_case(&c, all_linear(), 1e-6);
     }
 }
 
 #[test]
 fn modules_to_save_replace_the_base_module() {
     let c = cases().join("kinds/modules_to_save");
-    check_against_peft(
-        &c.join("base"),
-        &c.join("adapter"),
-        &c.join("expected_merged.safetensors"),
-        all_linear(),
-        1e-6,
-    );
+    check_case(&c, all_linear(), 1e-6);
 }
 
 #[test]
 fn lora_bias_is_merged_into_the_bias() {
     let c = cases().join("kinds/lora_bias");
-    check_against_peft(
-        &c.join("base"),
-        &c.join("adapter"),
-        &c.join("expected_merged.safetensors"),
-        all_linear(),
-        1e-6,
-    );
+    check_case(&c, all_linear(), 1e-6);
 }
 
 #[test]
 fn biases_trained_with_bias_all_replace_the_base_biases() {
     let c = cases().join("kinds/trained_bias");
-    check_against_peft(
-        &c.join("base"),
-        &c.join("adapter"),
-        &c.join("expected_merged.safetensors"),
-        all_linear(),
-        1e-6,
-    );
+    check_case(&c, all_linear(), 1e-6);
 }
 
 #[test]

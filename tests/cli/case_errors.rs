@@ -68,17 +68,21 @@ fn set(entries: &mut [Entry], name: &str, t: Tensor) {
     );
 }
 
-/// Runs `replay --out` on `case`; asserts failure, a single `error:` line containing every
-/// one of `needles`, and that no output (nor temporary file) was left in the output dir.
-fn expect_error(case: &Path, out_dir: &Path, needles: &[&str]) {
-    let out = out_dir.join("out.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+/// `dorafuse replay <case> --out <out>`.
+fn replay(case: &Path, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dorafuse"))
         .arg("replay")
         .arg(case)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `replay --out` on `case`; asserts failure, a single `error:` line containing every
+/// one of `needles`, and that no output (nor temporary file) was left in the output dir.
+fn expect_error(case: &Path, out_dir: &Path, needles: &[&str]) {
+    let o = replay(case, &out_dir.join("out.safetensors"));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{}: must fail", case.display());
     let lines: Vec<&str> = stderr.lines().collect();
@@ -119,15 +123,7 @@ fn the_good_case_passes_the_checks_and_writes_outputs() {
     assert!(case.layer.is_dora());
     assert_eq!(case.expected.len(), 1);
     let out = d.out.join("o.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
-        .args([
-            "replay",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = replay(&p, &out);
     // expected.y is arbitrary here, so the comparison fails, but the outputs are written.
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
@@ -305,15 +301,7 @@ fn unwritable_output_path() {
     let (e, m) = good();
     let p = write(&d.cases, "c.safetensors", &e, &m);
     let out = d.out.join("no/such/dir/o.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
-        .args([
-            "replay",
-            p.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = replay(&p, &out);
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -6,8 +6,10 @@
 //! neighbouring columns bit-untouched, and refusals as one-line errors.
 
 use super::device::{test_device, TestBackend};
-use super::multi_adapter::{index, make_layer, make_x, one_line, rng, truth, Pattern, Spec};
-use dorafuse::backend::{Backend, DeviceBuffer, Elem};
+use super::multi_adapter::{
+    index, make_layer, make_x, one_line, rng, select_rows, truth, Pattern, Spec,
+};
+use dorafuse::backend::{Backend, DevPtr, DeviceBuffer, Elem};
 use dorafuse::case_multi::{AdapterWeights, MultiLayer};
 use dorafuse::kernels::{AdapterPool, BaseResult, DoraAdapter, DoraLinear, MatShape, SlotIndex};
 use dorafuse::tensor::rel_l2;
@@ -238,18 +240,10 @@ fn a_token_is_bit_identical_alone_and_in_any_batch<B: TestBackend>() {
         let bases = make_x(33, n, d_out, dt);
         let mut g = rng(34);
         let slots: Vec<i32> = (0..n).map(|_| g.gen_range(-1..5)).collect();
-        let rows = |t: &Tensor, sel: &[usize], w: usize| -> Tensor {
-            let v = t.to_f32();
-            let out: Vec<f32> = sel
-                .iter()
-                .flat_map(|&i| v[i * w..(i + 1) * w].iter().copied())
-                .collect();
-            Tensor::from_f32(dt, vec![sel.len(), w], &out).unwrap()
-        };
         let mut run = |sel: &[usize]| -> Vec<u32> {
             let idx: Vec<i32> = sel.iter().map(|&i| slots[i]).collect();
-            let b = rows(&bases, sel, d_out);
-            bits(&forward(&mut s, &rows(&xs, sel, d_in), &idx, Base::Given(&b)).unwrap())
+            let b = select_rows(&bases, sel);
+            bits(&forward(&mut s, &select_rows(&xs, sel), &idx, Base::Given(&b)).unwrap())
         };
         for k in [0, 1, 2, -1] {
             let target = (0..n).find(|&i| slots[i] == k).unwrap();
@@ -443,6 +437,38 @@ fn refusals_are_one_line_errors<B: TestBackend>() {
     // Activations of another dtype, a short workspace.
     let e = forward(&mut s, &x.cast(DType::F16), &[0, 1, 2, -1], Base::Compute).unwrap_err();
     assert!(one_line(&e).contains("x: f16"), "{e:#}");
+    // Slot indices at an address off their 4-byte i32 elements, named as i32.
+    {
+        let b = &*s.main;
+        let t = 4;
+        let xs = b.upload_slice::<f32>(&typed::<f32>(&x)).unwrap();
+        let mut out = b.alloc_slice::<f32>(t * d_out).unwrap();
+        let mut ws = b.alloc_slice::<f32>(s.pool.workspace_len(t)).unwrap();
+        let ib = b.alloc_zeroed(4 * t + 4).unwrap();
+        // SAFETY: the buffer holds 4·t bytes from byte 2 on; the pool refuses the misaligned
+        // address before any launch reads it.
+        let index = unsafe { SlotIndex::from_raw(DevPtr(ib.ptr().0 + 2), t, b.device()) };
+        let xv = b.view(&xs, MatShape::new(t, d_in));
+        let mut yv = b.view_mut(&mut out, MatShape::new(t, d_out));
+        let len = s.pool.workspace_len(t);
+        let mut wv = b.view_mut(&mut ws, MatShape::new(1, len));
+        let e = s
+            .pool
+            .forward(
+                &s.linear,
+                &xv,
+                &index,
+                BaseResult::Compute,
+                &mut yv,
+                &mut wv,
+            )
+            .unwrap_err();
+        let m = one_line(&e);
+        assert!(
+            m.starts_with("adapter_index: address") && m.contains("4-byte i32 elements"),
+            "{m}"
+        );
+    }
     // Nothing of the refused swaps took effect: the pool still serves its adapters.
     let y = forward(&mut s, &x, &[0, 1, 2, -1], Base::Compute).unwrap();
     let e = rel_l2(&y.to_f64(), &truth(&layer, &x, &[0, 1, 2, -1]));

@@ -100,6 +100,16 @@ pub(crate) fn make_x(seed: u64, t: usize, d_in: usize, dt: DType) -> Tensor {
     Tensor::from_f64(dt, vec![t, d_in], &normal(&mut rng(seed), t * d_in, 1.0)).unwrap()
 }
 
+/// Rows `sel` of a `[n, w]` tensor, in that order, bit for bit, in its dtype.
+pub(crate) fn select_rows(t: &Tensor, sel: &[usize]) -> Tensor {
+    let row = t.as_bytes().len() / t.shape()[0];
+    let bytes: Vec<u8> = sel
+        .iter()
+        .flat_map(|&i| t.as_bytes()[i * row..(i + 1) * row].iter().copied())
+        .collect();
+    Tensor::from_bytes(t.dtype(), vec![sel.len(), t.shape()[1]], &bytes).unwrap()
+}
+
 /// The index shapes engines use, over `k` adapters.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Pattern {
@@ -413,21 +423,13 @@ fn a_token_is_bit_identical_alone_and_in_any_batch() {
         let base = make_x(23, pool, d_out, dt);
         let mut g = rng(24);
         let slots: Vec<i32> = (0..pool).map(|_| g.gen_range(-1..3)).collect();
-        let rows = |t: &Tensor, sel: &[usize], w: usize| -> Tensor {
-            let v = t.to_f32();
-            let out: Vec<f32> = sel
-                .iter()
-                .flat_map(|&i| v[i * w..(i + 1) * w].iter().copied())
-                .collect();
-            Tensor::from_f32(dt, vec![sel.len(), w], &out).unwrap()
-        };
         let run = |sel: &[usize], seed: u64| -> Vec<f32> {
             let idx: Vec<i32> = sel.iter().map(|&i| slots[i]).collect();
-            let b = rows(&base, sel, d_out);
+            let b = select_rows(&base, sel);
             multi::run_multi(
                 &emu(seed),
                 &layer,
-                &rows(&xs, sel, d_in),
+                &select_rows(&xs, sel),
                 &idx,
                 MultiBase::Given { out: &b, col0: 0 },
             )
