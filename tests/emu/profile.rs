@@ -128,3 +128,18 @@ fn every_kernel_has_a_formula_and_moves_about_its_bytes() {
         assert!((0.95..=1.1).contains(&ratio), "{name}: {ratio}");
     }
 }
+
+#[test]
+fn the_kernels_readme_before_after_table_is_current() {
+    // The table `dorafuse profile --device emu --markdown kernels/README.md` writes, at the
+    // command's default settings (the same as `Settings::default()`), against the committed one.
+    let table = dorafuse::profile::tuning_table(&Settings::default(), &mut |_| {}).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/README.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let block = dorafuse::profile::block(&text, dorafuse::profile::TUNING_MARKERS).unwrap();
+    assert_eq!(
+        block, table,
+        "kernels/README.md's before/after table is out of date: run `dorafuse profile \
+         --device emu --markdown kernels/README.md`"
+    );
+}
