@@ -207,17 +207,7 @@ impl Scalar for f64 {
 /// # Panics
 /// When the shapes disagree.
 pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: ViewMut<'_, T>) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && c.rows == m && c.cols == n,
-        "gemm shapes: A {}x{} · B {}x{} -> C {}x{}",
-        a.rows,
-        a.cols,
-        b.rows,
-        b.cols,
-        c.rows,
-        c.cols
-    );
+    let (m, k, n) = shapes(&a, &b, &c);
     if m == 0 || n == 0 {
         return;
     }
@@ -228,33 +218,7 @@ pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: Vie
         } else {
             ::gemm::Parallelism::None
         };
-        // SAFETY: as below (every element of A, B and C lies inside its bounds-checked
-        // slice, C is disjoint from A and B and its elements do not alias). The `gemm`
-        // crate computes dst ← α'·dst + β'·lhs·rhs with dst read only when `read_dst`: here
-        // α' = β, β' = α, and C is not read when β = 0 (its old contents are ignored).
-        unsafe {
-            ::gemm::gemm(
-                m,
-                n,
-                k,
-                c.data.as_mut_ptr(),
-                1,
-                ok(c.rs),
-                beta != T::ZERO,
-                a.data.as_ptr(),
-                ok(a.cs),
-                ok(a.rs),
-                b.data.as_ptr(),
-                ok(b.cs),
-                ok(b.rs),
-                beta,
-                alpha,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+        gemm_crate(alpha, a, b, beta, c, par);
         return;
     }
     // SAFETY: every view was bounds-checked at construction (the last element it addresses
@@ -294,6 +258,15 @@ pub fn gemm_on_this_thread<T: Scalar>(
     beta: T,
     c: ViewMut<'_, T>,
 ) {
+    shapes(&a, &b, &c);
+    gemm_crate(alpha, a, b, beta, c, ::gemm::Parallelism::None);
+}
+
+/// `(m, k, n)` of C ← A·B with `A [m, k]`, `B [k, n]`, `C [m, n]`.
+///
+/// # Panics
+/// When the shapes disagree.
+fn shapes<T>(a: &View<'_, T>, b: &View<'_, T>, c: &ViewMut<'_, T>) -> (usize, usize, usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
         b.rows == k && c.rows == m && c.cols == n,
@@ -305,13 +278,28 @@ pub fn gemm_on_this_thread<T: Scalar>(
         c.rows,
         c.cols
     );
+    (m, k, n)
+}
+
+/// C ← α·A·B + β·C by the `gemm` crate with `par` (shapes checked by the caller).
+fn gemm_crate<T: Scalar>(
+    alpha: T,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    beta: T,
+    c: ViewMut<'_, T>,
+    par: ::gemm::Parallelism,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
     let ok = |s: usize| isize::try_from(s).expect("stride fits isize");
-    // SAFETY: as in [`gemm`]: every element of A, B and C lies inside its bounds-checked
-    // slice, C is borrowed mutably (disjoint from A and B) with unit column stride and row
-    // stride ≥ n (no two elements alias); dst ← β·dst + α·lhs·rhs, dst read only when β ≠ 0.
+    // SAFETY: every view was bounds-checked at construction (every element of A, B and C
+    // lies inside its slice); C is borrowed mutably (disjoint from A and B) with unit column
+    // stride and row stride ≥ n (no two elements alias). The `gemm` crate computes
+    // dst ← α'·dst + β'·lhs·rhs with dst read only when `read_dst`: here α' = β, β' = α, and
+    // C is not read when β = 0 (its old contents are ignored).
     unsafe {
         ::gemm::gemm(
             m,
@@ -332,7 +320,7 @@ pub fn gemm_on_this_thread<T: Scalar>(
             false,
             false,
             false,
-            ::gemm::Parallelism::None,
+            par,
         )
     }
 }
