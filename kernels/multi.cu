@@ -39,6 +39,10 @@ constexpr int MS_WARPS = THREADS / 32;
 // The largest rank a slot may have (spec::MAX_RANK; the launcher refuses r_max above it).
 constexpr int MAX_MULTI_RANK = 256;
 
+// Ranks of B_k per shared-memory chunk in multi_expand (a 32-element row segment: 128 bytes in
+// f32, 64 in 16-bit types).
+constexpr int ME_RC = 32;
+
 // The slot of token t, or −1 (base only), flagging a bad index or an empty slot in *err when
 // `report` (one thread per token reports, so a bad token sets the word once per kernel).
 __device__ __forceinline__ int multi_slot(const int* __restrict__ index, int t, int slots,
@@ -102,9 +106,13 @@ __device__ __forceinline__ void multi_shrink(
 //
 // Block: 256 threads, one token, 256 output columns (one per thread: base and y coalesce);
 // U's row is staged in shared memory, the sum over i is sequential (order fixed by r_k).
+// B_k's rows of the block are contiguous in memory ([d_out, r_k] row-major), so they are
+// staged through shared memory in chunks of ME_RC ranks, lanes reading consecutive elements
+// (coalesced; a thread reading its own row would touch one sector per lane), stored with a
+// padded row (ME_RC + 1 words: thread j reading row j hits bank (j + i) mod 32, no conflict).
 // Each element of base is read and y written by the same thread, so y may alias base (in
 // place), and both may be column slices of a wider buffer (row strides ld_base, ld_y).
-// Grid: (T, ⌈d_out/256⌉).
+// Grid: (T, ⌈d_out/256⌉).  Shared memory: 4·(256·(ME_RC + 1) + MAX_MULTI_RANK) bytes.
 //
 // Bytes: base T·d_out·sz + y T·d_out·sz + B_k once per token (d_out·r_k·sz; L2 when tokens
 // share a slot) + U 4·r_k + g, bias.   FLOPs: 2·d_out·r_k + 4·d_out per token.
@@ -123,22 +131,42 @@ __device__ __forceinline__ void multi_expand(
     const float* __restrict__ bias,                    // [d_out] or null
     int t_rows, int d_out, int* __restrict__ err) {
     __shared__ float us[MAX_MULTI_RANK];
+    __shared__ float bs[THREADS][ME_RC + 1];
     const int t = blockIdx.x;
     if (t >= t_rows) return;  // uniform over the block: no barrier is skipped by some only
+    // k, r and the rows below are the same for every thread of the block (one token, one
+    // column tile), so every barrier is reached by all or none.
     const int k = multi_slot(index, t, slots, ranks, r_max, err,
                              threadIdx.x == 0 && blockIdx.y == 0);
     const int r = k >= 0 ? ranks[k] : 0;
     for (int i = threadIdx.x; i < r; i += THREADS) us[i] = u[(long long)t * ldu + i];
-    __syncthreads();
-    const int j = blockIdx.y * THREADS + threadIdx.x;
+    const int j0 = blockIdx.y * THREADS;
+    const int j = j0 + threadIdx.x;
+    const int rows = min(THREADS, d_out - j0);  // ≥ 1: the grid has ⌈d_out/256⌉ column tiles
+    float acc = 0.f;
+    if (k >= 0) {
+        const TA* bk = reinterpret_cast<const TA*>(b_ptrs[k]) + (long long)j0 * r;
+        for (int i0 = 0; i0 < r; i0 += ME_RC) {
+            const int rc = min(ME_RC, r - i0);
+            __syncthreads();  // us written; the previous chunk's bs read by every thread
+            // Element e of the chunk is row e / rc, rank i0 + e % rc: consecutive threads
+            // read consecutive addresses within a row (the whole tile when rc = r).
+            for (int e = threadIdx.x; e < rows * rc; e += THREADS) {
+                const int row = e / rc, col = e - row * rc;
+                bs[row][col] = to_f32(bk[(long long)row * r + i0 + col]);
+            }
+            __syncthreads();
+            if (j < d_out) {
+                // The same sequential sum over i as one loop over r_k: order fixed by r_k.
+#pragma unroll 8
+                for (int i = 0; i < rc; ++i) acc += us[i0 + i] * bs[threadIdx.x][i];
+            }
+        }
+    }
     if (j >= d_out) return;
     float z = to_f32(base[(long long)t * ld_base + j]);
     float v = z;
     if (k >= 0) {
-        const TA* bk = reinterpret_cast<const TA*>(b_ptrs[k]) + (long long)j * r;
-        float acc = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < r; ++i) acc += us[i] * to_f32(bk[i]);
         z += scales[k] * acc;
         const float* g = reinterpret_cast<const float*>(g_ptrs[k]);
         v = g ? g[j] * z : z;

@@ -712,8 +712,16 @@ test_device!(multi_shrink);
 
 /// multi_expand: DoRA, plain LoRA and base-only tokens in one batch with a bias, d_out off
 /// the 256-column block, padded row strides; the bad tokens flagged and given base + bias.
+/// B_k is staged through shared memory in chunks of 32 ranks: r_max 11 is one partial chunk,
+/// 70 two whole ones and a partial one.
 fn multi_expand<B: TestBackend>() {
-    let (t, d_in, d_out, r_max) = (INDEX.len(), 5, spec::THREADS + 9, 11);
+    for r_max in [11, 70] {
+        multi_expand_at::<B>(r_max);
+    }
+}
+
+fn multi_expand_at<B: TestBackend>(r_max: usize) {
+    let (t, d_in, d_out) = (INDEX.len(), 5, spec::THREADS + 9);
     let (ld_base, ld_y, ldu) = (d_out + 3, d_out + 1, r_max + 2);
     for &seed in B::SEEDS {
         for (act, adt) in PAIRS {
@@ -730,6 +738,7 @@ fn multi_expand<B: TestBackend>() {
             let (err_i, err) = d.raw(&[0u8; 4]);
             let (y_i, yp) = d.output(act, t * ld_y);
             let name = entry("dora_multi_expand", act, adt);
+            let label = format!("{name} (r_max {r_max})");
             let args = [
                 basep,
                 KernelArg::I64(ld_base as i64),
@@ -770,8 +779,8 @@ fn multi_expand<B: TestBackend>() {
             let y: Vec<f64> = (0..t * d_out)
                 .map(|e| y_p[(e / d_out) * ld_y + e % d_out])
                 .collect();
-            check(&name, &y, &want, act.tolerance());
-            assert_eq!(d.read_raw(err_i), [3, 0, 0, 0], "{name}: error word");
+            check(&label, &y, &want, act.tolerance());
+            assert_eq!(d.read_raw(err_i), [3, 0, 0, 0], "{label}: error word");
         }
     }
 }
