@@ -317,8 +317,10 @@ pub fn drive(
                     },
                 ],
             };
-            // Tokens cycle through adapter 0, adapter 1 and no adapter.
-            let index: Vec<i32> = (0..shape.t).map(|i| (i % 3) as i32 - 1).collect();
+            // Tokens cycle through adapter 0, adapter 1 and no adapter, starting with adapter 0:
+            // a sampled launch records its first blocks (token 0), which then do an adapter's
+            // work rather than a base-only token's early exit.
+            let index: Vec<i32> = (0..shape.t).map(|i| ((i + 1) % 3) as i32 - 1).collect();
             let step = format!("multi-adapter forward ({act} with {adapter} adapters)");
             on_step(&step, shape, act);
             run_multi(b, &multi, &x, &index, MultiBase::Compute).with_context(|| step.clone())?;
