@@ -10,21 +10,13 @@ use crate::backend::{Backend, DeviceBuffer, Elem};
 use crate::case_multi::MultiLayer;
 use crate::dtype::DType;
 use crate::kernels::{
-    AdapterPool, BaseResult, DevView, DevViewMut, DoraAdapter, DoraLinear, MatShape, SlotIndex,
+    upload_as, AdapterPool, BaseResult, DevView, DevViewMut, DoraAdapter, DoraLinear, MatShape,
+    SlotIndex,
 };
 use crate::layer::Layer;
 use crate::tensor::{Tensor as HostTensor, TensorData};
 use anyhow::{Context, Result};
 use std::sync::{Arc, Mutex};
-
-/// A host tensor cast to `T` and uploaded on `b`'s stream.
-fn upload<B: Backend, T: Elem>(b: &B, t: &HostTensor, name: &str) -> Result<Arc<B::Slice<T>>> {
-    let c = t.cast(T::DTYPE);
-    let host: &[T] = bytemuck::cast_slice(c.as_bytes());
-    Ok(Arc::new(b.upload_slice(host).with_context(|| {
-        format!("uploading {name} {:?}", t.shape())
-    })?))
-}
 
 /// f32 zeros of `shape` on the host.
 fn zeros(shape: Vec<usize>) -> Result<HostTensor> {
@@ -33,7 +25,6 @@ fn zeros(shape: Vec<usize>) -> Result<HostTensor> {
 }
 
 /// One adapter's factors on `b` in `T` (the layer dtype or f32), its magnitude in f32.
-#[allow(clippy::too_many_arguments)]
 fn upload_adapter_as<B: Backend, T: Elem>(
     b: &B,
     lora_a: &HostTensor,
@@ -44,12 +35,12 @@ fn upload_adapter_as<B: Backend, T: Elem>(
     let (r, d_in) = (lora_a.shape()[0], lora_a.shape()[1]);
     let d_out = lora_b.shape()[0];
     let m = magnitude
-        .map(|m| upload::<B, f32>(b, m, "magnitude"))
+        .map(|m| upload_as::<B, f32>(b, m, "magnitude"))
         .transpose()?;
     DoraAdapter::new::<T>(
         b,
-        upload::<B, T>(b, lora_a, "lora_A")?,
-        upload::<B, T>(b, lora_b, "lora_B")?,
+        upload_as::<B, T>(b, lora_a, "lora_A")?,
+        upload_as::<B, T>(b, lora_b, "lora_B")?,
         m,
         scaling as f32,
         r,

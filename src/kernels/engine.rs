@@ -68,7 +68,11 @@ fn span(m: &MemoryInfo, len: usize) -> Checked {
 }
 
 /// Uploads a host tensor cast to `T` (PEFT tensors of any dtype; round-to-nearest-even).
-fn upload_as<B: Backend, T: Elem>(b: &B, t: &Tensor, name: &str) -> Result<Arc<B::Slice<T>>> {
+pub(crate) fn upload_as<B: Backend, T: Elem>(
+    b: &B,
+    t: &Tensor,
+    name: &str,
+) -> Result<Arc<B::Slice<T>>> {
     let c = t.cast(T::DTYPE);
     let host: &[T] = bytemuck::cast_slice(c.as_bytes());
     Ok(Arc::new(b.upload_slice(host).with_context(|| {

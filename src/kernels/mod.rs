@@ -28,6 +28,8 @@
 
 mod device;
 mod engine;
+#[cfg(feature = "candle")]
+pub(crate) use engine::upload_as;
 mod host;
 mod launch;
 pub mod multi;
