@@ -11,8 +11,9 @@
 //!
 //! The norm is never computed from a materialised `V = W0 + s·B·A`:
 //! `n_j² = ‖W0_j‖² + Σ_k B_jk·(2s·P_jk + s²·(B·G)_jk)` with `P = W0·Aᵀ [d_out, r]` and
-//! `G = A·Aᵀ [r, r]`. W0 is read once by the product that yields P (fused with the forward's
-//! `x·W0ᵀ` in [`run`]) and once by a streaming sum of squares; nothing `d_out × d_in` is
+//! `G = A·Aᵀ [r, r]`. For a row-major W0 one pass over it, a cache-sized block of rows at a
+//! time on each core, yields both `‖W0_j‖²` and P (and, for a decode-sized forward in
+//! [`run`], `x·W0ᵀ` too), so the norm reads W0 once; nothing `d_out × d_in` is
 //! allocated (except by [`merged_weight`], whose output is that size). The expansion loses
 //! accuracy by cancellation when `s·B_j·A ≈ −W0_j` (then `n_j ≪ ‖W0_j‖`, and the absolute
 //! error of `n_j²` is about `2⁻²⁴·‖W0_j‖²`): such rows (expanded `n_j²` below 1/32 of
