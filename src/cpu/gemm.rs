@@ -201,8 +201,10 @@ impl Scalar for f64 {
 
 /// C ← α·A·B + β·C with `A [m, k]`, `B [k, n]`, `C [m, n]` (β = 0 ignores C's old contents),
 /// accumulated in T. Decode-sized products (at most [`SMALL_M`] rows, `k` and `n` at least
-/// [`SMALL_MIN_KN`]) go to the `gemm` crate, split over the cores by rayon; all others to
-/// `matrixmultiply`, which splits large products over the cores itself.
+/// [`SMALL_MIN_KN`]) go to the `gemm` crate: a single row split over the cores by B's
+/// columns, more rows split by rayon. All others go to `matrixmultiply`, which splits large
+/// products over the cores itself (run as `Cᵀ = Bᵀ·Aᵀ` when B is the larger operand of a
+/// long product, so that the large operand is packed in parallel).
 ///
 /// # Panics
 /// When the shapes disagree.
@@ -216,7 +218,7 @@ pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: Vie
         if m * k * n < SMALL_PAR_MIN {
             gemm_crate(alpha, a, b, beta, c, ::gemm::Parallelism::None);
         } else if m == 1 {
-            row_times_matrix(alpha, a, b, beta, c);
+            row_times_matrix(alpha, a, b, beta, c, super::threads());
         } else {
             gemm_crate(alpha, a, b, beta, c, ::gemm::Parallelism::Rayon(0));
         }
@@ -237,8 +239,9 @@ pub fn gemm<T: Scalar>(alpha: T, a: View<'_, T>, b: View<'_, T>, beta: T, c: Vie
     // SAFETY: every view was bounds-checked at construction (the last element it addresses
     // lies inside its slice, strides are non-negative), so all m·k, k·n and m·n elements are
     // valid (transposing a view and C's strides addresses the same elements); C is borrowed
-    // mutably, hence disjoint from A and B, and its unit column stride with row stride ≥ its
-    // column count means no two C elements alias, in either orientation.
+    // mutably, hence disjoint from A and B, and no two of its elements alias in either
+    // orientation: its columns are 1 apart and its rows `rs` ≥ its column count apart
+    // (ViewMut allows a smaller `rs` only for a single row, whose stride is never used).
     unsafe {
         T::raw_gemm(
             m,
@@ -276,22 +279,23 @@ pub fn gemm_on_this_thread<T: Scalar>(
     gemm_crate(alpha, a, b, beta, c, ::gemm::Parallelism::None);
 }
 
-/// C ← α·A·B + β·C for a single row A `[1, k]`: B's columns split into one contiguous range
-/// per core, each range a `gemm`-crate product on its own thread. The crate's
-/// matrix-vector kernel runs on one thread whatever `Parallelism` says, and one core does
-/// not saturate memory bandwidth: measured on 4096 × 4096 f32 (2 cores), x·W0ᵀ took
-/// 3.9 ms through rayon and 2.4–3.0 ms split here (64 MiB at 22–28 GB/s).
+/// C ← α·A·B + β·C for a single row A `[1, k]`: B's columns split into `nt` contiguous
+/// ranges (one per core; threads spawned per call, so a caller already running one thread
+/// per core should use [`gemm_on_this_thread`]), each range a `gemm`-crate product on its
+/// own thread. The crate's matrix-vector kernel runs on one thread whatever `Parallelism`
+/// says, and one core does not saturate memory bandwidth: measured on 4096 × 4096 f32
+/// (2 cores), x·W0ᵀ took 3.9 ms through rayon and 2.4–3.0 ms split here (64 MiB at
+/// 22–28 GB/s).
 fn row_times_matrix<T: Scalar>(
     alpha: T,
     a: View<'_, T>,
     b: View<'_, T>,
     beta: T,
     c: ViewMut<'_, T>,
+    nt: usize,
 ) {
     let n = b.cols;
-    let nt = std::thread::available_parallelism()
-        .map_or(1, |v| v.get())
-        .min(n);
+    let nt = nt.clamp(1, n.max(1));
     // Column ranges on multiples of 64 (whole cache lines of C and of a row-major B).
     let per = n.div_ceil(nt).div_ceil(64) * 64;
     let part = |c0: usize, cn: &mut [T]| {
@@ -411,7 +415,7 @@ mod tests {
         // Row counts on both sides of SMALL_M, k and n above SMALL_MIN_KN and off every
         // tile; B read transposed (x·W0ᵀ) and straight (dz·W0); β = 0 ignores a NaN in C.
         // The larger shape takes one row past SMALL_PAR_MIN: B's columns split over the
-        // cores (two ranges, the second not a multiple of 64).
+        // cores (`row_times_matrix`, tested for any thread count below).
         for (k, n, ms) in [
             (517, 611, &[1, 5, SMALL_M, SMALL_M + 1][..]),
             (1031, 1037, &[1][..]),
@@ -462,6 +466,46 @@ mod tests {
                             );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_split_over_any_number_of_threads_matches_loops() {
+        // 1037 columns in ranges of multiples of 64 (the last one shorter), B read
+        // transposed and straight, β = 0 (a NaN in C ignored) and β = 1.
+        let (k, n) = (520, 1037);
+        let w: Vec<f32> = (0..k * n)
+            .map(|v| ((v * 37) % 101) as f32 * 0.01 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..k).map(|v| ((v * 13) % 29) as f32 * 0.1 - 1.4).collect();
+        for nt in [1, 2, 3, 7] {
+            for transposed in [false, true] {
+                let b = if transposed {
+                    View::new(&w, n, k).t()
+                } else {
+                    View::new(&w, k, n)
+                };
+                for beta in [0.0f32, 1.0] {
+                    let start = if beta == 0.0 { f32::NAN } else { 0.25 };
+                    let mut c = vec![start; n];
+                    row_times_matrix(
+                        2.0,
+                        View::new(&x, 1, k),
+                        b,
+                        beta,
+                        ViewMut::new(&mut c, 1, n),
+                        nt,
+                    );
+                    for (j, &got) in c.iter().enumerate() {
+                        let dot: f64 = (0..k).map(|l| x[l] as f64 * b.at(l, j) as f64).sum();
+                        let want = 2.0 * dot + if beta == 0.0 { 0.0 } else { 0.25 };
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "nt {nt} transposed {transposed} beta {beta} column {j}"
+                        );
                     }
                 }
             }

@@ -56,8 +56,9 @@ const CANCELLATION_RATIO: f32 = 1.0 / 32.0;
 const PAR_MIN_ELEMS: usize = 1 << 18;
 
 /// Elements of W0 per block of [`Params::fused_w0_pass`] and of the Figure-2 pass
-/// ([`rows::figure2`]) (f32: 4 MiB, a core's share of the last-level cache; the `gemm`
-/// crate repacks the small operand once per block, so larger blocks pay that less often). Measured on 4096 × 4096 f32, `c = 17`: 64-row blocks
+/// ([`rows::figure2`]), rounded to whole rows and clamped to 16–1,024 rows (f32: about
+/// 4 MiB, a core's share of the last-level cache; the `gemm` crate repacks the small
+/// operand once per block, so larger blocks pay that less often). Measured on 4096 × 4096 f32, `c = 17`: 64-row blocks
 /// 8.0 ms, 128 rows 7.3 ms, 256 rows 7.2 ms, 512 rows 7.3 ms.
 const W0_BLOCK_ELEMS: usize = 1 << 20;
 
@@ -211,55 +212,21 @@ impl<'a> Params<'a> {
 
     /// One pass over W0 (row-major, not `fan_in_fan_out`) that yields both `‖W0_j‖²`
     /// `[d_out]` and `W0·Lᵀ` `[d_out, c]` for a small `L [c, d_in]` (A for the norm, `[x; A]`
-    /// for a decode-sized forward). Each core takes a contiguous range of rows and walks it
-    /// in blocks of [`W0_BLOCK_ELEMS`]: the block's sums of squares, then its product with
-    /// `Lᵀ` on the same thread while the block is still in cache, so W0 leaves memory once
-    /// instead of once per product and once for the sums. Measured on 4096 × 4096 f32 with
-    /// `c = 17` (2 cores): 7.2 ms, against 9.6 ms for the product alone as one `[17, d_in]`
-    /// by `W0ᵀ` product plus 2.4 ms for a separate pass of sums.
+    /// for a decode-sized forward); see [`w0_pass`]. One range of rows per core (one range
+    /// below [`PAR_MIN_ELEMS`]), blocks of about [`W0_BLOCK_ELEMS`] elements (16 to 1,024
+    /// rows). Measured on 4096 × 4096 f32 with `c = 17` (2 cores): 7.2 ms, against 9.6 ms
+    /// for the product alone as one `[17, d_in]` by `W0ᵀ` product plus 2.4 ms for a separate
+    /// pass of sums.
     fn fused_w0_pass(&self, l: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
         let (d_in, d_out) = (self.d_in, self.d_out);
-        debug_assert!(!self.fan_in_fan_out && l.len() == c * d_in);
-        let w: &[f32] = &self.weight;
-        let mut w2 = vec![0.0f32; d_out];
-        let mut prod = vec![0.0f32; d_out * c];
+        debug_assert!(!self.fan_in_fan_out);
         let nt = if d_out * d_in < PAR_MIN_ELEMS {
             1
         } else {
-            threads().min(d_out.div_ceil(16)).max(1)
+            threads()
         };
-        let per = d_out.div_ceil(nt);
         let br = (W0_BLOCK_ELEMS / d_in.max(1)).clamp(16, 1024);
-        let work = |j0: usize, w2: &mut [f32], prod: &mut [f32]| {
-            let mut b = 0;
-            while b < w2.len() {
-                let n = br.min(w2.len() - b);
-                let blk = &w[(j0 + b) * d_in..(j0 + b + n) * d_in];
-                for (o, row) in w2[b..b + n].iter_mut().zip(blk.chunks_exact(d_in)) {
-                    *o = sumsq(row);
-                }
-                gemm::gemm_on_this_thread(
-                    1.0,
-                    View::new(blk, n, d_in),
-                    View::new(l, c, d_in).t(),
-                    0.0,
-                    ViewMut::new(&mut prod[b * c..(b + n) * c], n, c),
-                );
-                b += n;
-            }
-        };
-        let mut parts = w2.chunks_mut(per).zip(prod.chunks_mut(per * c)).enumerate();
-        let first = parts.next();
-        std::thread::scope(|sc| {
-            for (i, (w2p, pp)) in parts {
-                let work = &work;
-                sc.spawn(move || work(i * per, w2p, pp));
-            }
-            if let Some((_, (w2p, pp))) = first {
-                work(0, w2p, pp);
-            }
-        });
-        (w2, prod)
+        w0_pass(&self.weight, d_in, l, c, nt, br)
     }
 
     /// `n` from its expansion, given `‖W0_j‖²` `[d_out]` and `P = W0·Aᵀ` `[d_out, r]`.
@@ -342,6 +309,66 @@ impl<'a> Params<'a> {
         );
         self.norm_from(&w2, p)
     }
+}
+
+/// `(‖W_j‖² [d_out], W·Lᵀ [d_out, c])` for a row-major `W [d_out, d_in]` and `L [c, d_in]`,
+/// reading W once: `nt` threads (at most one per 16 rows) each take a contiguous range of
+/// rows and walk it in blocks of `br` rows, summing each block's squares and multiplying
+/// it by `Lᵀ` on the same thread while the block is still in cache.
+///
+/// # Panics
+/// When `w` or `l` is not a whole number of `d_in`-element rows, or `l` has not `c` rows.
+fn w0_pass(
+    w: &[f32],
+    d_in: usize,
+    l: &[f32],
+    c: usize,
+    nt: usize,
+    br: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        d_in > 0 && w.len() % d_in == 0 && l.len() == c * d_in,
+        "w0_pass shapes"
+    );
+    let d_out = w.len() / d_in;
+    let mut w2 = vec![0.0f32; d_out];
+    let mut prod = vec![0.0f32; d_out * c];
+    let nt = nt.min(d_out.div_ceil(16)).max(1);
+    let per = d_out.div_ceil(nt).max(1);
+    let br = br.max(1);
+    let work = |j0: usize, w2: &mut [f32], prod: &mut [f32]| {
+        let mut b = 0;
+        while b < w2.len() {
+            let n = br.min(w2.len() - b);
+            let blk = &w[(j0 + b) * d_in..(j0 + b + n) * d_in];
+            for (o, row) in w2[b..b + n].iter_mut().zip(blk.chunks_exact(d_in)) {
+                *o = sumsq(row);
+            }
+            gemm::gemm_on_this_thread(
+                1.0,
+                View::new(blk, n, d_in),
+                View::new(l, c, d_in).t(),
+                0.0,
+                ViewMut::new(&mut prod[b * c..(b + n) * c], n, c),
+            );
+            b += n;
+        }
+    };
+    let mut parts = w2
+        .chunks_mut(per)
+        .zip(prod.chunks_mut((per * c).max(1)))
+        .enumerate();
+    let first = parts.next();
+    std::thread::scope(|sc| {
+        for (i, (w2p, pp)) in parts {
+            let work = &work;
+            sc.spawn(move || work(i * per, w2p, pp));
+        }
+        if let Some((_, (w2p, pp))) = first {
+            work(0, w2p, pp);
+        }
+    });
+    (w2, prod)
 }
 
 /// g = m / max(n, ε).
@@ -471,9 +498,11 @@ fn compose(p: &Params<'_>, shape: Shape, z: &[f32], g: Option<&[f32]>) -> Vec<f3
 
 /// Forward and, when `grad_y [T, d_out]` is given, backward of the layer.
 ///
-/// The norm needs `‖W0_j‖²` and `P = W0·Aᵀ` (its cross term). For decode-sized T both come
-/// from the pass that computes `x·W0ᵀ`, so W0 is read once for the whole forward; for
-/// larger T they take one pass of their own beside the forward's GEMM. The backward computes `dz·W0` (with `GradMode::Exact`, stacked with the
+/// The norm needs `‖W0_j‖²` and `P = W0·Aᵀ` (its cross term). For a row-major W0 and
+/// decode-sized T both come from the pass that computes `x·W0ᵀ`, so W0 is read once for the
+/// whole forward; for larger T they take one pass of their own beside the forward's GEMM. A
+/// `fan_in_fan_out` W0 (`[d_in, d_out]`) is read twice: by `[x; A]·W0ᵀ` through strides and
+/// by a pass of sums of squares. The backward computes `dz·W0` (with `GradMode::Exact`, stacked with the
 /// `r` rows `(diag(k)·B)ᵀ` so the exact term's product with W0 shares the same pass).
 ///
 /// Gradients (docs/design.md §1): `Detached` treats the norm as a constant, as PEFT does;
@@ -725,4 +754,45 @@ pub fn merged_weight(layer: &Layer) -> Result<Vec<f32>> {
         }
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn w0_pass_matches_loops_for_any_thread_count_and_block() {
+        // 101 rows: ranges of 16-row multiples or not, blocks that do and do not divide
+        // them, more threads than cores and than 16-row groups allow.
+        let (d_out, d_in, c) = (101, 37, 3);
+        let w: Vec<f32> = (0..d_out * d_in)
+            .map(|v| ((v * 29) % 97) as f32 * 0.02 - 0.9)
+            .collect();
+        let l: Vec<f32> = (0..c * d_in)
+            .map(|v| ((v * 13) % 41) as f32 * 0.05 - 1.0)
+            .collect();
+        for nt in [1, 2, 3, 7] {
+            for br in [1, 5, 16, 1024] {
+                let (w2, prod) = w0_pass(&w, d_in, &l, c, nt, br);
+                for j in 0..d_out {
+                    let row = &w[j * d_in..(j + 1) * d_in];
+                    let want: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                    assert!(
+                        (w2[j] as f64 - want).abs() <= 1e-5 * want,
+                        "nt {nt} br {br} row {j}: sum of squares"
+                    );
+                    for k in 0..c {
+                        let lk = &l[k * d_in..(k + 1) * d_in];
+                        let want: f64 =
+                            row.iter().zip(lk).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let got = prod[j * c + k] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "nt {nt} br {br} ({j},{k}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

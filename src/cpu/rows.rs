@@ -3,7 +3,8 @@
 //!
 //! Each pass splits the `d_out` rows of W into one contiguous range per core; each thread
 //! walks its range in blocks of rows small enough to stay in the core's cache
-//! ([`BLOCK_ELEMS`]), widens the block once from the stored dtype (`half`'s slice
+//! ([`BLOCK_ELEMS`]; the Figure-2 pass, which writes nothing back, takes blocks of
+//! [`super::W0_BLOCK_ELEMS`]), widens the block once from the stored dtype (`half`'s slice
 //! conversions), applies the rank-`r` update `± s·B_blk·A` with [`gemm`] on column panels
 //! of [`PANEL_COLS`] (small enough that `matrixmultiply` runs each on the calling thread, so
 //! the two threads never queue on its pool), finishes each row (norm, scale) and rounds the
@@ -654,10 +655,10 @@ fn figure2_row(a: f64, b: f64, c: f64, m: Option<f64>) -> (f64, f64) {
     ((mj - w0n).abs(), one_minus_cos)
 }
 
-/// `‖w‖²` of a row in 16 f64 lanes (vectorisable; enough independent chains to hide the
-/// add latency even with 2-lane SSE2 vectors, where 4 lanes made this pass a third of
-/// `inspect --base`'s CPU time): a square of an f32 value is exact in f64, so this is W0's
-/// own row norm to f64 rounding.
+/// `‖w‖²` of a row in 8 f64 lanes (vectorisable; with AVX2 when the CPU has it, where
+/// SSE2's 2-lane vectors made this sum a fifth of `inspect --base`'s CPU time; 16 lanes
+/// spilled registers): a square of an f32 value is exact in f64, so this is W0's own row
+/// norm to f64 rounding.
 fn sumsq_f64(w: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
