@@ -202,8 +202,9 @@ fn larger_than_the_cache_blocks() {
     // T = 33: d_out spans several of the norm's row blocks, d_in several GEMM panels.
     // T = 5 (decode-sized, the fused pass over W0): with d_in = 257 a block is 1,024 rows,
     // so on two cores each thread takes a whole block and a partial one (the splits for
-    // any thread count and block size are unit-tested in `cpu::tests`).
-    for (t, d_in, d_out) in [(33, 1031, 517), (5, 257, 2600)] {
+    // any thread count and block size are unit-tested in `cpu::tests`). T = 1 with
+    // d_in·d_out past 2²⁰: the backward's dz·W0 is a single row split over the cores.
+    for (t, d_in, d_out) in [(33, 1031, 517), (5, 257, 2600), (1, 1031, 1030)] {
         for fifo in [false, true] {
             let c = Cfg {
                 t,
