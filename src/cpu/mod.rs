@@ -58,8 +58,9 @@ const PAR_MIN_ELEMS: usize = 1 << 18;
 /// Elements of W0 per block of [`Params::fused_w0_pass`] and of the Figure-2 pass
 /// ([`rows::figure2`]), rounded to whole rows and clamped to 16–1,024 rows (f32: about
 /// 4 MiB, a core's share of the last-level cache; the `gemm` crate repacks the small
-/// operand once per block, so larger blocks pay that less often). Measured on 4096 × 4096 f32, `c = 17`: 64-row blocks
-/// 8.0 ms, 128 rows 7.3 ms, 256 rows 7.2 ms, 512 rows 7.3 ms.
+/// operand once per block, so larger blocks pay that less often). Measured on
+/// 4096 × 4096 f32, `c = 17`: 64-row blocks 8.0 ms, 128 rows 7.3 ms, 256 rows 7.2 ms,
+/// 512 rows 7.3 ms.
 const W0_BLOCK_ELEMS: usize = 1 << 20;
 
 /// The values of `t` as f32: borrowed when `t` is f32, widened once otherwise.
@@ -502,8 +503,9 @@ fn compose(p: &Params<'_>, shape: Shape, z: &[f32], g: Option<&[f32]>) -> Vec<f3
 /// decode-sized T both come from the pass that computes `x·W0ᵀ`, so W0 is read once for the
 /// whole forward; for larger T they take one pass of their own beside the forward's GEMM. A
 /// `fan_in_fan_out` W0 (`[d_in, d_out]`) is read twice: by `[x; A]·W0ᵀ` through strides and
-/// by a pass of sums of squares. The backward computes `dz·W0` (with `GradMode::Exact`, stacked with the
-/// `r` rows `(diag(k)·B)ᵀ` so the exact term's product with W0 shares the same pass).
+/// by a pass of sums of squares. The backward computes `dz·W0` (with `GradMode::Exact`,
+/// stacked with the `r` rows `(diag(k)·B)ᵀ` so the exact term's product with W0 shares the
+/// same pass).
 ///
 /// Gradients (docs/design.md §1): `Detached` treats the norm as a constant, as PEFT does;
 /// `Exact` adds the norm's dependence on A and B through `k = m ⊙ c / n³`. Where
