@@ -544,9 +544,9 @@ mod tests {
                                 let want = 0.5 * dot + base;
                                 let got = c[i * n + j] as f64;
                                 assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "m {m} transposed {transposed} beta {beta} ({i},{j}): {got} vs {want}"
-                            );
+                                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                    "m {m} Wᵀ {transposed} β {beta} ({i},{j}): {got} vs {want}"
+                                );
                             }
                         }
                     }
