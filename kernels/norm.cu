@@ -173,6 +173,27 @@ __device__ __forceinline__ void vtile_pass(
 // ---------------------------------------------------------------------------------------
 constexpr int NT_LD = NT_COLS + 8;
 
+// The W0 tile [NT_ROWS, NT_COLS] at rows j0.., columns k0.. (zero outside W0 and past
+// column ke) into ws [NT_ROWS, NT_LD], shared by both v2 variants: 16-byte loads when `vec`
+// (row-major W0; rows of ws are 16-byte aligned, NT_LD·2 = 144 bytes), else the
+// layout-aware loader. The caller places the barriers around it.
+template <typename T>
+__device__ __forceinline__ void norm_v2_stage_w0(int vec, const T* __restrict__ w0,
+                                                 long long ldw_j, long long ldw_k, int j0,
+                                                 int k0, int d_out, int ke, T zero, T* ws) {
+    constexpr int NTH = NT_WARPS * 32;
+    if (vec) {
+        stage_tile_vec16<NT_ROWS, NT_COLS, NTH>(
+            w0, ldw_j, j0, k0, d_out, ke, [&](int jj, int c, const uint4& v) {
+                *reinterpret_cast<uint4*>(ws + jj * NT_LD + c) = v;
+            });
+    } else {
+        stage_w0_tile<NT_ROWS, NT_COLS, NTH>(
+            w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero,
+            [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
+    }
+}
+
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
                                          const uint32_t (&b)[2], const float (&c)[4],
                                          __nv_bfloat16) {
@@ -265,16 +286,7 @@ __device__ __forceinline__ void norm_v2(
 
     for (int k0 = kb; k0 < ke; k0 += NT_COLS) {
         __syncthreads();  // readers of the previous ws/as (first time: writers of bs) done
-        if (vec) {  // rows of ws are 16-byte aligned (NT_LD·2 = 144 bytes)
-            stage_tile_vec16<NT_ROWS, NT_COLS, NTH>(
-                w0, ldw_j, j0, k0, d_out, ke, [&](int jj, int c, const uint4& v) {
-                    *reinterpret_cast<uint4*>(ws + jj * NT_LD + c) = v;
-                });
-        } else {
-            stage_w0_tile<NT_ROWS, NT_COLS, NTH>(
-                w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero,
-                [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
-        }
+        norm_v2_stage_w0(vec, w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero, ws);
         float acc[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -421,16 +433,7 @@ __device__ __forceinline__ void norm_v2(
 
     for (int k0 = kb; k0 < ke; k0 += NT_COLS) {
         __syncthreads();  // readers of the previous ws/asf (first time: writers of bsf) done
-        if (vec) {
-            stage_tile_vec16<NT_ROWS, NT_COLS, NTH>(
-                w0, ldw_j, j0, k0, d_out, ke, [&](int jj, int c, const uint4& v) {
-                    *reinterpret_cast<uint4*>(ws + jj * NT_LD + c) = v;
-                });
-        } else {
-            stage_w0_tile<NT_ROWS, NT_COLS, NTH>(
-                w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero,
-                [&](int jj, int c, T v) { ws[jj * NT_LD + c] = v; });
-        }
+        norm_v2_stage_w0(vec, w0, ldw_j, ldw_k, j0, k0, d_out, ke, zero, ws);
         float acc[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
