@@ -322,16 +322,8 @@ fn row_times_matrix<T: Scalar>(
             ::gemm::Parallelism::None,
         );
     };
-    let mut pieces = c.data[..n].chunks_mut(per).enumerate();
-    let first = pieces.next();
-    std::thread::scope(|sc| {
-        for (i, cn) in pieces {
-            let part = &part;
-            sc.spawn(move || part(i * per, cn));
-        }
-        if let Some((_, cn)) = first {
-            part(0, cn);
-        }
+    super::on_threads(c.data[..n].chunks_mut(per).enumerate(), |(i, cn)| {
+        part(i * per, cn)
     });
 }
 
@@ -355,9 +347,9 @@ fn rows_times_transposed<T: Scalar>(
     let nt = nt.clamp(1, n.div_ceil(16).max(1));
     let per = n.div_ceil(nt);
     let br = (super::W0_BLOCK_ELEMS / k.max(1)).clamp(16, 1024);
-    // Rows j0..j1 of W = Bᵀ times Aᵀ, `[j1 - j0, m]`.
-    let part = |j0: usize, j1: usize| -> Vec<T> {
-        let mut t = vec![T::ZERO; (j1 - j0) * m];
+    // Rows j0..j0 + t.len()/m of W = Bᵀ times Aᵀ into t `[rows, m]`.
+    let part = |j0: usize, t: &mut [T]| {
+        let j1 = j0 + t.len() / m;
         let mut j = j0;
         while j < j1 {
             let nb = br.min(j1 - j);
@@ -373,36 +365,16 @@ fn rows_times_transposed<T: Scalar>(
             );
             j += nb;
         }
-        t
     };
-    let ranges: Vec<(usize, usize)> = (0..nt)
-        .map(|i| (i * per, ((i + 1) * per).min(n)))
-        .filter(|(j0, j1)| j0 < j1)
-        .collect();
-    let pieces: Vec<Vec<T>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = ranges[1..]
-            .iter()
-            .map(|&(j0, j1)| {
-                let part = &part;
-                sc.spawn(move || part(j0, j1))
-            })
-            .collect();
-        let mut out = vec![part(ranges[0].0, ranges[0].1)];
-        out.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-        );
-        out
+    let mut wt = vec![T::ZERO; n * m];
+    super::on_threads(wt.chunks_mut(per * m).enumerate(), |(i, t)| {
+        part(i * per, t)
     });
-    let c_rs = c.rs;
-    for (&(j0, _), t) in ranges.iter().zip(&pieces) {
-        for (jj, row) in t.chunks_exact(m).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                let e = &mut c.data[i * c_rs + j0 + jj];
-                // β = 0 ignores C's old contents (a NaN there included).
-                *e = if beta == T::ZERO { v } else { v + beta * *e };
-            }
+    for (j, row) in wt.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            let e = &mut c.data[i * c.rs + j];
+            // β = 0 ignores C's old contents (a NaN there included).
+            *e = if beta == T::ZERO { v } else { v + beta * *e };
         }
     }
 }

@@ -111,10 +111,23 @@ where
         return;
     }
     let per = out.len().div_ceil(nt);
+    on_threads(out.chunks_mut(per).enumerate(), |(i, piece)| {
+        f(i * per, piece)
+    });
+}
+
+/// Runs `f` on every part: the first on the calling thread, each other one on a scoped
+/// thread of its own; returns when all are done (a panic in any is resumed here).
+fn on_threads<P: Send, F: Fn(P) + Sync>(parts: impl IntoIterator<Item = P>, f: F) {
+    let mut parts = parts.into_iter();
+    let first = parts.next();
     std::thread::scope(|sc| {
-        for (i, piece) in out.chunks_mut(per).enumerate() {
+        for p in parts {
             let f = &f;
-            sc.spawn(move || f(i * per, piece));
+            sc.spawn(move || f(p));
+        }
+        if let Some(p) = first {
+            f(p);
         }
     });
 }
@@ -355,20 +368,11 @@ fn w0_pass(
             b += n;
         }
     };
-    let mut parts = w2
+    let parts = w2
         .chunks_mut(per)
         .zip(prod.chunks_mut((per * c).max(1)))
         .enumerate();
-    let first = parts.next();
-    std::thread::scope(|sc| {
-        for (i, (w2p, pp)) in parts {
-            let work = &work;
-            sc.spawn(move || work(i * per, w2p, pp));
-        }
-        if let Some((_, (w2p, pp))) = first {
-            work(0, w2p, pp);
-        }
-    });
+    on_threads(parts, |(i, (w2p, pp))| work(i * per, w2p, pp));
     (w2, prod)
 }
 
