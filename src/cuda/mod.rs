@@ -64,7 +64,7 @@ pub fn fatbin() -> Option<&'static [u8]> {
 }
 
 /// Every kernel entry point as (file stem, name), from `kernels/kernels.list` (the table
-/// build.rs generated; [`CudaBackend::load_all_kernels`] looks each one up in the module).
+/// build.rs generated; the module resolves each one when it is loaded into a context).
 pub fn entry_points() -> &'static [(&'static str, &'static str)] {
     table::KERNELS
 }
@@ -234,36 +234,27 @@ impl KernelModule {
                      this device"
                 )
             })?;
-        Ok(KernelModule {
-            ctx: ctx.clone(),
-            module,
-            functions: RwLock::new(HashMap::new()),
-        })
-    }
-
-    /// The handle of `name`, looked up once; raises the dynamic shared-memory limit to
-    /// `shared_bytes` when a launch needs more than the default 48 KiB.
-    fn function(&self, name: &str, shared_bytes: u32) -> Result<sys::CUfunction> {
-        {
-            let map = self.functions.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(f) = map.get(name) {
-                if shared_bytes <= f.max_dynamic_smem.max(48 * 1024) {
-                    return Ok(f.handle);
-                }
-            }
-        }
-        let mut map = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        if !map.contains_key(name) {
-            let cname = CString::new(name).with_context(|| format!("kernel name {name:?}"))?;
-            // SAFETY: `self.module` is loaded and not yet unloaded (we hold `self`).
-            let handle = unsafe { driver::result::module::get_function(self.module, cname) }
+        // Every entry point is looked up now, once per context. Under CUDA's lazy loading (the
+        // default since CUDA 12.2) a kernel is loaded into the context at this lookup; loading
+        // one can synchronise the context, which must not happen later on the serving path
+        // (a launch would then wait for whatever another stream has queued).
+        let mut functions = HashMap::with_capacity(table::KERNELS.len());
+        for (file, name) in table::KERNELS {
+            let cname = CString::new(*name).with_context(|| format!("kernel name {name:?}"))?;
+            // SAFETY: `module` was loaded above into the context bound to this thread.
+            let handle = unsafe { driver::result::module::get_function(module, cname) }
                 .map_err(|e| {
-                    anyhow!(
-                        "kernel `{name}` is not in the embedded module ({e}); entry points: {:?}",
-                        table::KERNELS.iter().map(|(_, n)| *n).collect::<Vec<_>>()
-                    )
-                })?;
-            map.insert(
+                    anyhow!("entry point `{name}` of kernels/{file}.cu is not in the embedded module: {e}")
+                });
+            let handle = match handle {
+                Ok(h) => h,
+                Err(e) => {
+                    // SAFETY: `module` is loaded, unused by any launch, and not kept.
+                    let _ = unsafe { driver::result::module::unload(module) };
+                    return Err(e);
+                }
+            };
+            functions.insert(
                 name.to_string(),
                 Function {
                     handle,
@@ -271,7 +262,32 @@ impl KernelModule {
                 },
             );
         }
-        let f = map.get_mut(name).expect("inserted above");
+        Ok(KernelModule {
+            ctx: ctx.clone(),
+            module,
+            functions: RwLock::new(functions),
+        })
+    }
+
+    /// The handle of `name` (resolved when the module was loaded); raises the dynamic
+    /// shared-memory limit to `shared_bytes` when a launch needs more than the default 48 KiB.
+    /// A name that is not an entry point is refused without a driver call.
+    fn function(&self, name: &str, shared_bytes: u32) -> Result<sys::CUfunction> {
+        let unknown = || {
+            anyhow!(
+                "kernel `{name}` is not an entry point of the embedded module; entry points: {:?}",
+                table::KERNELS.iter().map(|(_, n)| *n).collect::<Vec<_>>()
+            )
+        };
+        {
+            let map = self.functions.read().unwrap_or_else(|e| e.into_inner());
+            let f = map.get(name).ok_or_else(unknown)?;
+            if shared_bytes <= f.max_dynamic_smem.max(48 * 1024) {
+                return Ok(f.handle);
+            }
+        }
+        let mut map = self.functions.write().unwrap_or_else(|e| e.into_inner());
+        let f = map.get_mut(name).ok_or_else(unknown)?;
         if shared_bytes > 48 * 1024 && shared_bytes > f.max_dynamic_smem {
             // SAFETY: `f.handle` belongs to this module, which is alive.
             unsafe {
@@ -481,11 +497,12 @@ impl CudaBackend {
         Ok(format!("{name} (sm_{major}{minor}, {sms} SMs)"))
     }
 
-    /// Looks up every entry point of `kernels/kernels.list` in the loaded module, returning how
-    /// many there are (a check that the embedded module is complete).
+    /// Checks that every entry point of `kernels/kernels.list` has a function handle and returns
+    /// how many there are. The module resolves (and, under CUDA's lazy loading, loads) all of
+    /// them when it is loaded into the context, so a backend that was created has them all.
     ///
     /// # Errors
-    /// The first entry point that is missing.
+    /// The first entry point without a handle.
     pub fn load_all_kernels(&self) -> Result<usize> {
         for (file, name) in table::KERNELS {
             self.module
