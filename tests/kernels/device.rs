@@ -20,10 +20,14 @@ pub trait TestBackend: Backend + Sized {
     fn large() -> bool;
     /// Another stream of the same device (a side stream: adapter loads in the pool tests).
     fn side_stream(&self) -> Self;
+    /// Whether a tensor-core mma rounds its f32 sums to nearest: the emulator's does; a GPU's
+    /// truncates (tests/kernels/layer.rs, `norm_v2_a32_as_accurate_as_the_f32_cuda_core_path`).
+    const MMA_ROUNDS_TO_NEAREST: bool;
 }
 
 impl TestBackend for EmuBackend {
     const SEEDS: &'static [u64] = &[1, 2, 3];
+    const MMA_ROUNDS_TO_NEAREST: bool = true;
     fn with_seed(seed: u64) -> Self {
         EmuBackend::new(seed)
     }
@@ -37,6 +41,7 @@ impl TestBackend for EmuBackend {
 
 impl TestBackend for CudaBackend {
     const SEEDS: &'static [u64] = &[0];
+    const MMA_ROUNDS_TO_NEAREST: bool = false;
     fn with_seed(_: u64) -> Self {
         crate::gpu_util::backend()
     }
