@@ -254,7 +254,17 @@ for tool in memcheck racecheck; do
   fi
   san=("$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 20)
   for t in "${tests[@]}"; do
-    run_step "$tool $(basename "$t")" 150 env DORAFUSE_GPU_QUICK=1 "${san[@]}" "$t" --ignored cuda --test-threads=1
+    if [ "$(basename "$t")" = kernels ]; then
+      # Two parts, each under its own timeout (racecheck is slow: one part took over 150 s):
+      # the single-layer tests, then the multi-adapter and per-kernel ones.
+      run_step "$tool kernels (layer, pool, backend)" 200 env DORAFUSE_GPU_QUICK=1 "${san[@]}" "$t" \
+        --ignored cuda --test-threads=1 --skip multi_adapter_cuda --skip per_kernel::
+      run_step "$tool kernels (multi-adapter, per-kernel)" 200 env DORAFUSE_GPU_QUICK=1 "${san[@]}" "$t" \
+        --ignored cuda --test-threads=1 --skip layer:: --skip adapter_pool:: --skip cuda_backend:: \
+        --skip engine_example
+    else
+      run_step "$tool $(basename "$t")" 150 env DORAFUSE_GPU_QUICK=1 "${san[@]}" "$t" --ignored cuda --test-threads=1
+    fi
   done
   if [ ${#cases[@]} -gt 0 ]; then
     run_step "$tool replay --device cuda" 120 "${san[@]}" "$bin/dorafuse" replay --device cuda "${cases[@]}"
