@@ -311,7 +311,13 @@ pub(crate) struct FwdIo {
     pub ldx: usize,
     pub t: usize,
     pub u: DevPtr,
+    /// U may stay as split-K slabs in `u` (compose sums them): inference.
     pub split_k: bool,
+    /// With `split_k` false: where a split-K shrink writes its slabs
+    /// ([`launch::shrink_splits`]`(t, r, d_in, true).0 · t · r` f32) before they are summed,
+    /// in split order, into the one slab `u` that the backward reads (training). `None`: one
+    /// unsplit shrink.
+    pub u_part: Option<DevPtr>,
     pub base: DevPtr,
     pub ld_base: usize,
     pub y: DevPtr,
@@ -533,6 +539,7 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
                 t,
                 u,
                 split_k: true,
+                u_part: None,
                 base: base_p,
                 ld_base,
                 y: yp,
@@ -570,11 +577,15 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
         let g = self.w.magnitude.map(|_| self.g_ptr());
         let mut c = Carve::new();
         let u_off = c.take(F32_BYTES * t * r);
+        // Split-K slabs of U (summed into u): a decode-sized T alone fills too few blocks.
+        let (splits, _) = launch::shrink_splits(t, r, self.w.d_in, true);
+        let part_off = (splits > 1).then(|| c.take(F32_BYTES * splits * t * r));
         let base_off = c.take(t * d_out * dt.size());
         let need_base = matches!(base, Base::Compute);
         let total = if need_base { c.next } else { base_off };
         let act = self.act.ensure(b, total, "training activation")?;
         let u = act.offset(u_off);
+        let u_part = part_off.map(|o| act.offset(o));
         let base_p = match base {
             Base::Compute => {
                 let p = act.offset(base_off);
@@ -592,7 +603,8 @@ impl<'w, B: Backend> DoraLayer<'w, B> {
                 ldx: self.w.d_in,
                 t,
                 u,
-                split_k: false, // the backward reads U itself: keep one slab
+                split_k: false, // the backward reads U itself: one slab
+                u_part,
                 base: base_p,
                 ld_base: d_out,
                 y: yp,
@@ -929,6 +941,10 @@ pub(crate) fn base_gemm<B: Backend>(
 
 /// U = shrink(x, A) into `io.u`, then y = compose(base, U) with g (None: LoRA).
 pub(crate) fn shrink_and_compose<B: Backend>(b: &B, w: &DoraWeights, io: FwdIo) -> Result<()> {
+    let summed = match io.u_part {
+        Some(part) if !io.split_k => Some(part),
+        _ => None,
+    };
     let sh = launch::ShrinkArgs {
         dtype: w.dtype(),
         adapter: w.adapter_dtype(),
@@ -938,13 +954,21 @@ pub(crate) fn shrink_and_compose<B: Backend>(b: &B, w: &DoraWeights, io: FwdIo) 
         rows: io.t,
         d_in: w.d_in,
         r: w.r,
-        split_k: io.split_k,
+        split_k: io.split_k || summed.is_some(),
         coef: None,
-        out: io.u,
+        out: summed.unwrap_or(io.u),
     };
-    // SAFETY: x [t, d_in] and A [r, d_in] checked; u holds shrink_splits(..).0 slabs of
-    // t·r f32 (sized by the caller with the same rule).
-    let splits = unsafe { launch::shrink(b, &sh) }?;
+    // SAFETY: x [t, d_in] and A [r, d_in] checked; u (inference) or u_part (training) holds
+    // shrink_splits(t, r, d_in, true).0 slabs of t·r f32 (sized by the caller with the same
+    // rule), u one slab.
+    let mut splits = unsafe { launch::shrink(b, &sh) }?;
+    if let Some(part) = summed {
+        if splits > 1 {
+            // SAFETY: part holds the `splits` slabs written above, u one [t, r] f32 slab.
+            unsafe { launch::sum_slabs(b, part, splits, io.t, w.r, io.u) }?;
+        }
+        splits = 1;
+    }
     let co = launch::ComposeArgs {
         dtype: w.dtype(),
         adapter: w.adapter_dtype(),

@@ -477,6 +477,7 @@ impl<B: Backend> DoraLinear<B> {
                 t,
                 u: wc.ptr,
                 split_k: true,
+                u_part: None,
                 base: base_p,
                 ld_base,
                 y: yc.ptr,

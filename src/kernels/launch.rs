@@ -625,6 +625,22 @@ pub(crate) unsafe fn bwd_dz<B: Backend>(b: &B, x: &BwdDzArgs) -> Result<()> {
     Ok(())
 }
 
+/// `out [rows, r] = Σ_split part[split]` over the `splits` slabs of a split-K shrink, in
+/// split order (`dora_sum_partials_f32`): the one slab of U a training forward keeps.
+///
+/// # Safety
+/// `part` holds `splits·rows·r` f32 and `out` `rows·r` f32.
+pub(crate) unsafe fn sum_slabs<B: Backend>(
+    b: &B,
+    part: DevPtr,
+    splits: usize,
+    rows: usize,
+    r: usize,
+    out: DevPtr,
+) -> Result<()> {
+    sum_partials(b, part, splits, rows, r, 1.0, None, false, false, out)
+}
+
 /// Launches `dora_sum_partials_f32`: `out (+)= alpha·colscale ⊙ Σ_split part[split]` over
 /// `[r, ncols]` slabs, in split order.
 ///
