@@ -351,7 +351,12 @@ __device__ __forceinline__ void norm_v2(
 // ≤ 2u³|a·b| + u⁴|a·b|, so each product is off by at most ≈ 4u³|a·b| = 4·2⁻²⁴|a·b| before the
 // f32 accumulation, the order of the one rounding v1 makes forming it in f32; bf16 has f32's
 // exponent range, so no value overflows or loses precision to the split (only terms below
-// 2⁻¹²⁶ go subnormal). tests/kernels/layer.rs holds it to v1 `_a32` with V = s·B·A alone.
+// 2⁻¹²⁶ go subnormal). That bound takes each mma's f32 sums as rounded to nearest, as the
+// emulator's are. A GPU's are truncated after aligning the addends to the largest (Fasi et al.,
+// "Numerical behavior of NVIDIA tensor cores", PeerJ Comput. Sci. 7:e330, 2021): up to one
+// f32 ulp more per mma, one-sided, 6·⌈r/16⌉ mma per element; the H200 run of 2026-11-29
+// (docs/gpu/h200-2026-11-29/norm-v2-a32.txt) measured the error growing with r accordingly.
+// tests/kernels/layer.rs holds it to v1 `_a32` with V = s·B·A alone, with that term on a GPU.
 // Shared memory (dynamic):
 //   bsf [64, rp + 8]   f32, the block's rows of B, zero beyond r / d_out   (loaded once)
 //   asf [32, 64 + 4]   f32, one rank chunk of the A chunk, zero beyond r / d_in

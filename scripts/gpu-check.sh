@@ -7,9 +7,11 @@
 #   device tool:     run(command="scripts/gpu-check.sh", carry=[".gpu-bundle"], timeout_s=540)
 #   read:            $OUT/summary.txt (also printed last), $OUT/gpu-check.log (every step's output)
 #
-# usage: scripts/gpu-check.sh [--quick] [--no-require-gpu]
+# usage: scripts/gpu-check.sh [--quick] [--no-sanitizers | --sanitizers] [--no-require-gpu]
 #   --quick            DORAFUSE_GPU_QUICK=1 for the plain test runs too (sanitizer runs always
 #                      use it): fewer sizes per test.
+#   --no-sanitizers    every step but 4 and 5.
+#   --sanitizers       steps 4 and 5 only (memcheck, racecheck).
 #   --no-require-gpu   accepted and ignored: the GPU tests never skip (they are the ignored
 #                      tests named `cuda`, run with `--ignored cuda`, and fail without a device).
 #
@@ -35,9 +37,12 @@
 #      `--device cuda --json $OUT/bench.json --plot $OUT/bench.svg`) if the CLI has `bench`;
 #   7. hook: `python3 benches/peft_bench.py $GPU_CHECK_PEFT_ARGS` (default `--json
 #      $OUT/peft_bench.json`) if that file exists; then both JSONs in one table and plot
-#      (`dorafuse bench --from ... --plot $OUT/bench_vs_peft.svg --markdown $OUT/bench.md`).
-# $OUT receives at most 7 files (the device tool returns 8): summary.txt, gpu-check.log,
-# bench.json, bench.svg, peft_bench.json, bench_vs_peft.svg, bench.md.
+#      (`dorafuse bench --from ... --plot $OUT/bench_vs_peft.svg --markdown $OUT/bench.md`);
+#   8. a per-kernel profile under Nsight Compute (`ncu`) into ncu.csv (scripts/ncu-summary.py).
+# On an H200 the sanitizer steps take about 6 minutes and the rest about 5: for a 15-minute
+# lease, run `--no-sanitizers` and then, at once (the machine is still warm), `--sanitizers`.
+# $OUT receives at most 8 files (the device tool returns 8): summary.txt, gpu-check.log,
+# bench.json, bench.svg, peft_bench.json, bench_vs_peft.svg, bench.md, ncu.csv.
 # A missing tool or binary is reported as SKIP with the reason, never silently.
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 set -uo pipefail
@@ -45,13 +50,19 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 quick=0
+sanitize=1 # 0: skip steps 4-5; 2: only steps 4-5
 for a in "$@"; do
   case $a in
     --quick) quick=1 ;;
+    --no-sanitizers) sanitize=0 ;;
+    --sanitizers) sanitize=2 ;;
     --no-require-gpu) ;;
-    *) echo "usage: $0 [--quick] [--no-require-gpu]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--no-sanitizers | --sanitizers] [--no-require-gpu]" >&2; exit 2 ;;
   esac
 done
+# others: whether the steps other than the sanitizers run.
+others=1
+[ "$sanitize" -eq 2 ] && others=0
 
 out=${OUT:-$root/.gpu-check-out}
 [ -n "${OUT:-}" ] || grep -qxF "/.gpu-check-out/" .git/info/exclude 2>/dev/null || echo "/.gpu-check-out/" >>.git/info/exclude 2>/dev/null
@@ -63,6 +74,7 @@ log=$out/gpu-check.log
 budget=${GPU_CHECK_BUDGET_S:-420}
 t0=$(date +%s)
 failures=0
+group=other # the step group run_step is in: other, or sanitizer (steps 4-5)
 
 note() { echo "$*" >>"$summary"; echo "$*" >&2; }
 
@@ -71,6 +83,10 @@ note() { echo "$*" >>"$summary"; echo "$*" >&2; }
 run_step() {
   local name=$1 limit=$2
   shift 2
+  if { [ "$group" = sanitizer ] && [ "$sanitize" -eq 0 ]; } || { [ "$group" = other ] && [ "$others" -eq 0 ]; }; then
+    note "$(printf '%-9s %s (not selected: %s)' SKIP "$name" "$([ "$sanitize" -eq 0 ] && echo --no-sanitizers || echo --sanitizers)")"
+    return 0
+  fi
   local left=$((budget - ($(date +%s) - t0)))
   if [ "$left" -le 15 ]; then
     note "$(printf '%-9s %s (the %s s budget is spent)' SKIP "$name" "$budget")"
@@ -187,6 +203,7 @@ cases=(tests/fixtures/cases/*.safetensors)
 [ -e "${cases[0]}" ] || { note "SKIP      replay: no tests/fixtures/cases/*.safetensors"; cases=(); }
 
 # --- 2. the GPU tests ---------------------------------------------------------------------------
+group=other
 for t in "${tests[@]}"; do
   run_step "test $(basename "$t")" 240 env DORAFUSE_GPU_QUICK=$quick "$t" --ignored cuda
 done
@@ -247,6 +264,7 @@ if [ -e "${multi[0]}" ]; then
 fi
 
 # --- 4, 5. compute-sanitizer --------------------------------------------------------------------
+group=sanitizer
 for tool in memcheck racecheck; do
   if [ -z "$sanitizer" ]; then
     note "SKIP      $tool: compute-sanitizer not found"
@@ -272,6 +290,7 @@ for tool in memcheck racecheck; do
 done
 
 # --- 6, 7. benchmark hooks ----------------------------------------------------------------------
+group=other
 # The serving rows (src/bench/serving.rs): a mixed batch from an adapter pool against the base
 # GEMM, plain LoRA through the same kernels and the naive loop; the goal line (decode T=64 over
 # 64 DoRA adapters at most 1.10x LoRA) goes into the summary, the table into bench.md.
@@ -295,6 +314,25 @@ fi
 if [ -s "$out/bench.json" ] && [ -s "$out/peft_bench.json" ]; then
   run_step "bench tables: dorafuse vs PEFT" 60 "$bin/dorafuse" bench --from "$out/bench.json" \
     --from "$out/peft_bench.json" --plot "$out/bench_vs_peft.svg" --markdown "$out/bench.md"
+fi
+
+# --- 8. per-kernel profile (Nsight Compute) ---------------------------------------------------
+# One timed run of each forward/backward row at 4096×4096, r = 16, bf16, T = 1, 512, 4096 under
+# ncu (clocks left alone), every dora_ kernel's duration, DRAM bytes, occupancy and stalls into
+# $OUT/ncu.csv; `scripts/ncu-summary.py ncu.csv` makes the per-kernel table of docs/gpu/.
+ncu_bin=$(find_tool ncu) || ncu_bin=
+if [ -n "$ncu_bin" ]; then
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
+  metrics=$metrics,sm__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed
+  metrics=$metrics,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
+  metrics=$metrics,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio
+  metrics=$metrics,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio
+  run_step "ncu per-kernel profile" 120 "$ncu_bin" --clock-control none --csv --print-units base \
+    --metrics "$metrics" -k regex:dora_ --launch-count 400 --log-file "$out/ncu.csv" \
+    "$bin/dorafuse" bench --device cuda --shapes 4096x4096 --tokens 1,512,4096 --ranks 16 \
+    --ops norm,compose,forward,inference,backward --reps 1 --warmup 1 --quiet
+else
+  note "SKIP      ncu per-kernel profile: ncu not found"
 fi
 
 # The device tool returns files up to 16 MiB: keep the log's head and tail.
