@@ -30,8 +30,9 @@ constexpr int NT_COLS = 64;  // Columns per chunk of norm v2
 constexpr int NT_WARPS = 4;  // Warps per block of norm v2
 constexpr int NT_RK = 32;  // Rank chunk of norm v2 (two mma k-steps of 16)
 
-constexpr int SH_ROWS = 16;  // Rows (tokens) per block of shrink
-constexpr int SH_RANKS = 64;  // Ranks per block of shrink
+constexpr int SH_ROWS = 16;  // Rows (tokens) per block of shrink at its widest rank tile
+constexpr int SH_RANKS = 64;  // Widest rank tile of shrink (SH_ROWS·SH_RANKS outputs per block)
+constexpr int SH_MIN_RANKS = 16;  // Narrowest rank tile of shrink (then SH_ROWS·SH_RANKS/16 rows)
 constexpr int SH_KCHUNK = 32;  // Reduction chunk of shrink (a split of d_in holds whole chunks)
 
 constexpr int CO_ROWS = 16;  // Tokens per block of compose

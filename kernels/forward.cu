@@ -15,14 +15,17 @@ namespace df {
 // ---------------------------------------------------------------------------------------
 // shrink v1: out[z, t, i] (+)= coef[t]·Σ_{k in split z} X[t, k]·A[i, k]
 //
-// Block: 256 threads, SH_ROWS = 16 rows × SH_RANKS = 64 ranks of the output; the reduction
+// Block: 256 threads over 1024 outputs, rt ranks × 1024/rt rows; rt (16, 32 or 64: the
+// launcher's, the least power of two ≥ r within SH_MIN_RANKS..SH_RANKS) follows the rank, so
+// no thread computes a rank beyond r when r ≤ 64 is a power of two (at r = 16, the 64-rank
+// tile left three quarters of the threads idle: the H200 run of 2026-11-29). The reduction
 // is walked in chunks of SH_KCHUNK = 32, both operands staged in shared memory (padded rows:
-// no bank conflicts). Thread (il = tid % 64, tq = tid / 64) owns rows tq + 4q, q = 0..3.
-// Grid: (⌈rows/16⌉, ⌈r/64⌉, splits). With few rows (decode) the launcher splits d_in so
-// that enough blocks stream A; compose then sums the splits' slabs in order.
+// no bank conflicts). Thread (il = tid % rt, tq = tid / rt) owns rows tq + (256/rt)·q,
+// q = 0..3. Grid: (⌈rows/(1024/rt)⌉, ⌈r/rt⌉, splits). With few rows (decode) the launcher
+// splits d_in so that enough blocks stream A; compose then sums the splits' slabs in order.
 //
-// Bytes: X ⌈r/64⌉ times (rows·d_in·sz; once for r ≤ 64) + A once per row block
-// (⌈rows/16⌉·r·d_in·sz, L2) + out 4·rows·r.   FLOPs: 2·rows·d_in·r.
+// Bytes: X ⌈r/rt⌉ times (rows·d_in·sz; once for r ≤ 64) + A once per row block
+// (⌈rows·rt/1024⌉·r·d_in·sz, L2) + out 4·rows·r.   FLOPs: 2·rows·d_in·r.
 // ---------------------------------------------------------------------------------------
 template <typename T, typename TA>
 __device__ __forceinline__ void shrink(
@@ -32,15 +35,18 @@ __device__ __forceinline__ void shrink(
     int rows, int d_in, int r,
     int k_per_split,                 // reduction columns per split (grid.z splits)
     const float* __restrict__ coef,  // [rows] or null (then a single split)
-    float* __restrict__ out) {       // [splits, rows, r]: = acc, or += coef[t]·acc
-    __shared__ float xs[SH_ROWS][SH_KCHUNK + 1];
+    float* __restrict__ out,         // [splits, rows, r]: = acc, or += coef[t]·acc
+    int rt) {                        // rank tile: 16, 32 or 64 (divides THREADS)
+    constexpr int Q = SH_ROWS / (THREADS / SH_RANKS);  // 4 rows per thread at every tile
+    __shared__ float xs[Q * (THREADS / SH_MIN_RANKS)][SH_KCHUNK + 1];
     __shared__ float as[SH_RANKS][SH_KCHUNK + 1];
     const int tid = threadIdx.x;
-    const int t0 = blockIdx.x * SH_ROWS;
-    const int i0 = blockIdx.y * SH_RANKS;
-    const int il = tid % SH_RANKS;
-    const int tq = tid / SH_RANKS;
-    constexpr int Q = SH_ROWS / (THREADS / SH_RANKS);  // 4
+    const int groups = THREADS / rt;  // row groups of the block
+    const int brows = Q * groups;     // rows of the block
+    const int t0 = blockIdx.x * brows;
+    const int i0 = blockIdx.y * rt;
+    const int il = tid % rt;
+    const int tq = tid / rt;
     // Split-K (decode: few rows, long d_in): split z reduces columns [kb, ke) into its own
     // slab of `out`; the consumer (compose) sums the slabs in a fixed order.
     const int kb = blockIdx.z * k_per_split;
@@ -53,19 +59,19 @@ __device__ __forceinline__ void shrink(
 
     for (int k0 = kb; k0 < ke; k0 += SH_KCHUNK) {
         __syncthreads();  // readers of the previous chunk are done
-        for (int f = tid; f < SH_ROWS * SH_KCHUNK; f += THREADS) {
+        for (int f = tid; f < brows * SH_KCHUNK; f += THREADS) {
             int tt, c;
             if (ldx_k == 1) {
                 tt = f / SH_KCHUNK;
                 c = f % SH_KCHUNK;
             } else {
-                c = f / SH_ROWS;
-                tt = f % SH_ROWS;
+                c = f / brows;
+                tt = f % brows;
             }
             const int t = t0 + tt, k = k0 + c;
             xs[tt][c] = (t < rows && k < ke) ? to_f32(x[t * ldx_t + k * ldx_k]) : 0.f;
         }
-        for (int f = tid; f < SH_RANKS * SH_KCHUNK; f += THREADS) {
+        for (int f = tid; f < rt * SH_KCHUNK; f += THREADS) {
             const int ii = f / SH_KCHUNK, c = f % SH_KCHUNK;
             const int i = i0 + ii, k = k0 + c;
             as[ii][c] = (i < r && k < ke) ? to_f32(a[(long long)i * d_in + k]) : 0.f;
@@ -75,14 +81,14 @@ __device__ __forceinline__ void shrink(
         for (int c = 0; c < nc; ++c) {
             const float av = as[il][c];
 #pragma unroll
-            for (int q = 0; q < Q; ++q) acc[q] += xs[tq + 4 * q][c] * av;
+            for (int q = 0; q < Q; ++q) acc[q] += xs[tq + groups * q][c] * av;
         }
     }
     const int i = i0 + il;
     if (i >= r) return;
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
-        const int t = t0 + tq + 4 * q;
+        const int t = t0 + tq + groups * q;
         if (t < rows) {
             const long long o = (long long)t * r + i;
             out[o] = coef ? out[o] + coef[t] * acc[q] : acc[q];
@@ -186,8 +192,9 @@ __device__ __forceinline__ void compose(
         const TA* __restrict__ a,       /* [r, d_in] */                                     \
         int rows, int d_in, int r, int k_per_split,                                         \
         const float* __restrict__ coef, /* [rows] or null */                                \
-        float* __restrict__ out) {      /* [splits, rows, r] */                             \
-        df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef, out);       \
+        float* __restrict__ out,        /* [splits, rows, r] */                             \
+        int rt) {                       /* rank tile: 16, 32 or 64 */                       \
+        df::shrink<T, TA>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef, out, rt);   \
     }
 DF_STAMP(dora_shrink, DF_SHRINK)
 

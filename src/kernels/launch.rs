@@ -364,6 +364,16 @@ pub(crate) struct ShrinkArgs {
     pub out: DevPtr,
 }
 
+/// `(rank tile, rows per block)` of shrink at rank `r`: the least power of two ≥ r within
+/// [`spec::SH_MIN_RANKS`]`..=`[`spec::SH_RANKS`], and the rows that keep
+/// `SH_ROWS·SH_RANKS` outputs per block (kernels/forward.cu).
+pub(crate) fn shrink_tile(r: usize) -> (usize, usize) {
+    let rt = r
+        .next_power_of_two()
+        .clamp(spec::SH_MIN_RANKS, spec::SH_RANKS);
+    (rt, spec::SH_ROWS * spec::SH_RANKS / rt)
+}
+
 /// `(splits, columns per split)` of shrink: one split unless allowed; otherwise enough to
 /// fill [`spec::TARGET_BLOCKS`] when the rows alone do not (decode), each split at least
 /// 128 columns and a whole number of 32-column chunks.
@@ -372,7 +382,8 @@ pub(crate) fn shrink_splits(rows: usize, r: usize, d_in: usize, allow: bool) -> 
     if !allow {
         return (1, chunks * spec::SH_KCHUNK);
     }
-    let base = rows.div_ceil(spec::SH_ROWS) * r.div_ceil(spec::SH_RANKS);
+    let (rt, brows) = shrink_tile(r);
+    let base = rows.div_ceil(brows) * r.div_ceil(rt);
     let max = d_in.div_ceil(128).clamp(1, GRID_YZ as usize);
     let want = spec::TARGET_BLOCKS.div_ceil(base).clamp(1, max);
     let per = chunks.div_ceil(want) * spec::SH_KCHUNK;
@@ -396,11 +407,12 @@ pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<usize> 
         "shrink: an accumulating shrink cannot be split"
     );
     let (splits, per) = shrink_splits(x.rows, x.r, x.d_in, x.split_k);
+    let (rt, brows) = shrink_tile(x.r);
     let name = name("dora_shrink", x.dtype, x.adapter)?;
     let d = dims(
         [
-            blocks("shrink rows", x.rows, spec::SH_ROWS, GRID_X)?,
-            blocks("shrink ranks", x.r, spec::SH_RANKS, GRID_YZ)?,
+            blocks("shrink rows", x.rows, brows, GRID_X)?,
+            blocks("shrink ranks", x.r, rt, GRID_YZ)?,
             splits as u32,
         ],
         spec::THREADS,
@@ -417,10 +429,12 @@ pub(crate) unsafe fn shrink<B: Backend>(b: &B, x: &ShrinkArgs) -> Result<usize> 
         int("columns per split", per)?,
         opt(x.coef),
         ptr(x.out),
+        int("rank tile", rt)?,
     ];
     // SAFETY: matches `dora_shrink_<dt>(x, ldx_t, ldx_k, a, rows, d_in, r, k_per_split, coef,
-    // out)` in kernels/forward.cu; the grid covers ⌈rows/16⌉ × ⌈r/64⌉ tiles of every split,
-    // each writing all of its in-range outputs into its split's slab (every split is
+    // out, rt)` in kernels/forward.cu; rt is 16, 32 or 64 (shrink_tile), which the kernel's
+    // shared tiles are sized for; the grid covers ⌈rows/brows⌉ × ⌈r/rt⌉ tiles of every
+    // split, each writing all of its in-range outputs into its split's slab (every split is
     // non-empty: splits = ⌈d_in/per⌉).
     unsafe { b.launch(&name, d, &args) }.with_context(|| format!("launching {name}"))?;
     Ok(splits)

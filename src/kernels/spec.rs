@@ -472,7 +472,13 @@ const _: () = assert!(norm_v2_shared_bytes(MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(norm_v2_a32_shared_bytes(NORM_V2_A32_MAX_RANK) <= MAX_DYNAMIC_SHARED);
 const _: () = assert!(norm_v2_a32_shared_bytes(NORM_V2_A32_MAX_RANK + 1) > MAX_DYNAMIC_SHARED);
 const _: () = assert!(THREADS % WARP_SIZE == 0 && THREADS % CO_COLS == 0);
-const _: () = assert!(THREADS % SH_RANKS == 0 && THREADS % TN_COLS == 0);
+const _: () = assert!(
+    THREADS % SH_RANKS == 0
+        && THREADS % SH_MIN_RANKS == 0
+        && SH_MIN_RANKS.is_power_of_two()
+        && SH_RANKS.is_power_of_two()
+        && THREADS % TN_COLS == 0
+);
 
 /// One launch of the before/after table ([`tuning_table`]).
 struct GeometryRow {

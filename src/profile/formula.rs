@@ -264,8 +264,8 @@ pub fn arrays(kernel: &str, args: &[KernelArg], grid: [u32; 3]) -> Result<(Vec<A
         arr(5, f32b * d_out, f32b * d_out)?;
         arr(10, d_out * d_in * osz, d_out * d_in * osz)?;
     } else if family("dora_shrink_") {
-        // (x, ldx_t, ldx_k, a, rows, d_in, r, per, coef, out)
-        a.count(10)?;
+        // (x, ldx_t, ldx_k, a, rows, d_in, r, per, coef, out, rt)
+        a.count(11)?;
         let (rows, d_in, r) = (a.int(4)?, a.int(5)?, a.int(6)?);
         let acc = a.given(8)?;
         let x = span(rows, d_in, a.int(1)?, a.int(2)?, sz);

@@ -140,28 +140,31 @@ fn check(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: rel-L2 {e:.3e} > {tol:.1e}");
 }
 
-/// shrink `U = x·Aᵀ`: rows off the 16-row tile, d_in off the 32-column chunk, ranks below
-/// and across the 64-rank tile; one split and several (split-K slabs, each its own partial
-/// sum), x row-major and column-major (the `ldx_k ≠ 1` staging path), and the accumulating
-/// form `out += coef ⊙ U`.
+/// shrink `U = x·Aᵀ`: under every rank tile (16, 32, 64 ranks; 64, 32, 16 rows), rows off
+/// every row tile, d_in off the 32-column chunk, ranks below and across each rank tile; one
+/// split and several (split-K slabs, each its own partial sum), x row-major and column-major
+/// (the `ldx_k ≠ 1` staging path), and the accumulating form `out += coef ⊙ U`.
 fn shrink<B: TestBackend>() {
-    let (rows, d_in) = (spec::SH_ROWS + 3, 2 * spec::SH_KCHUNK + 13);
+    let outputs = spec::SH_ROWS * spec::SH_RANKS;
+    let (rows, d_in) = (outputs / spec::SH_MIN_RANKS + 3, 2 * spec::SH_KCHUNK + 13);
+    let tiles: Vec<usize> = (0..)
+        .map(|k| spec::SH_MIN_RANKS << k)
+        .take_while(|&rt| rt <= spec::SH_RANKS)
+        .collect();
     for &seed in B::SEEDS {
         for (act, adt) in PAIRS {
-            for r in [7, spec::SH_RANKS + 1] {
+            for (r, rt) in [7, 20, spec::SH_RANKS + 1]
+                .into_iter()
+                .flat_map(|r| tiles.iter().map(move |&rt| (r, rt)))
+            {
+                let brows = outputs / rt;
                 let b = B::with_seed(seed);
                 let mut d = Dev::new(&b, seed);
                 let (x, xp) = d.random(act, rows * d_in);
                 let (a, ap) = d.random(adt, r * d_in);
                 let want = ops::shrink(&x, &a, (rows, d_in, r));
                 let name = entry("dora_shrink", act, adt);
-                let grid = |splits| {
-                    [
-                        rows.div_ceil(spec::SH_ROWS),
-                        r.div_ceil(spec::SH_RANKS),
-                        splits,
-                    ]
-                };
+                let grid = |splits| [rows.div_ceil(brows), r.div_ceil(rt), splits];
                 // x transposed in memory: [d_in, rows], element (t, k) at k·rows + t.
                 let xt: Vec<f64> = (0..rows * d_in)
                     .map(|e| x[(e % rows) * d_in + e / rows])
@@ -182,6 +185,7 @@ fn shrink<B: TestBackend>() {
                             int(per),
                             NULL,
                             op,
+                            int(rt),
                         ];
                         d.launch(&name, grid(splits), spec::THREADS, 0, &args);
                         let slabs = d.read(o, F32, splits * rows * r);
@@ -194,7 +198,9 @@ fn shrink<B: TestBackend>() {
                                     .collect()
                             };
                             let part = ops::shrink(&cut(&x, rows), &cut(&a, r), (rows, k1 - k0, r));
-                            let what = format!("{name} r={r} ld=({ldt},{ldk}) split {z}/{splits}");
+                            let what = format!(
+                                "{name} r={r} rank tile {rt} ld=({ldt},{ldk}) split {z}/{splits}"
+                            );
                             check(&what, slab, &part, F32.tolerance());
                         }
                     }
@@ -214,13 +220,14 @@ fn shrink<B: TestBackend>() {
                     int(d_in.next_multiple_of(spec::SH_KCHUNK)),
                     cp,
                     op,
+                    int(rt),
                 ];
                 d.launch(&name, grid(1), spec::THREADS, 0, &args);
                 let want: Vec<f64> = (0..rows * r)
                     .map(|e| prev[e] + coef[e / r] * want[e])
                     .collect();
                 check(
-                    &format!("{name} r={r} coef"),
+                    &format!("{name} r={r} rank tile {rt} coef"),
                     &d.read(o, F32, rows * r),
                     &want,
                     F32.tolerance(),
