@@ -364,13 +364,16 @@ pub(crate) struct ShrinkArgs {
     pub out: DevPtr,
 }
 
-/// `(rank tile, rows per block)` of shrink at rank `r`: the least power of two ≥ r within
-/// [`spec::SH_MIN_RANKS`]`..=`[`spec::SH_RANKS`], and the rows that keep
-/// `SH_ROWS·SH_RANKS` outputs per block (kernels/forward.cu).
+/// `(rank tile, rows per block)` of shrink at rank `r`: tuned, the least power of two ≥ r
+/// within [`spec::SH_MIN_RANKS`]`..=`[`spec::SH_RANKS`]; previous, always `SH_RANKS`; with the
+/// rows that keep `SH_ROWS·SH_RANKS` outputs per block (kernels/forward.cu).
 pub(crate) fn shrink_tile(r: usize) -> (usize, usize) {
-    let rt = r
-        .next_power_of_two()
-        .clamp(spec::SH_MIN_RANKS, spec::SH_RANKS);
+    let rt = match spec::tuning() {
+        Tuning::Previous => spec::SH_RANKS,
+        Tuning::Tuned => r
+            .next_power_of_two()
+            .clamp(spec::SH_MIN_RANKS, spec::SH_RANKS),
+    };
     (rt, spec::SH_ROWS * spec::SH_RANKS / rt)
 }
 

@@ -31,6 +31,7 @@ pub const TARGET_BLOCKS: usize = 264;
 /// | norm, f32 adapters beside f16/bf16 | v1 `_a32` (CUDA cores) | v2 `_a32` (tensor cores, three bf16 terms per f32) for r ≤ [`NORM_V2_A32_MAX_RANK`] |
 /// | bwd_dz | one block per `tt` tokens | d_out split over grid.y for [`BWD_DZ_WAVES`] wave(s), dz·B slabs summed in split order |
 /// | tn | [`TARGET_BLOCKS`] blocks | [`TN_WAVES`] wave(s) |
+/// | shrink | [`SH_RANKS`] ranks × [`SH_ROWS`] rows per block | the least power of two ≥ r in [`SH_MIN_RANKS`]`..=`[`SH_RANKS`] ranks, `SH_ROWS·SH_RANKS` outputs per block |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tuning {
     /// The launch configuration before tuning: fewer, longer blocks and scalar loads.

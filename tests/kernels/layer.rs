@@ -1184,11 +1184,12 @@ fn norm_both_tunings_every_variant<B: TestBackend>() {
 test_device!(norm_both_tunings_every_variant);
 
 /// The tuned launch configuration timed against the previous one in the same process, on
-/// the device API: the norm (g recomputed after `invalidate`) and the detached backward
-/// (bwd_dz, tn, sum_partials, the grad_x GEMM and compose). On a GPU at the reference shape
-/// (T = 512, 4096×4096, r = 16; bf16, and bf16 with f32 adapters), printing the mean time of
-/// each (`scripts/gpu-check.sh` runs it with `--nocapture`); on the emulator at a small
-/// shape, once. Either way the two configurations must agree: n and g to f32 rounding, the
+/// the device API: the norm (g recomputed after `invalidate`), the inference forward with
+/// cached g (base GEMM, shrink, compose) and the detached backward (bwd_dz, tn, sum_partials,
+/// the grad_x GEMM and compose). On a GPU at the reference shape (T = 512, 4096×4096, r = 16;
+/// bf16, and bf16 with f32 adapters), printing the mean time of each
+/// (`scripts/gpu-check.sh` runs it with `--nocapture`); on the emulator at a small shape,
+/// once. Either way the two configurations must agree: n and g to f32 rounding, y and the
 /// gradients to the dtype's tolerance.
 fn tuned_against_previous_timed<B: TestBackend>() {
     let (t, d_in, d_out, r, iters) = if B::large() {
@@ -1254,8 +1255,18 @@ fn tuned_against_previous_timed<B: TestBackend>() {
                 }
                 dev.synchronize().unwrap();
                 let norm_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
-                dl.forward_train(&dev, &xt, t, Base::Compute, &DevTensor::of(&y, dt))
-                    .unwrap();
+                // The inference forward (cached g): base GEMM, shrink, compose.
+                let yt = DevTensor::of(&y, dt);
+                dl.forward(&dev, &xt, t, Base::Compute, &yt).unwrap(); // warm-up
+                dev.synchronize().unwrap();
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    dl.forward(&dev, &xt, t, Base::Compute, &yt).unwrap();
+                }
+                dev.synchronize().unwrap();
+                let fwd_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
+                let y_inference = down(&dev, &y, dt, t * d_out);
+                dl.forward_train(&dev, &xt, t, Base::Compute, &yt).unwrap();
                 let back = |dl: &mut DoraLayer<B>| {
                     dl.backward(
                         &dev,
@@ -1276,7 +1287,7 @@ fn tuned_against_previous_timed<B: TestBackend>() {
                 let back_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
                 println!(
                     "tuning {:8} bf16{} T={t} {d_out}x{d_in} r={r}: norm {norm_us:9.1} us, \
-                     backward {back_us:9.1} us (mean of {iters})",
+                     forward {fwd_us:9.1} us, backward {back_us:9.1} us (mean of {iters})",
                     tuning.name(),
                     if a32 { " (f32 adapters)" } else { "" },
                 );
@@ -1285,6 +1296,7 @@ fn tuned_against_previous_timed<B: TestBackend>() {
                     down(&dev, &gx, dt, t * d_in),
                     down(&dev, &ga, DType::F32, r * d_in),
                     down(&dev, &gb, DType::F32, d_out * r),
+                    y_inference,
                 ));
             });
         }
@@ -1294,6 +1306,7 @@ fn tuned_against_previous_timed<B: TestBackend>() {
         check("grad_x (tuned vs previous)", &c, 0, &q.1, &p.1, tol);
         check("grad_lora_A (tuned vs previous)", &c, 0, &q.2, &p.2, tol);
         check("grad_lora_B (tuned vs previous)", &c, 0, &q.3, &p.3, tol);
+        check("y (tuned vs previous)", &c, 0, &q.4, &p.4, tol);
     }
 }
 test_device!(tuned_against_previous_timed);
