@@ -941,8 +941,11 @@ pub(crate) fn base_gemm<B: Backend>(
 
 /// U = shrink(x, A) into `io.u`, then y = compose(base, U) with g (None: LoRA).
 pub(crate) fn shrink_and_compose<B: Backend>(b: &B, w: &DoraWeights, io: FwdIo) -> Result<()> {
+    // Training: slabs in u_part, summed into u, when the shrink splits at all.
     let summed = match io.u_part {
-        Some(part) if !io.split_k => Some(part),
+        Some(part) if !io.split_k && launch::shrink_splits(io.t, w.r, w.d_in, true).0 > 1 => {
+            Some(part)
+        }
         _ => None,
     };
     let sh = launch::ShrinkArgs {
