@@ -249,7 +249,7 @@ if [ -x "$bin/candle" ]; then
     run_step "test candle (cuda tensors)" 180 "$bin/candle" --ignored cuda --skip example_matches_peft_on_cuda
   fi
 else
-  note "SKIP      candle on CUDA tensors: no candle test binary in the bundle (GPU_PREBUILD_CANDLE=1 scripts/gpu-prebuild.sh on a machine that can link CUDA)"
+  note "SKIP      candle on CUDA tensors: no candle test binary in the bundle (build it with GPU_PREBUILD_CANDLE=1 scripts/gpu-prebuild.sh)"
 fi
 
 # --- 3. replay on the PEFT fixtures -------------------------------------------------------------
