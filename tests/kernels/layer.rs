@@ -293,11 +293,11 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 /// element of B·A takes 6·⌈r/16⌉ mma, so the bound is (4 + 12·⌈r/16⌉)·2⁻²⁴: 1.7e-6 at r = 17,
 /// 5.2e-6 at r = 112. Dropping a term of the split (≈ 2⁻¹⁶ = 1.5e-5) or splitting into two
 /// terms (≈ 3·2⁻¹⁶) still fails it. The emulator rounds each mma's sums to nearest, and there
-/// v2 is held within twice v1 (or 2·2⁻²⁴). With W0 = 0 the norm is that of s·B·A alone, where any loss
-/// shows. Sizes off every tile (d_out off 64 rows, d_in off the 64-column chunk, ranks off 16
-/// and off the 32-rank chunk, up to the largest v2 takes with f32 adapters), both layouts,
-/// d_in a multiple of 8 (16-byte loads) and not (scalar). Each case's two errors are printed
-/// (`--nocapture`).
+/// v2 is held within twice v1 (or 2·2⁻²⁴). With W0 = 0 the norm is that of s·B·A alone,
+/// where any loss shows. Sizes off every tile (d_out off 64 rows, d_in off the 64-column
+/// chunk, ranks off 16 and off the 32-rank chunk, up to the largest v2 takes with f32
+/// adapters), both layouts, d_in a multiple of 8 (16-byte loads) and not (scalar). Each
+/// case's two errors are printed (`--nocapture`).
 fn norm_v2_a32_as_accurate_as_the_f32_cuda_core_path<B: TestBackend>() {
     let v1 = spec::VARIANTS
         .iter()
