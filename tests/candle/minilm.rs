@@ -32,10 +32,18 @@ fn argv(model: &Path, sentences: &Path, out: &Path, device: &str) -> Vec<String>
     v
 }
 
+/// Tensor `name` of PEFT's embeddings: the fixture's (over all-MiniLM-L6-v2), or
+/// `$DORAFUSE_MINILM_EXPECTED`, which tests/fixtures/peft_reference.py writes for the base in
+/// `$DORAFUSE_MINILM` where the model itself cannot be had (the GPU machine).
 fn expected(name: &str) -> Tensor {
-    let t = candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
-        .unwrap();
-    t[name].clone()
+    let path = std::env::var_os("DORAFUSE_MINILM_EXPECTED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixture().join("expected.safetensors"));
+    let t = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    t.get(name)
+        .unwrap_or_else(|| panic!("{}: no tensor {name:?}", path.display()))
+        .clone()
 }
 
 /// Runs the example on the fixture and returns max |ours − PEFT's|.
