@@ -17,8 +17,8 @@ namespace df {
 //
 // Block: 256 threads over 1024 outputs, rt ranks × 1024/rt rows; rt (16, 32 or 64: the
 // launcher's, the least power of two ≥ r within SH_MIN_RANKS..SH_RANKS) follows the rank, so
-// no thread computes a rank beyond r when r ≤ 64 is a power of two (at r = 16, the 64-rank
-// tile left three quarters of the threads idle: the H200 run of 2026-11-29). The reduction
+// no thread computes a rank beyond r when r is 16, 32 or 64 (at r = 16, the 64-rank tile
+// left three quarters of the threads idle: the H200 run of 2026-11-29). The reduction
 // is walked in chunks of SH_KCHUNK = 32, both operands staged in shared memory (padded rows:
 // no bank conflicts). Thread (il = tid % rt, tq = tid / rt) owns rows tq + (256/rt)·q,
 // q = 0..3. Grid: (⌈rows/(1024/rt)⌉, ⌈r/rt⌉, splits). With few rows (decode) the launcher
