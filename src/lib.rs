@@ -19,7 +19,8 @@
 //! - [`kernels`]: the launchers of the fused kernels in `kernels/*.cu`, generic over a backend;
 //! - [`adapter`]: PEFT adapter directories and base models (load, inspect, merge, save);
 //! - [`formula`]: bytes and FLOPs of every operation, read by [`bench`] and [`profile`];
-//! - [`bench`]: the benchmark behind `dorafuse bench`;
+//! - [`bench`]: the benchmark behind `dorafuse bench`; [`profile`]: `dorafuse profile`;
+//! - [`markdown`]: their tables, and the generated sections of the repository's documents;
 //! - [`analysis`]: `analyze` (the DoRA paper's Figure 2), `resize` and `export-lora` (SVD).
 //!
 //! Cargo features (README "Features"): `cuda` (the CUDA backend, [`cuda`]), `emu` (the C++
@@ -49,6 +50,8 @@ pub mod formula;
 pub mod fsutil;
 pub mod kernels;
 pub mod layer;
+#[cfg(feature = "bench")]
+pub mod markdown;
 #[cfg(feature = "bench")]
 pub mod profile;
 pub mod tensor;

@@ -481,7 +481,18 @@ impl<B: Backend> Target for DeviceTarget<'_, B> {
 /// # Errors
 /// A failure in any row, naming it.
 pub fn run_emu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
-    let b = crate::emu::EmuBackend::from_env()?;
+    run_emu_on(&crate::emu::EmuBackend::from_env()?, cfg, progress)
+}
+
+/// [`run_emu`] on the emulator `b` (the profiler's, which records every access).
+///
+/// # Errors
+/// A failure in any row, naming it.
+pub fn run_emu_on(
+    b: &crate::emu::EmuBackend,
+    cfg: &Config,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report> {
     let cpu = host_cpu();
     let note = "emulator: the CUDA kernels run on the CPU emulator; emulator times say nothing \
                 about GPU speed";
@@ -498,7 +509,7 @@ pub fn run_emu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         cache_policy: "none (emulator)".into(),
         notes: vec![note.into()],
     };
-    runner::run(&DeviceTarget { backend: &b }, machine, cfg, progress)
+    runner::run(&DeviceTarget { backend: b }, machine, cfg, progress)
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@
 use super::inputs::{tensor, uniform};
 use super::measure::{measure_timed, Clock, HostClock, Plan};
 use super::stats::{fmt_time, Stats};
-use super::table::{columns, Table};
 use crate::adapter::{AdapterModule, ModuleKind};
 use crate::backend::{Backend, Elem};
 use crate::case_multi::{AdapterWeights, MultiLayer};
@@ -22,6 +21,7 @@ use crate::cpu::gemm::{gemm, View, ViewMut};
 use crate::dtype::DType;
 use crate::kernels::{AdapterPool, BaseResult, DoraAdapter, DoraLinear, MatShape, SlotIndex};
 use crate::layer::Layer;
+use crate::markdown::{columns, Table};
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use rand::rngs::SmallRng;

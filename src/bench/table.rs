@@ -1,59 +1,15 @@
-//! Tables of a [`Report`], as aligned text for the terminal and as Markdown for
-//! BENCHMARKS.md and docs/, both from the same rows and laid out by comfy-table (numbers are
-//! never typed by hand into a document); and the generated sections of Markdown files.
+//! Tables of a [`Report`], as aligned text for the terminal and as Markdown for the
+//! generated sections of BENCHMARKS.md and docs/ ([`crate::markdown`]), both from the same
+//! rows (numbers are never typed by hand into a document).
 
 use super::report::{imp, series_label, Report, Row, SERIES};
 use super::stats::{fmt_time, Stats};
 use crate::formula::{LayerKind, Op};
 use crate::layer::Shape;
-use anyhow::{Context, Result};
+use crate::markdown::{columns, Table};
+use anyhow::Result;
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::Path;
-
-/// A table of text cells.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Table {
-    /// Column titles.
-    pub header: Vec<String>,
-    /// Cells, one `Vec` per row, as wide as the header.
-    pub rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn layout(&self, preset: &str) -> String {
-        let mut t = comfy_table::Table::new();
-        t.load_preset(preset)
-            .set_header(&self.header)
-            .add_rows(&self.rows);
-        // Numbers right-aligned; the first column (a label) left; text columns two spaces
-        // apart, with no margin.
-        for (i, c) in t.column_iter_mut().enumerate() {
-            if i > 0 {
-                c.set_cell_alignment(comfy_table::CellAlignment::Right);
-            }
-            if preset == comfy_table::presets::NOTHING {
-                c.set_padding((0, 2));
-            }
-        }
-        format!("{}\n", t.trim_fmt())
-    }
-
-    /// Aligned text, columns apart by spaces.
-    pub fn to_text(&self) -> String {
-        self.layout(comfy_table::presets::NOTHING)
-    }
-
-    /// A GitHub-flavoured Markdown table.
-    pub fn to_markdown(&self) -> String {
-        self.layout(comfy_table::presets::ASCII_MARKDOWN)
-    }
-}
-
-/// Column titles from one `|`-separated line.
-pub fn columns(titles: &str) -> Vec<String> {
-    titles.split('|').map(String::from).collect()
-}
 
 /// `met` or `missed`, for a target's figure.
 pub fn verdict(met: bool) -> String {
@@ -439,49 +395,13 @@ pub fn render(rep: &Report, markdown: bool) -> String {
     out
 }
 
-/// The markers around a generated section named `name` in a Markdown file.
-pub fn section_markers(name: &str) -> (String, String) {
-    (
-        format!("<!-- dorafuse-bench:{name}:begin (generated; do not edit by hand) -->"),
-        format!("<!-- dorafuse-bench:{name}:end -->"),
-    )
-}
-
-/// Replaces the generated section `name` of `doc` with `body`, or appends it when `doc` has
-/// no such section. Text outside the markers is kept byte for byte.
-///
-/// # Errors
-/// A begin marker without its end marker.
-pub fn replace_section(doc: &str, name: &str, body: &str) -> Result<String> {
-    let (begin, end) = section_markers(name);
-    let block = format!("{begin}\n{}\n{end}", body.trim_end());
-    let Some(b) = doc.find(&begin) else {
-        let sep = match doc {
-            "" => "",
-            d if d.ends_with("\n\n") => "",
-            d if d.ends_with('\n') => "\n",
-            _ => "\n\n",
-        };
-        return Ok(format!("{doc}{sep}{block}\n"));
-    };
-    let e = (doc[b..].find(&end))
-        .with_context(|| format!("section {name:?}: begin marker without end marker"))?;
-    Ok(format!("{}{block}{}", &doc[..b], &doc[b + e + end.len()..]))
-}
-
-/// Writes `body` as the generated section `name` of the Markdown file at `path` (created when
-/// missing), atomically.
+/// Writes `body` as the generated section `dorafuse-bench:<name>` (`cpu`, `cuda`, `serving-cpu`,
+/// ...) of the Markdown file at `path`, as [`crate::markdown::write_section`].
 ///
 /// # Errors
 /// The file cannot be read or written, or has a broken section.
 pub fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
-    let doc = match std::fs::read_to_string(path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let new = replace_section(&doc, name, body).with_context(|| path.display().to_string())?;
-    crate::fsutil::write_atomic(path, |f| Ok(f.write_all(new.as_bytes())?))
+    crate::markdown::write_section(path, &format!("dorafuse-bench:{name}"), body)
 }
 
 #[cfg(test)]
@@ -570,27 +490,6 @@ pub(crate) mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         let width = lines[0].chars().count();
         assert!(lines.iter().all(|l| l.chars().count() == width), "{text}");
-    }
-
-    #[test]
-    fn sections_are_replaced_in_place() {
-        let doc = "# Title\n\nhand-written intro\n";
-        let once = replace_section(doc, "cpu", "table 1").unwrap();
-        assert!(once.starts_with(doc) && once.contains("table 1"));
-        let twice = replace_section(&once, "cpu", "table 2").unwrap();
-        assert!(!twice.contains("table 1") && twice.contains("table 2"));
-        // Another section is left alone.
-        let both = replace_section(&twice, "cuda", "gpu").unwrap();
-        let again = replace_section(&both, "cpu", "table 3").unwrap();
-        assert!(again.starts_with(doc) && again.contains("gpu") && again.contains("table 3"));
-        let (b, _) = section_markers("x");
-        assert!(replace_section(&format!("{b}\nno end"), "x", "y").is_err());
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("B.md");
-        write_section(&p, "cpu", "one").unwrap();
-        write_section(&p, "cpu", "two").unwrap();
-        let s = std::fs::read_to_string(&p).unwrap();
-        assert!(s.contains("two") && !s.contains("one"), "{s}");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use super::Device;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use dorafuse::bench::table::Table;
 use dorafuse::kernels::spec::Tuning;
 use dorafuse::layer::Shape;
+use dorafuse::markdown::{self, Table};
 use dorafuse::profile::{self, KernelProfile, Profile, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,10 +32,10 @@ pub struct Args {
     /// (before tuning; src/kernels/spec.rs `Tuning`).
     #[arg(long, default_value = "tuned", value_parser = ["tuned", "previous"])]
     tuning: String,
-    /// Regenerate the profile blocks of this Markdown file (kernels/README.md): the
-    /// bytes-that-must-move formulas and the before/after table of the tuned kernels (bf16
-    /// and bf16 with f32 adapters, both configurations, at the shapes given), between their
-    /// `profile_formulas` / `profile_tuning` markers. Replaces the per-kernel table.
+    /// Regenerate the generated sections of this Markdown file (kernels/README.md): the
+    /// bytes-that-must-move formulas, the launch geometry of the tuned kernels, and their
+    /// before/after profile (bf16 and bf16 with f32 adapters, both configurations, at the
+    /// shapes given). Replaces the per-kernel table.
     #[arg(long, value_name = "FILE.md")]
     markdown: Option<PathBuf>,
     /// The weight of the norm and merged-weight passes as `D_INxD_OUT` (the bench's
@@ -215,28 +215,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--markdown FILE`: the formula block and the before/after table regenerated in place.
+/// `--markdown FILE`: the generated sections (`profile::README_SECTIONS`) rewritten in place.
 fn write_markdown(path: &std::path::Path, settings: &Settings) -> Result<ExitCode> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--markdown: reading {}", path.display()))?;
-    // Markers checked before the (long) run.
-    for m in [profile::FORMULA_MARKERS, profile::TUNING_MARKERS] {
-        profile::block(&text, m).with_context(|| format!("--markdown {}", path.display()))?;
+    // Sections checked before the (long) run.
+    for name in profile::README_SECTIONS {
+        markdown::section(&text, name).with_context(|| format!("--markdown {}", path.display()))?;
     }
-    let table = profile::tuning_table(settings, &mut |msg| eprintln!("{msg}"))?;
-    let text = profile::replace_block(
-        &text,
-        profile::FORMULA_MARKERS,
-        &profile::formula::markdown(),
-    )?;
-    let text = profile::replace_block(&text, profile::TUNING_MARKERS, &table)?;
-    dorafuse::fsutil::write_atomic(path, |f| {
-        use std::io::Write;
-        f.write_all(text.as_bytes())?;
-        Ok(())
-    })
-    .with_context(|| format!("writing {}", path.display()))?;
-    print!("{table}");
+    let tuning = profile::tuning_table(settings, &mut |msg| eprintln!("{msg}"))?;
+    let tables = [profile::formula::table(), profile::geometry_table(), tuning];
+    let mut text = text;
+    for (name, table) in profile::README_SECTIONS.into_iter().zip(&tables) {
+        text = markdown::replace_section(&text, name, &table.to_markdown())?;
+    }
+    dorafuse::fsutil::write_atomic(path, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))
+        .with_context(|| format!("writing {}", path.display()))?;
+    print!("{}", tables[2].to_markdown());
     println!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -481,7 +481,7 @@ const _: () = assert!(
         && THREADS % TN_COLS == 0
 );
 
-/// One launch of the before/after table ([`tuning_table`]).
+/// One launch of the before/after table ([`tuning_rows`]).
 struct GeometryRow {
     kernel: &'static str,
     shape: String,
@@ -563,36 +563,35 @@ fn geometry_rows(tuning: Tuning) -> Vec<GeometryRow> {
     rows
 }
 
-/// The before/after table of the tuned launches at the reference shapes (4096×4096, r = 16,
-/// T = 512, bf16), in Markdown, computed from the launch geometry alone: grid, blocks,
-/// resident blocks per SM and waves on [`H200`] ([`GpuLimits::resident_blocks`]: registers
-/// not counted, so residency is an upper bound and waves a lower bound), and the bytes one
-/// warp-wide load of the streamed operand requests. kernels/README.md holds its output
-/// (`cargo run --example tuning_geometry`); a test keeps the two equal.
-pub fn tuning_table() -> String {
-    let mut s = String::from(
-        "| kernel | shape | tuning | grid | threads | shared B | blocks | resident/SM ≤ | waves H200 ≥ | bytes per warp load |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
+/// The columns of [`tuning_rows`], `|`-separated.
+pub const TUNING_COLUMNS: &str = "kernel|shape|tuning|grid|threads|shared B|blocks|\
+    resident/SM ≤|waves H200 ≥|bytes per warp load";
+
+/// The before/after rows of the tuned launches at the reference shapes (4096×4096, r = 16,
+/// T = 512, bf16), one per launch and [`Tuning`], as the cells of [`TUNING_COLUMNS`],
+/// computed from the launch geometry alone: grid, blocks, resident blocks per SM and waves on
+/// [`H200`] ([`GpuLimits::resident_blocks`]: registers not counted, so residency is an upper
+/// bound and waves a lower bound), and the bytes one warp-wide load of the streamed operand
+/// requests. kernels/README.md holds them as a table (`dorafuse profile --device emu
+/// --markdown kernels/README.md`); a test keeps the two equal.
+pub fn tuning_rows() -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
     for tuning in Tuning::ALL {
         for g in geometry_rows(tuning) {
             let blocks = g.grid.iter().product::<usize>();
-            s.push_str(&format!(
-                "| {} | {} | {} | {}×{}×{} | {} | {} | {} | {} | {:.2} | {} |\n",
-                g.kernel,
+            rows.push(vec![
+                g.kernel.to_string(),
                 g.shape,
-                tuning.name(),
-                g.grid[0],
-                g.grid[1],
-                g.grid[2],
-                g.threads,
-                g.shared,
-                blocks,
-                H200.resident_blocks(g.threads, g.shared),
-                H200.waves(blocks, g.threads, g.shared),
-                g.warp_load_bytes,
-            ));
+                tuning.name().to_string(),
+                format!("{}×{}×{}", g.grid[0], g.grid[1], g.grid[2]),
+                g.threads.to_string(),
+                g.shared.to_string(),
+                blocks.to_string(),
+                H200.resident_blocks(g.threads, g.shared).to_string(),
+                format!("{:.2}", H200.waves(blocks, g.threads, g.shared)),
+                g.warp_load_bytes.to_string(),
+            ]);
         }
     }
-    s
+    rows
 }

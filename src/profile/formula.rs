@@ -96,15 +96,15 @@ pub const FORMULAS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The Markdown block of [`FORMULAS`] that kernels/README.md holds between its
-/// `profile_formulas` markers.
-pub fn markdown() -> String {
-    let mut s = String::from("| kernels | bytes that must move, per launch |\n|---|---|\n");
+/// [`FORMULAS`] as a table, which kernels/README.md holds as its generated section
+/// `dorafuse-profile:formulas`.
+pub fn table() -> crate::markdown::Table {
+    let mut t = crate::markdown::Table::new("kernels|bytes that must move, per launch");
     for (k, f) in FORMULAS {
         let names: Vec<String> = k.split(", ").map(|n| format!("`{n}`")).collect();
-        s.push_str(&format!("| {} | {f} |\n", names.join(", ")));
+        t.rows.push(vec![names.join(", "), f.to_string()]);
     }
-    s
+    t
 }
 
 /// `(sz, sz_a)` of an entry point from its dtype suffix (`_f32`, `_f16`, `_bf16`, and the
@@ -417,12 +417,13 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_block_is_generated_from_the_formulas() {
+    fn the_readme_section_is_generated_from_the_formulas() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/README.md");
         let text = std::fs::read_to_string(path).unwrap();
+        let name = crate::profile::README_SECTIONS[0];
         assert_eq!(
-            crate::profile::block(&text, crate::profile::FORMULA_MARKERS).unwrap(),
-            markdown(),
+            crate::markdown::section(&text, name).unwrap(),
+            table().to_markdown().trim_end(),
             "kernels/README.md is out of date: run `dorafuse profile --device emu --markdown \
              kernels/README.md`"
         );

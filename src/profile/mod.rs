@@ -21,7 +21,6 @@ pub mod gpu;
 pub mod metrics;
 pub mod registers;
 
-use crate::backend::Backend;
 use crate::bench::formula::Op;
 use crate::case_multi::{AdapterWeights, MultiLayer};
 use crate::dtype::DType;
@@ -31,6 +30,7 @@ use crate::kernels::multi::{run_multi, MultiBase, SlotContent, SlotTables};
 use crate::kernels::spec::{self, Tuning, VARIANTS};
 use crate::kernels::KERNELS;
 use crate::layer::{GradMode, Layer, Shape};
+use crate::markdown::Table;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -359,28 +359,15 @@ pub fn drive(
 /// The bench's forward + backward rows (fused and PEFT's unfused graph, whose passes are the
 /// baseline kernels) on `b`, run once.
 fn unfused_rows(b: &EmuBackend, shape: Shape, dtype: DType) -> Result<()> {
-    use crate::bench::device::DeviceTarget;
-    use crate::bench::measure::{Plan, SyncClock};
-    use crate::bench::runner::{self, Config, Machine};
-    let cfg = Config {
+    let cfg = crate::bench::runner::Config {
         shapes: vec![(shape.d_in, shape.d_out)],
         tokens: vec![shape.t],
         ranks: vec![shape.r],
         dtype,
         ops: vec![Op::ForwardBackward],
-        plan: Plan::fixed(0, 1),
+        plan: crate::bench::measure::Plan::fixed(0, 1),
     };
-    let machine = Machine {
-        clock: &mut SyncClock::new(|| b.synchronize()),
-        device: crate::bench::report::host_cpu(),
-        ceilings: None,
-        rotate_bytes: 0,
-        max_sets: 1,
-        cache_policy: "none (emulator)".into(),
-        notes: Vec::new(),
-    };
-    runner::run(&DeviceTarget { backend: b }, machine, &cfg, &mut |_| {})?;
-    Ok(())
+    crate::bench::device::run_emu_on(b, &cfg, &mut |_| {}).map(drop)
 }
 
 /// True when entry point `name` contains `filter` or one of its comma-separated parts.
@@ -628,11 +615,11 @@ pub fn tuned_entry_points() -> Vec<&'static str> {
 
 /// The before/after table of kernels/README.md ("Tuning"): each entry point of
 /// [`tuned_entry_points`] profiled under [`Tuning::Previous`] and [`Tuning::Tuned`] at
-/// `settings`' shapes, one row per kernel and configuration (Markdown).
+/// `settings`' shapes, one row per kernel and configuration.
 ///
 /// # Errors
 /// A failing launch, as [`run`].
-pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<String> {
+pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Table> {
     let names = tuned_entry_points();
     let mut runs = Vec::new();
     for tuning in Tuning::ALL {
@@ -645,83 +632,56 @@ pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Resu
     }
     let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
     let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
-    let mut out = String::from(
-        "| kernel | shape | tuning | grid | blocks | waves H200 | requests | sectors/req | \
-         load eff | store eff | unique/formula | smem wavefronts/req |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    let mut table = Table::new(
+        "kernel|shape|tuning|grid|blocks|waves H200|requests|sectors/req|load eff|store eff|\
+         unique/formula|smem wavefronts/req",
     );
     for name in names {
         for (tuning, p) in &runs {
+            let mut row = vec![format!("`{name}`"), String::new(), tuning.name().into()];
             let Some(k) = p.kernels.iter().find(|k| k.kernel == name) else {
-                out.push_str(&format!(
-                    "| `{name}` | | {} | not launched | | | | | | | | |\n",
-                    tuning.name()
-                ));
+                row.push("not launched".into());
+                row.resize(table.header.len(), String::new());
+                table.rows.push(row);
                 continue;
             };
-            let shape = if k.kernel.starts_with("dora_norm") {
+            row[1] = if k.kernel.starts_with("dora_norm") {
                 format!("{}×{}, r = {}", k.d_in, k.d_out, k.r)
             } else {
                 format!("T = {}, {}×{}, r = {}", k.t, k.d_in, k.d_out, k.r)
             };
-            out.push_str(&format!(
-                "| `{}` | {shape} | {} | {}×{}×{} | {} | {:.2} | {} | {:.2} | {} | {} | {} | {} |\n",
-                k.kernel,
-                tuning.name(),
-                k.grid[0],
-                k.grid[1],
-                k.grid[2],
-                k.blocks,
-                k.waves_h200,
-                k.requests,
-                k.sectors_per_request,
+            row.extend([
+                format!("{}×{}×{}", k.grid[0], k.grid[1], k.grid[2]),
+                k.blocks.to_string(),
+                format!("{:.2}", k.waves_h200),
+                k.requests.to_string(),
+                format!("{:.2}", k.sectors_per_request),
                 pct(k.load_efficiency),
                 pct(k.store_efficiency),
                 num(k.unique_bytes_over_formula),
                 num(k.shared_wavefronts_per_request),
-            ));
+            ]);
+            table.rows.push(row);
         }
     }
-    Ok(out)
+    Ok(table)
 }
 
-/// The markers of the generated before/after table in kernels/README.md.
-pub const TUNING_MARKERS: (&str, &str) = (
-    "<!-- profile_tuning: begin -->",
-    "<!-- profile_tuning: end -->",
-);
-
-/// The markers of the generated bytes-that-must-move block in kernels/README.md.
-pub const FORMULA_MARKERS: (&str, &str) = (
-    "<!-- profile_formulas: begin -->",
-    "<!-- profile_formulas: end -->",
-);
-
-/// The text between `markers` in `text` (without the newline after the begin marker).
-///
-/// # Errors
-/// A marker missing, or the end before the begin.
-pub fn block<'a>(text: &'a str, markers: (&str, &str)) -> Result<&'a str> {
-    let b = text
-        .find(markers.0)
-        .with_context(|| format!("no {} marker", markers.0))?
-        + markers.0.len();
-    let e = text[b..]
-        .find(markers.1)
-        .with_context(|| format!("no {} marker after {}", markers.1, markers.0))?;
-    Ok(text[b..b + e].strip_prefix('\n').unwrap_or(&text[b..b + e]))
+/// The launch geometry of the tuned kernels before and after tuning, at the reference shapes
+/// ([`crate::kernels::spec::tuning_rows`]).
+pub fn geometry_table() -> Table {
+    Table {
+        header: crate::markdown::columns(crate::kernels::spec::TUNING_COLUMNS),
+        rows: crate::kernels::spec::tuning_rows(),
+    }
 }
 
-/// `text` with the text between `markers` replaced by `content`.
-///
-/// # Errors
-/// As [`block`].
-pub fn replace_block(text: &str, markers: (&str, &str), content: &str) -> Result<String> {
-    let old = block(text, markers)?;
-    let start = old.as_ptr() as usize - text.as_ptr() as usize;
-    Ok(format!(
-        "{}{content}{}",
-        &text[..start],
-        &text[start + old.len()..]
-    ))
-}
+/// The generated sections of kernels/README.md ([`crate::markdown::section`]): the bytes each
+/// kernel must move ([`formula::table`]), the launch geometry ([`geometry_table`]) and the
+/// profile of the tuned kernels ([`tuning_table`]), all written by `dorafuse profile --device
+/// emu --markdown kernels/README.md`.
+pub const README_SECTIONS: [&str; 3] = [
+    "dorafuse-profile:formulas",
+    "dorafuse-profile:geometry",
+    "dorafuse-profile:tuning",
+];

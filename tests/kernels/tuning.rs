@@ -1,27 +1,22 @@
 //! The launch geometry of the tuned kernels (`spec::Tuning`): the wave targets at the
 //! reference shapes, the split rule, and the before/after table of kernels/README.md, which
-//! must be the output of `cargo run --example tuning_geometry` (never typed by hand).
+//! must be what `dorafuse profile --device emu --markdown kernels/README.md` writes (never
+//! typed by hand).
 //! The kernels under both configurations are checked against float64 truth in layer.rs.
 
 use dorafuse::dtype::DType;
 use dorafuse::kernels::spec::{self, Tuning, H200};
 
-const BEGIN: &str = "<!-- tuning_geometry: begin -->";
-const END: &str = "<!-- tuning_geometry: end -->";
-
 #[test]
 fn readme_table_is_the_generated_one() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/README.md");
     let text = std::fs::read_to_string(path).unwrap();
-    let a = text.find(BEGIN).expect("kernels/README.md: begin marker") + BEGIN.len();
-    let b = text.find(END).expect("kernels/README.md: end marker");
-    let got = text[a..b].trim();
-    let want = spec::tuning_table();
+    let name = dorafuse::profile::README_SECTIONS[1];
     assert_eq!(
-        got,
-        want.trim(),
-        "kernels/README.md is out of date: paste `cargo run --example tuning_geometry` \
-         between the tuning_geometry markers"
+        dorafuse::markdown::section(&text, name).unwrap(),
+        dorafuse::profile::geometry_table().to_markdown().trim_end(),
+        "kernels/README.md is out of date: run `dorafuse profile --device emu --markdown \
+         kernels/README.md`"
     );
 }
 
