@@ -7,7 +7,7 @@ use clap::Parser;
 use dorafuse::kernels::spec::Tuning;
 use dorafuse::layer::Shape;
 use dorafuse::markdown::{self, Table};
-use dorafuse::profile::{self, KernelProfile, Profile, Settings};
+use dorafuse::profile::{self, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -82,52 +82,6 @@ fn parse_shape(s: &str) -> Result<(usize, usize)> {
     Ok((p(i)?, p(o)?))
 }
 
-fn pct(v: Option<f64>) -> String {
-    v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
-}
-
-fn num(v: Option<f64>, digits: usize) -> String {
-    v.map_or("-".into(), |x| format!("{x:.digits$}"))
-}
-
-/// The table of every kernel's headline figures.
-pub fn table(p: &Profile) -> Table {
-    let header = [
-        "kernel",
-        "blocks",
-        "waves H200",
-        "requests",
-        "sectors/req",
-        "load eff",
-        "store eff",
-        "unique/formula",
-        "smem wavefronts/req",
-        "regs",
-    ];
-    let rows = p
-        .kernels
-        .iter()
-        .map(|k: &KernelProfile| {
-            vec![
-                k.kernel.clone(),
-                k.blocks.to_string(),
-                format!("{:.2}", k.waves_h200),
-                k.requests.to_string(),
-                format!("{:.2}", k.sectors_per_request),
-                pct(k.load_efficiency),
-                pct(k.store_efficiency),
-                num(k.unique_bytes_over_formula, 2),
-                num(k.shared_wavefronts_per_request, 2),
-                k.registers.map_or("-".into(), |r| r.to_string()),
-            ]
-        })
-        .collect();
-    Table {
-        header: header.iter().map(|s| s.to_string()).collect(),
-        rows,
-    }
-}
-
 /// Runs `dorafuse profile`.
 pub fn run(args: Args) -> Result<ExitCode> {
     if args.device != Device::Emu {
@@ -179,7 +133,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     for n in &p.notes {
         println!("# {n}");
     }
-    print!("{}", table(&p).to_text());
+    print!("{}", profile::kernel_table(&p).to_text());
     if !p.not_launched.is_empty() {
         println!(
             "not launched by any library call (no profile): {}",
@@ -188,18 +142,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     println!();
     println!("worst sites (wasted sector bytes, excess shared wavefronts):");
+    let mut sites = Table::new("kernel|kind|site|requests|per request|efficiency");
     for k in &p.kernels {
         for s in &k.worst_sites {
-            println!(
-                "  {:<28} {:<13} {:<34} {:>8} req  {:>6.2}/req  {}",
-                k.kernel,
-                s.kind,
-                s.site,
-                s.requests,
-                s.per_request,
-                pct(s.efficiency)
-            );
+            sites.rows.push(vec![
+                k.kernel.clone(),
+                s.kind.to_string(),
+                s.site.clone(),
+                s.requests.to_string(),
+                format!("{:.2}", s.per_request),
+                s.efficiency
+                    .map_or("-".into(), |x| format!("{:.1}%", 100.0 * x)),
+            ]);
         }
+    }
+    match sites.rows.is_empty() {
+        true => println!("none"),
+        false => print!("{}", sites.to_text()),
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&p)?;

@@ -614,6 +614,43 @@ pub fn tuned_entry_points() -> Vec<&'static str> {
 }
 
 /// The before/after table of kernels/README.md ("Tuning"): each entry point of
+/// The headline figures of a kernel, `|`-separated: the columns of [`KernelProfile::figures`].
+const FIGURES: &str = "blocks|waves H200|requests|sectors/req|load eff|store eff|\
+                       unique/formula|smem wavefronts/req";
+
+impl KernelProfile {
+    /// The cells of the headline figures ([`FIGURES`]): blocks, waves on an H200, requests,
+    /// sectors per request, load and store efficiency, unique bytes over the formula, and
+    /// shared-memory wavefronts per request (`-` where there is nothing to measure).
+    fn figures(&self) -> Vec<String> {
+        let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+        let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+        vec![
+            self.blocks.to_string(),
+            format!("{:.2}", self.waves_h200),
+            self.requests.to_string(),
+            format!("{:.2}", self.sectors_per_request),
+            pct(self.load_efficiency),
+            pct(self.store_efficiency),
+            num(self.unique_bytes_over_formula),
+            num(self.shared_wavefronts_per_request),
+        ]
+    }
+}
+
+/// Every profiled kernel's headline figures and registers (ptxas sm_90, when known), one row
+/// per entry point.
+pub fn kernel_table(p: &Profile) -> Table {
+    let mut table = Table::new(&format!("kernel|{FIGURES}|regs"));
+    for k in &p.kernels {
+        let mut row = vec![k.kernel.clone()];
+        row.extend(k.figures());
+        row.push(k.registers.map_or("-".into(), |r| r.to_string()));
+        table.rows.push(row);
+    }
+    table
+}
+
 /// [`tuned_entry_points`] profiled under [`Tuning::Previous`] and [`Tuning::Tuned`] at
 /// `settings`' shapes, one row per kernel and configuration.
 ///
@@ -630,12 +667,7 @@ pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Resu
         };
         runs.push((tuning, run(&s, progress)?));
     }
-    let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
-    let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
-    let mut table = Table::new(
-        "kernel|shape|tuning|grid|blocks|waves H200|requests|sectors/req|load eff|store eff|\
-         unique/formula|smem wavefronts/req",
-    );
+    let mut table = Table::new(&format!("kernel|shape|tuning|grid|{FIGURES}"));
     for name in names {
         for (tuning, p) in &runs {
             let mut row = vec![format!("`{name}`"), String::new(), tuning.name().into()];
@@ -650,17 +682,8 @@ pub fn tuning_table(settings: &Settings, progress: &mut dyn FnMut(&str)) -> Resu
             } else {
                 format!("T = {}, {}×{}, r = {}", k.t, k.d_in, k.d_out, k.r)
             };
-            row.extend([
-                format!("{}×{}×{}", k.grid[0], k.grid[1], k.grid[2]),
-                k.blocks.to_string(),
-                format!("{:.2}", k.waves_h200),
-                k.requests.to_string(),
-                format!("{:.2}", k.sectors_per_request),
-                pct(k.load_efficiency),
-                pct(k.store_efficiency),
-                num(k.unique_bytes_over_formula),
-                num(k.shared_wavefronts_per_request),
-            ]);
+            row.push(format!("{}×{}×{}", k.grid[0], k.grid[1], k.grid[2]));
+            row.extend(k.figures());
             table.rows.push(row);
         }
     }
