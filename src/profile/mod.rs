@@ -613,7 +613,6 @@ pub fn tuned_entry_points() -> Vec<&'static str> {
         .collect()
 }
 
-/// The before/after table of kernels/README.md ("Tuning"): each entry point of
 /// The headline figures of a kernel, `|`-separated: the columns of [`KernelProfile::figures`].
 const FIGURES: &str = "blocks|waves H200|requests|sectors/req|load eff|store eff|\
                        unique/formula|smem wavefronts/req";
@@ -651,6 +650,7 @@ pub fn kernel_table(p: &Profile) -> Table {
     table
 }
 
+/// The before/after table of kernels/README.md ("Tuning"): each entry point of
 /// [`tuned_entry_points`] profiled under [`Tuning::Previous`] and [`Tuning::Tuned`] at
 /// `settings`' shapes, one row per kernel and configuration.
 ///
