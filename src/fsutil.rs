@@ -224,28 +224,75 @@ impl StreamWriter {
     }
 }
 
+/// Checks, before a long run, that `path` can be written by [`write_atomic`]: its directory
+/// exists, and an existing file there (or the file a symbolic link names) is writable.
+///
+/// # Errors
+/// A missing directory, a path that is not a file path, or a file the user cannot write;
+/// the message names `path`.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let target = resolve(path)?;
+    let dir = parent(&target);
+    anyhow::ensure!(
+        dir.is_dir(),
+        "cannot write {}: no directory {}",
+        path.display(),
+        dir.display()
+    );
+    if target.exists() {
+        // Opening for writing without truncating changes nothing and asks the OS, which
+        // knows the permissions, ACLs and read-only mounts.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The file `path` names: the target of a symbolic link (followed to the end), else `path`.
+fn resolve(path: &Path) -> Result<PathBuf> {
+    anyhow::ensure!(
+        path.file_name().is_some(),
+        "cannot write {}: not a file path",
+        path.display()
+    );
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
+            .with_context(|| format!("cannot write {}: a broken symbolic link", path.display())),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+/// The directory of a file path (`.` for a bare name).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes `path` atomically: `write` fills a temporary file created in the destination's own
 /// directory (so the final rename never crosses a file system), the data is flushed to disk,
 /// and the file is renamed over `path` only once everything succeeded.
 ///
 /// On any failure (an error from `write`, a full disk, a failed rename) the temporary file is
 /// removed and `path` is untouched: a failed run never leaves a half-written output behind,
-/// and an existing file at `path` keeps its old contents.
+/// and an existing file at `path` keeps its old contents. An existing file is replaced as an
+/// edit in place would replace it: a symbolic link is followed and stays a link, the file's
+/// permissions are kept, and a file the user cannot write is refused ([`check_writable`]).
 ///
 /// # Errors
-/// The destination directory does not exist or is not writable, `write` fails, or the
-/// rename fails; the message names `path`.
+/// The destination directory does not exist or is not writable, the file exists and is not
+/// writable, `write` fails, or the rename fails; the message names `path`.
 pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut File) -> Result<()>,
 {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("cannot write {}: not a file path", path.display()))?;
+    check_writable(path)?;
+    let target = resolve(path)?;
+    let dir = parent(&target);
+    let file_name = target.file_name().expect("checked by resolve");
     // A dot-prefixed name in the same directory: hidden from globs such as `*.safetensors`
     // while it is being written, and removed by the guard's Drop if anything fails.
     let prefix = format!(".{}.dorafuse-tmp-", file_name.to_string_lossy());
@@ -254,8 +301,10 @@ where
     let _creating = PendingPrefix::register(dir, &prefix);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
-    // A temporary file is private (0600) by default; the renamed output is an ordinary file,
-    // so ask for the usual 0666 and let the umask decide, as any other created file.
+    // A temporary file is private (0600) by default; the renamed output is an ordinary file:
+    // the existing file's permissions, or the usual 0666 for a new one, less the umask, as
+    // any other created file.
+    let existing = std::fs::metadata(&target).ok().map(|m| m.permissions());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -269,12 +318,17 @@ where
         )
     })?;
     let pending = PendingOutput::register(tmp.path());
+    if let Some(p) = existing {
+        tmp.as_file()
+            .set_permissions(p)
+            .with_context(|| format!("writing {}: keeping its permissions", path.display()))?;
+    }
     write(tmp.as_file_mut()).with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("writing {}: flushing to disk", path.display()))?;
     pending
-        .commit(|| tmp.persist(path))
+        .commit(|| tmp.persist(&target))
         .map_err(|e| e.error)
         .with_context(|| format!("cannot write {}: rename failed", path.display()))?;
     Ok(())
@@ -284,6 +338,42 @@ where
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[cfg(unix)]
+    #[test]
+    fn rewriting_keeps_permissions_and_links_and_refuses_what_cannot_be_written() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.md");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_atomic(&path, |f| Ok(f.write_all(b"new")?)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (std::fs::read_to_string(&path).unwrap().as_str(), mode),
+            ("new", 0o600)
+        );
+        // A link stays a link; its target gets the contents.
+        let link = dir.path().join("link.md");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        write_atomic(&link, |f| Ok(f.write_all(b"via link")?)).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "via link");
+        // A missing directory is named before anything is written.
+        let e = check_writable(&dir.path().join("no/such.json")).unwrap_err();
+        assert!(e.to_string().contains("no directory"), "{e}");
+        // Read-only: refused (root may write anyway, as the OS allows it).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let writable = std::fs::OpenOptions::new().write(true).open(&path).is_ok();
+        let res = write_atomic(&path, |f| Ok(f.write_all(b"x")?));
+        assert_eq!(res.is_ok(), writable, "{res:?}");
+        if !writable {
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "via link");
+        }
+    }
 
     #[cfg(unix)]
     #[test]
@@ -339,6 +429,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("no/such/dir/out.bin");
         let e = format!("{:#}", write_atomic(&p, |_| Ok(())).unwrap_err());
-        assert!(e.contains("out.bin") && e.contains("cannot create"), "{e}");
+        assert!(e.contains("out.bin") && e.contains("no directory"), "{e}");
     }
 }

@@ -60,12 +60,51 @@ pub fn columns(titles: &str) -> Vec<String> {
     titles.split('|').map(String::from).collect()
 }
 
+/// What follows a section's name in its begin marker.
+const BEGIN_TAIL: &str = ":begin (generated; do not edit by hand) -->";
+
 /// The HTML comments around the generated section `name` (e.g. `dorafuse-bench:cpu`).
 pub fn section_markers(name: &str) -> (String, String) {
     (
-        format!("<!-- {name}:begin (generated; do not edit by hand) -->"),
+        format!("<!-- {name}{BEGIN_TAIL}"),
         format!("<!-- {name}:end -->"),
     )
+}
+
+/// Refuses a section name that could break its HTML comment: only ASCII letters, digits and
+/// `_ . : -` are allowed.
+fn check_name(name: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "_.:-".contains(c);
+    anyhow::ensure!(
+        !name.is_empty() && name.chars().all(ok),
+        "section name {name:?}: use ASCII letters, digits and _ . : - only"
+    );
+    Ok(())
+}
+
+/// Checks that every generated section of `doc` is closed: each begin marker has its own end
+/// marker after it, before any other begin marker.
+///
+/// # Errors
+/// The first section that is not closed, by name.
+pub fn check_sections(doc: &str) -> Result<()> {
+    let mut rest = doc;
+    while let Some(tail) = rest.find(BEGIN_TAIL) {
+        let name = rest[..tail].rsplit("<!-- ").next().unwrap_or_default();
+        let after = &rest[tail + BEGIN_TAIL.len()..];
+        let end = after.find(&section_markers(name).1);
+        let next = after.find(BEGIN_TAIL);
+        let closed = match (end, next) {
+            (Some(e), Some(n)) => e < n,
+            (end, _) => end.is_some(),
+        };
+        anyhow::ensure!(
+            closed,
+            "generated section {name:?}: begin marker without end marker"
+        );
+        rest = after;
+    }
+    Ok(())
 }
 
 /// The body of the generated section `name` of `doc`, without the newlines next to its
@@ -74,6 +113,7 @@ pub fn section_markers(name: &str) -> (String, String) {
 /// # Errors
 /// No such section, or a begin marker without its end marker.
 pub fn section<'a>(doc: &'a str, name: &str) -> Result<&'a str> {
+    check_name(name)?;
     let (begin, end) = section_markers(name);
     let b = doc
         .find(&begin)
@@ -88,8 +128,10 @@ pub fn section<'a>(doc: &'a str, name: &str) -> Result<&'a str> {
 /// no such section. Text outside the markers is kept byte for byte.
 ///
 /// # Errors
-/// A begin marker without its end marker.
+/// A bad name, or a section of `doc` (any) that is not closed ([`check_sections`]).
 pub fn replace_section(doc: &str, name: &str, body: &str) -> Result<String> {
+    check_name(name)?;
+    check_sections(doc)?;
     let (begin, end) = section_markers(name);
     let block = format!("{begin}\n{}\n{end}", body.trim_end());
     let Some(b) = doc.find(&begin) else {
@@ -162,6 +204,16 @@ mod tests {
         let (b, _) = section_markers("y");
         assert!(replace_section(&format!("{b}\nno end"), "y", "z").is_err());
         assert!(section(&format!("{b}\nno end"), "y").is_err());
+        // A broken section elsewhere is refused too, not written around.
+        let broken = format!("{again}{b}\nno end\n");
+        let e = replace_section(&broken, "x:cpu", "table 4").unwrap_err();
+        assert!(
+            e.to_string().contains("\"y\": begin marker without end"),
+            "{e}"
+        );
+        assert!(check_sections(&again).is_ok());
+        // Names that would close the comment early are refused.
+        assert!(replace_section(doc, "a -->", "z").is_err());
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("B.md");
         write_section(&p, "x:cpu", "one").unwrap();

@@ -78,23 +78,54 @@ fn cpu_run_writes_json_plot_and_markdown() {
         "{md}"
     );
 
-    // Re-plot and re-tabulate from the JSON, merging it with itself: nothing is run.
-    let (out, _) = dorafuse(
-        &[
-            "bench",
-            "--from",
-            "r.json",
-            "--from",
-            "r.json",
-            "--plot",
-            "again.svg",
-        ],
-        d,
-    );
+    // Re-plot and re-tabulate from the JSON: nothing is run.
+    let (out, _) = dorafuse(&["bench", "--from", "r.json", "--plot", "again.svg"], d);
     assert!(out.contains("Training forward"));
     assert!(std::fs::read_to_string(d.join("again.svg"))
         .unwrap()
         .contains("</svg>"));
+    // Refused before anything is run or written: a document merged with itself (every row
+    // twice), run flags beside --from, a plot that is not SVG, a broken generated section.
+    std::fs::write(
+        d.join("broken.md"),
+        "<!-- dorafuse-bench:x:begin (generated; do not edit by hand) -->\n",
+    )
+    .unwrap();
+    for (args, why) in [
+        (
+            &["--from", "r.json", "--from", "r.json"][..],
+            "is in both documents",
+        ),
+        (
+            &["--from", "r.json", "--tokens", "4"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--from", "r.json", "--plot", "p.png"][..],
+            "give a .svg path",
+        ),
+        (
+            &["--from", "r.json", "--markdown", "broken.md"][..],
+            "begin marker without end marker",
+        ),
+        (
+            &["--from", "r.json", "--json", "no/such.json"][..],
+            "no directory",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+            .arg("bench")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!d.join("p.png").exists());
 }
 
 #[test]

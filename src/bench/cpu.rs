@@ -359,6 +359,7 @@ pub fn ceilings() -> Result<Ceilings> {
 /// # Errors
 /// A failure of any implementation, naming the row.
 pub fn run_cpu(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    runner::check_ops(&CpuTarget, "cpu", cfg)?;
     progress("measuring CPU ceilings (copy bandwidth, sgemm)");
     let ceilings = ceilings()?;
     let before = load_average();

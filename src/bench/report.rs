@@ -295,10 +295,11 @@ impl Report {
     }
 
     /// Appends the rows of `other` (another run on the same machine, e.g. PEFT's), after
-    /// checking it is the same schema.
+    /// checking it is the same schema and the same kind of device, and that no row of it is
+    /// already here. A device of another name adds a note.
     ///
     /// # Errors
-    /// A different schema or version.
+    /// A different schema, version or device kind, or a row measured in both.
     pub fn merge(&mut self, other: Report) -> Result<()> {
         ensure!(
             other.schema == SCHEMA && other.version == self.version,
@@ -306,6 +307,36 @@ impl Report {
             other.schema,
             other.version
         );
+        let (a, b) = (&self.device, &other.device);
+        ensure!(
+            a.kind == b.kind,
+            "rows measured on {} ({}) cannot join a table of {} ({})",
+            b.kind,
+            b.name,
+            a.kind,
+            a.name
+        );
+        if a.name != b.name {
+            let note = format!(
+                "rows of {} were measured on {} (this table: {})",
+                other.producer, b.name, a.name
+            );
+            self.notes.push(note);
+        }
+        for r in &other.rows {
+            let twice = (self.rows.iter()).any(|x| {
+                (&x.implementation, x.kind, x.op, x.shape(), &x.dtype)
+                    == (&r.implementation, r.kind, r.op, r.shape(), &r.dtype)
+            });
+            ensure!(
+                !twice,
+                "the row {} {} {} {} is in both documents",
+                r.series(),
+                r.op.name(),
+                r.shape(),
+                r.dtype
+            );
+        }
         self.rows.extend(other.rows);
         for n in other.notes {
             if !self.notes.contains(&n) {
@@ -556,7 +587,18 @@ mod tests {
         let mut a = report();
         a.notes.push("a note".into());
         let n = a.rows.len();
-        a.merge(a.clone()).unwrap();
+        // Rows measured twice, or on another kind of device, are refused.
+        let e = a.clone().merge(a.clone()).unwrap_err();
+        assert!(e.to_string().contains("is in both documents"), "{e}");
+        let mut emu = a.clone();
+        emu.device.kind = "emu".into();
+        let e = a.clone().merge(emu).unwrap_err();
+        assert!(e.to_string().contains("cannot join a table of cpu"), "{e}");
+        let mut peft = a.clone();
+        for r in &mut peft.rows {
+            r.implementation = imp::PEFT_EAGER.into();
+        }
+        a.merge(peft).unwrap();
         assert_eq!((a.rows.len(), a.notes.len()), (2 * n, 1));
         let shape = a.rows[0].shape();
         assert!(a

@@ -203,6 +203,19 @@ pub fn rows(target: &dyn Target, cfg: &Config) -> Vec<RowSpec> {
         .collect()
 }
 
+/// Refuses an operation of `cfg` that `target` has no row of (compose or a separate backward
+/// on the CPU path), before anything is measured.
+///
+/// # Errors
+/// The first such operation, naming the device kind `kind`.
+pub fn check_ops(target: &dyn Target, kind: &str, cfg: &Config) -> Result<()> {
+    for op in &cfg.ops {
+        let has = ROWS.iter().any(|r| r.op == *op && target.has(*r));
+        ensure!(has, "--device {kind} has no {} rows", op.name());
+    }
+    Ok(())
+}
+
 /// How many rows [`run`] measures on a target that has the rows `has` accepts (for a
 /// progress bar).
 pub fn row_count(cfg: &Config, has: fn(RowSpec) -> bool) -> usize {
@@ -232,6 +245,7 @@ pub fn run(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report> {
     cfg.validate()?;
+    check_ops(target, &m.device.kind, cfg)?;
     let settings = Settings {
         clock: m.clock.describe(),
         warmup: cfg.plan.warmup,
@@ -354,12 +368,15 @@ mod tests {
             ("emu", device::run_emu, device::has, 12),
         ];
         for (kind, run, has, per_t) in targets {
+            let ops = Op::ALL
+                .into_iter()
+                .filter(|op| ROWS.iter().any(|r| r.op == *op && has(*r)));
             let cfg = Config {
                 shapes: vec![(33, 19)],
                 tokens: vec![1, 7],
                 ranks: vec![3],
                 dtype: DType::BF16,
-                ops: Op::ALL.to_vec(),
+                ops: ops.collect(),
                 plan: Plan::fixed(0, 2),
             };
             let mut labels = 0;
@@ -378,5 +395,15 @@ mod tests {
             let emu_note = (rep.notes.iter()).any(|n| n.contains("emulator times say nothing"));
             assert_eq!(emu_note, kind == "emu", "{:?}", rep.notes);
         }
+        // An operation the CPU path does not have is refused before anything is measured.
+        let cfg = Config {
+            ops: vec![Op::Forward, Op::Compose],
+            ..Config::default_cpu()
+        };
+        let e = cpu::run_cpu(&cfg, &mut |_| panic!("nothing is measured")).unwrap_err();
+        assert!(
+            e.to_string().contains("--device cpu has no compose rows"),
+            "{e}"
+        );
     }
 }

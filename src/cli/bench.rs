@@ -10,6 +10,7 @@ use dorafuse::bench::report::Report;
 use dorafuse::bench::runner::{self, Config};
 use dorafuse::bench::{cpu, device, plot, table};
 use dorafuse::dtype::DType;
+use dorafuse::{fsutil, markdown};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,11 +58,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE.md")]
     markdown: Option<PathBuf>,
     /// Name of the Markdown section (default: the device kind: cpu, cuda or emu).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", requires = "markdown")]
     section: Option<String>,
     /// Don't run anything: read results from this JSON (repeat to merge several, e.g. with
     /// benches/peft_bench.py's), then print, plot or write Markdown.
-    #[arg(long, value_name = "FILE.json")]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = [
+        "device", "shapes", "tokens", "ranks", "dtype", "ops", "reps", "warmup",
+    ])]
     from: Vec<PathBuf>,
     /// After running, merge the rows of these JSON files (e.g. PEFT's) into the table,
     /// plot and JSON.
@@ -71,8 +74,11 @@ pub struct Args {
     #[arg(long)]
     quiet: bool,
     /// Time the multi-adapter serving rows instead (src/bench/serving.rs): a mixed batch from
-    /// an adapter pool against the base GEMM, the same batch as LoRA, and the naive loop.
-    #[arg(long)]
+    /// an adapter pool against the base GEMM, the same batch as LoRA, and the naive loop. Its
+    /// sizes are fixed per device; it takes --device, --reps, --markdown and --section.
+    #[arg(long, conflicts_with_all = [
+        "shapes", "tokens", "ranks", "dtype", "ops", "warmup", "json", "plot", "from", "merge",
+    ])]
     serving: bool,
 }
 
@@ -126,7 +132,9 @@ fn positive(s: &str) -> Result<usize> {
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
     let (a, b) = (s.trim().split_once(['x', 'X', '×']))
         .with_context(|| format!("shape {s:?}: expected D_INxD_OUT, e.g. 4096x11008"))?;
-    let size = |v: &str, what: &str| positive(v).with_context(|| format!("shape {s:?}: {what}"));
+    // clap prints the outermost message only, so the cause goes into it.
+    let size =
+        |v: &str, what: &str| positive(v).map_err(|e| anyhow::anyhow!("shape {s:?}: {what}: {e}"));
     Ok((size(a, "d_in")?, size(b, "d_out")?))
 }
 
@@ -188,19 +196,51 @@ fn write_markdown(path: &Path, name: &str, md: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses, before a run that may take minutes, an output that could not be written: a
+/// missing directory or an unwritable file for `--json`, `--plot` and `--markdown`, a plot
+/// path that is not `.svg`, and a Markdown file with a broken generated section.
+fn check_outputs(args: &Args) -> Result<()> {
+    for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
+        if let Some(p) = path {
+            fsutil::check_writable(p).context(flag)?;
+        }
+    }
+    if let Some(p) = &args.plot {
+        let svg = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+        ensure!(
+            svg,
+            "--plot {}: the plot is SVG; give a .svg path",
+            p.display()
+        );
+    }
+    if let Some(p) = &args.markdown {
+        fsutil::check_writable(p).context("--markdown")?;
+        if let Ok(doc) = std::fs::read_to_string(p) {
+            markdown::check_sections(&doc)
+                .with_context(|| format!("--markdown {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads `paths` (at least one) and merges them into one report.
+fn read_merged(first: Report, paths: &[PathBuf]) -> Result<Report> {
+    let mut rep = first;
+    for p in paths {
+        rep.merge(Report::read(p)?)
+            .with_context(|| format!("merging {}", p.display()))?;
+    }
+    Ok(rep)
+}
+
 /// Runs `dorafuse bench`.
 pub fn run(args: Args) -> Result<ExitCode> {
+    check_outputs(&args)?;
     if args.serving {
         return serving(&args);
     }
-    let report = if !args.from.is_empty() {
-        let mut it = args.from.iter();
-        let mut rep = Report::read(it.next().expect("non-empty"))?;
-        for p in it {
-            rep.merge(Report::read(p)?)
-                .with_context(|| format!("merging {}", p.display()))?;
-        }
-        rep
+    let report = if let Some((first, rest)) = args.from.split_first() {
+        read_merged(Report::read(first)?, rest)?
     } else {
         let (device, why) = pick_device(args.device);
         if let Some(line) = why {
@@ -235,13 +275,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Device::Emu => device::run_emu(&cfg, &mut progress)?,
         };
         bar.finish_and_clear();
-        let mut rep = rep;
-        for p in &args.merge {
-            rep.merge(Report::read(p)?)
-                .with_context(|| format!("merging {}", p.display()))?;
-        }
         rep
     };
+    let report = read_merged(report, &args.merge)?;
     print!("{}", table::render(&report, false));
     if let Some(p) = &args.json {
         report.write(p)?;

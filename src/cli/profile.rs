@@ -63,20 +63,21 @@ pub struct Args {
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
     /// Write the profile as JSON (fields: docs/profile.md).
-    #[arg(long, value_name = "FILE.json")]
+    #[arg(long, value_name = "FILE.json", conflicts_with = "markdown")]
     json: Option<PathBuf>,
 }
 
-fn parse_shape(s: &str) -> Result<(usize, usize)> {
+/// `D_INxD_OUT` given to `flag`.
+fn parse_shape(flag: &str, s: &str) -> Result<(usize, usize)> {
     let (i, o) = s
         .split_once('x')
-        .with_context(|| format!("--shape {s:?}: expected D_INxD_OUT, e.g. 4096x4096"))?;
+        .with_context(|| format!("{flag} {s:?}: expected D_INxD_OUT, e.g. 4096x4096"))?;
     let p = |v: &str| -> Result<usize> {
         let n: usize = v
             .trim()
             .parse()
-            .with_context(|| format!("--shape {s:?}: {v:?} is not a size"))?;
-        anyhow::ensure!(n > 0, "--shape {s:?}: sizes must be at least 1");
+            .with_context(|| format!("{flag} {s:?}: {v:?} is not a size"))?;
+        anyhow::ensure!(n > 0, "{flag} {s:?}: sizes must be at least 1");
         Ok(n)
     };
     Ok((p(i)?, p(o)?))
@@ -94,8 +95,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // Set before any kernel runs, on this (still single-threaded) command.
         std::env::set_var(k, v);
     }
-    let (d_in, d_out) = parse_shape(&args.shape)?;
-    let (w_in, w_out) = parse_shape(&args.weight_shape)?;
+    let (d_in, d_out) = parse_shape("--shape", &args.shape)?;
+    let (w_in, w_out) = parse_shape("--weight-shape", &args.weight_shape)?;
     anyhow::ensure!(args.tokens > 0, "--tokens must be at least 1");
     anyhow::ensure!(
         (1..=dorafuse::kernels::spec::MAX_RANK).contains(&args.rank)

@@ -370,9 +370,10 @@ fn unfused_rows(b: &EmuBackend, shape: Shape, dtype: DType) -> Result<()> {
     crate::bench::device::run_emu_on(b, &cfg, &mut |_| {}).map(drop)
 }
 
-/// True when entry point `name` contains `filter` or one of its comma-separated parts.
+/// True when entry point `name` contains one of the non-empty comma-separated parts of
+/// `filter`.
 fn matches(filter: &str, name: &str) -> bool {
-    filter.split(',').any(|p| name.contains(p.trim()))
+    (filter.split(',').map(str::trim)).any(|p| !p.is_empty() && name.contains(p))
 }
 
 /// Profiles every kernel (or those `settings.kernel` selects) on the emulator.
