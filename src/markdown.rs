@@ -31,10 +31,16 @@ impl Table {
         t.load_preset(preset)
             .set_header(&self.header)
             .add_rows(&self.rows);
-        // Numbers right-aligned; the first column (a label) left; text columns two spaces
-        // apart, with no margin.
+        // The first column (a label) left; the others right when most of their cells are
+        // numbers (they start with a digit), else left; text columns two spaces apart, with
+        // no margin.
         for (i, c) in t.column_iter_mut().enumerate() {
-            if i > 0 {
+            let cells = self.rows.iter().filter_map(|r| r.get(i)).filter(|c| !c.is_empty());
+            let (numbers, all) = cells.fold((0, 0), |(n, a), c| {
+                let digit = c.starts_with(|ch: char| ch.is_ascii_digit());
+                (n + usize::from(digit), a + 1)
+            });
+            if i > 0 && 2 * numbers > all {
                 c.set_cell_alignment(comfy_table::CellAlignment::Right);
             }
             if preset == comfy_table::presets::NOTHING {
@@ -170,21 +176,14 @@ mod tests {
 
     #[test]
     fn text_and_markdown_layouts() {
-        let mut t = Table::new("name|value");
-        t.rows.push(vec!["a".into(), "1.50×".into()]);
-        t.rows.push(vec!["longer".into(), "2".into()]);
+        let mut t = Table::new("name|value|kind");
+        t.rows.push(vec!["a".into(), "1.50×".into(), "load".into()]);
+        t.rows.push(vec!["longer".into(), "2".into(), "shared".into()]);
         let (text, md) = (t.to_text(), t.to_markdown());
         assert!(md.contains("|---") && !text.contains("|---"), "{md}");
-        // Header and rows right-aligned to one width; the label column left-aligned.
+        // Numbers right-aligned, text left-aligned (trailing spaces trimmed).
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines
-            .iter()
-            .all(|l| l.chars().count() == lines[0].chars().count()));
-        assert!(
-            lines[1].starts_with("a ") && lines[1].ends_with("1.50×"),
-            "{text}"
-        );
+        assert_eq!(lines, ["name    value  kind", "a       1.50×  load", "longer      2  shared"]);
     }
 
     #[test]

@@ -506,7 +506,7 @@ pub fn run_emu_on(
         ceilings: None,
         rotate_bytes: 0,
         max_sets: 1,
-        cache_policy: "none (emulator)".into(),
+        cache_policy: "not kept out (emulator)".into(),
         notes: vec![note.into()],
     };
     runner::run(&DeviceTarget { backend: b }, machine, cfg, progress)

@@ -337,9 +337,14 @@ pub fn preamble(rep: &Report) -> Vec<String> {
         ),
         None => "no ceilings: fractions of the hardware limit are not given".into(),
     });
+    let runs = match (s.min_reps, s.max_reps) {
+        (a, b) if a == b => format!("{a}"),
+        (a, b) => format!("{a}–{b}"),
+    };
     v.push(format!(
-        "timing: {}; warm-up {}, {}–{} timed runs per row; median ±half the p10–p90 spread; {}",
-        s.clock, s.warmup, s.min_reps, s.max_reps, s.cache_policy
+        "timing: {}; warm-up {}, {runs} timed runs per row; median ±half the p10–p90 spread; \
+         cache: {}",
+        s.clock, s.warmup, s.cache_policy
     ));
     v.extend(rep.notes.iter().map(|n| format!("note: {n}")));
     v
