@@ -35,7 +35,11 @@ impl Table {
         // numbers (they start with a digit), else left; text columns two spaces apart, with
         // no margin.
         for (i, c) in t.column_iter_mut().enumerate() {
-            let cells = self.rows.iter().filter_map(|r| r.get(i)).filter(|c| !c.is_empty());
+            let cells = self
+                .rows
+                .iter()
+                .filter_map(|r| r.get(i))
+                .filter(|c| !c.is_empty());
             let (numbers, all) = cells.fold((0, 0), |(n, a), c| {
                 let digit = c.starts_with(|ch: char| ch.is_ascii_digit());
                 (n + usize::from(digit), a + 1)
@@ -178,12 +182,20 @@ mod tests {
     fn text_and_markdown_layouts() {
         let mut t = Table::new("name|value|kind");
         t.rows.push(vec!["a".into(), "1.50×".into(), "load".into()]);
-        t.rows.push(vec!["longer".into(), "2".into(), "shared".into()]);
+        t.rows
+            .push(vec!["longer".into(), "2".into(), "shared".into()]);
         let (text, md) = (t.to_text(), t.to_markdown());
         assert!(md.contains("|---") && !text.contains("|---"), "{md}");
         // Numbers right-aligned, text left-aligned (trailing spaces trimmed).
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines, ["name    value  kind", "a       1.50×  load", "longer      2  shared"]);
+        assert_eq!(
+            lines,
+            [
+                "name    value  kind",
+                "a       1.50×  load",
+                "longer      2  shared"
+            ]
+        );
     }
 
     #[test]

@@ -241,10 +241,19 @@ impl<'a> AdaptedModel<'a> {
                     let base_module = self.names.base_name(name);
                     match cfg.is_conv1d(&base_module) {
                         Some(f) => f,
-                        None => bail!(
-                            "{name}: base weight {wname} is square {:?}, so its shape cannot tell nn.Linear [out, in] from Conv1D [in, out], and the base has no config.json naming a model type that does (the adapter's fan_in_fan_out is one flag for all modules, which PEFT itself overrides per module); give --fan-in-fan-out with a pattern of the modules stored [in, out] ('' for none)",
-                            e.shape
-                        ),
+                        None => {
+                            let beside =
+                                !self.base.from_dir && self.base.dir.join("config.json").is_file();
+                            let hint = if beside {
+                                " (the base was given as a file: the config.json beside it is read only when the base is given as its directory)"
+                            } else {
+                                ""
+                            };
+                            bail!(
+                                "{name}: base weight {wname} is square {:?}, so its shape cannot tell nn.Linear [out, in] from Conv1D [in, out], and the base has no config.json naming a model type that does{hint} (the adapter's fan_in_fan_out is one flag for all modules, which PEFT itself overrides per module); give --fan-in-fan-out with a pattern of the modules stored [in, out] ('' for none)",
+                                e.shape
+                            )
+                        }
                     }
                 }
             }

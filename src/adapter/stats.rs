@@ -145,7 +145,15 @@ pub fn module_figure2(model: &AdaptedModel<'_>, module: &str) -> Result<(f64, f6
             m.scaling,
         )
         .with_context(|| format!("base weight {name} {:?}", e.shape))?;
-        return Ok(layer.figure2());
+        let f = layer.figure2();
+        if [f.0, f.1, f.2].iter().all(|v| v.is_finite()) {
+            return Ok(f);
+        }
+        // A non-finite figure has a non-finite input: name it.
+        model
+            .base
+            .tensor(&name)?
+            .check_finite(&format!("base weight {name}"))?;
     }
     figure2(&model.layer(module)?)
 }
@@ -161,6 +169,22 @@ pub fn module_figure2(model: &AdaptedModel<'_>, module: &str) -> Result<(f64, f6
 /// # Errors
 /// Inconsistent layer shapes.
 pub fn figure2(layer: &Layer) -> Result<(f64, f64, f64)> {
+    let f = figure2_of(layer)?;
+    if [f.0, f.1, f.2].iter().all(|v| v.is_finite()) {
+        return Ok(f);
+    }
+    // A non-finite figure has a non-finite input: name it.
+    layer.weight.check_finite("weight")?;
+    layer.lora_a.check_finite("lora_A")?;
+    layer.lora_b.check_finite("lora_B")?;
+    if let Some(m) = &layer.magnitude {
+        m.check_finite("magnitude")?;
+    }
+    anyhow::bail!("ΔM or ΔD is not finite (finite inputs: an overflow)")
+}
+
+/// [`figure2`] before its finiteness check.
+fn figure2_of(layer: &Layer) -> Result<(f64, f64, f64)> {
     if !layer.fan_in_fan_out {
         // One pass on all cores in f32, V never formed.
         return crate::cpu::rows::figure2(layer);

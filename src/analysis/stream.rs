@@ -73,6 +73,14 @@ impl<'a> StoredWeight<'a> {
         let t = Tensor::from_bytes(self.dtype, vec![n, self.cols], bytes)
             .with_context(|| format!("base weight {}", self.name))?;
         let v = t.to_f64();
+        if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+            let (i, j) = (i0 + k / self.cols, k % self.cols);
+            anyhow::bail!(
+                "base weight {}: element [{i}, {j}] is {}; inputs must be finite",
+                self.name,
+                v[k]
+            );
+        }
         Ok(Mat::from_fn(n, self.cols, |i, j| v[i * self.cols + j]))
     }
 

@@ -78,3 +78,88 @@ fn bad_adapter_is_one_line() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("lora_alpha"), "{err}");
 }
+
+#[test]
+fn a_non_finite_base_weight_is_named_by_every_tool_that_reads_the_base() {
+    // The engine fixture's base with one element of attn.q_proj.weight set to NaN.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::copy(root.join("base/config.json"), base.join("config.json")).unwrap();
+    let model = dorafuse::adapter::BaseModel::open(&root.join("base")).unwrap();
+    let tensors: Vec<(String, dorafuse::tensor::Tensor)> = (model.tensors.keys())
+        .map(|n| {
+            let t = model.tensor(n).unwrap();
+            if n != "attn.q_proj.weight" {
+                return (n.clone(), t);
+            }
+            let mut v = t.to_f32();
+            v[10] = f32::NAN;
+            let nan = dorafuse::tensor::Tensor::from_f32(t.dtype(), t.shape().to_vec(), &v);
+            (n.clone(), nan.unwrap())
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = (tensors.iter())
+        .map(|(n, t)| {
+            let dt = t.dtype().to_safetensors();
+            (
+                n.as_str(),
+                safetensors::tensor::TensorView::new(dt, t.shape().to_vec(), t.as_bytes()).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, &base.join("model.safetensors")).unwrap();
+    let adapter = root.join("adapter_a");
+    let out = dir.path().join("out");
+    let runs: [&[&std::ffi::OsStr]; 4] = [
+        &[
+            "inspect".as_ref(),
+            adapter.as_ref(),
+            "--base".as_ref(),
+            base.as_ref(),
+        ],
+        &[
+            "analyze".as_ref(),
+            "--base".as_ref(),
+            base.as_ref(),
+            adapter.as_ref(),
+        ],
+        &[
+            "resize".as_ref(),
+            adapter.as_ref(),
+            "--rank".as_ref(),
+            "2".as_ref(),
+            "--base".as_ref(),
+            base.as_ref(),
+            "--out".as_ref(),
+            out.as_ref(),
+        ],
+        &[
+            "export-lora".as_ref(),
+            adapter.as_ref(),
+            "--base".as_ref(),
+            base.as_ref(),
+            "--rank".as_ref(),
+            "2".as_ref(),
+            "--out".as_ref(),
+            out.as_ref(),
+        ],
+    ];
+    for args in runs {
+        let o = Command::new(env!("CARGO_BIN_EXE_dorafuse"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{args:?} succeeded:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        // The base weight is named (not a factor computed from it).
+        let named = err.contains("attn.q_proj") && err.contains("weight") && err.contains("NaN");
+        assert!(named && !err.contains("lora_"), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
