@@ -127,6 +127,16 @@ impl<'a> AdaptedModel<'a> {
             .as_deref()
             .map(|p| super::config::compile_full(p, "--fan-in-fan-out"))
             .transpose()?;
+        // A pattern that names no module is a typo that would lay every module out as
+        // nn.Linear; '' is the way to say "none".
+        if let (Some(re), Some(p)) = (&fifo_re, opts.fan_in_fan_out.as_deref()) {
+            ensure!(
+                p.is_empty() || adapter.modules.keys().any(|m| re.is_match(m)),
+                "--fan-in-fan-out {p:?} matches no module of the adapter (first: {}); give '' \
+                 for none",
+                adapter.modules.keys().next().map_or("none", String::as_str)
+            );
+        }
         let mut me = Self {
             base,
             adapter,

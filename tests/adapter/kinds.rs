@@ -235,6 +235,16 @@ fn mixed_layouts_are_refused_without_evidence_and_merge_with_an_explicit_pattern
             },
             1e-6,
         );
+        // A pattern that matches no module (a typo) is refused, not taken as "none".
+        expect_refusal(
+            &c.join("base"),
+            &c.join("adapter"),
+            ApplyOptions {
+                fan_in_fan_out: Some(r"bakcbone\..*".into()),
+                ..Default::default()
+            },
+            &["--fan-in-fan-out", "matches no module", "''"],
+        );
     }
 }
 
