@@ -376,6 +376,17 @@ impl Report {
             serde_json::from_value(head).context("benchmark document does not match the schema")?;
         // Version 1 differs only in the name of compose, which `Op` reads under both names.
         rep.version = VERSION;
+        for r in &rep.rows {
+            let t = &r.time;
+            let times = [t.median_s, t.p10_s, t.p90_s, t.mad_s, t.min_s];
+            ensure!(
+                t.runs > 0 && times.iter().all(|v| v.is_finite() && *v >= 0.0),
+                "row {} {} {}: its times are not those of timed runs ({t:?})",
+                r.series(),
+                r.op.name(),
+                r.shape()
+            );
+        }
         rep.fill_derived()?;
         Ok(rep)
     }
@@ -536,6 +547,10 @@ mod tests {
         v["version"] = 2.into();
         v["rows"][0]["op"] = "fwd".into();
         assert!(Report::from_json(&v.to_string()).is_err());
+        v["rows"][0]["op"] = "forward".into();
+        v["rows"][0]["time"]["median_s"] = (-1.0).into();
+        let e = Report::from_json(&v.to_string()).unwrap_err();
+        assert!(e.to_string().contains("not those of timed runs"), "{e}");
     }
 
     #[test]
