@@ -71,9 +71,39 @@ pub enum ModuleKind {
 }
 
 impl AdapterModule {
-    /// `(d_in, d_out, r)` from the adapter tensors alone.
+    /// `(d_in, d_out, r)` from the adapter tensors alone, as loaded (a module of
+    /// [`Adapter::load`] is checked); [`AdapterModule::checked_dims`] checks a module built by
+    /// hand. A tensor that is not 2-D gives 0 for its size.
     pub fn dims(&self) -> (usize, usize, usize) {
-        (self.lora_a.shape()[1], self.lora_b.shape()[0], self.rank)
+        let at = |t: &Tensor, i: usize| t.shape().get(i).copied().unwrap_or(0);
+        (at(&self.lora_a, 1), at(&self.lora_b, 0), self.rank)
+    }
+
+    /// [`AdapterModule::dims`] after checking that the tensors agree: lora_A `[r, d_in]`,
+    /// lora_B `[d_out, r]` with r = [`AdapterModule::rank`], and a magnitude of `d_out`
+    /// elements (DoRA).
+    ///
+    /// # Errors
+    /// An [`crate::error::ErrorKind::InvalidInput`] naming the tensor that disagrees.
+    pub fn checked_dims(&self) -> Result<(usize, usize, usize)> {
+        let (a, b, r) = (self.lora_a.shape(), self.lora_b.shape(), self.rank);
+        crate::error::ensure_input!(
+            a.len() == 2 && a[0] == r,
+            "lora_A is {a:?}, expected [{r}, d_in] (rank {r})"
+        );
+        crate::error::ensure_input!(
+            b.len() == 2 && b[1] == r,
+            "lora_B is {b:?}, expected [d_out, {r}] (rank {r})"
+        );
+        if let Some(m) = &self.magnitude {
+            crate::error::ensure_input!(
+                m.len() == b[0],
+                "magnitude is {:?}, expected {} elements (d_out of lora_B)",
+                m.shape(),
+                b[0]
+            );
+        }
+        Ok((a[1], b[0], r))
     }
 
     /// The dtype the adapter tensors are stored in (lora_A's; PEFT keeps all three alike).

@@ -80,10 +80,12 @@ impl<'a> DevTensor<'a> {
     /// The range does not fit the view.
     pub fn slice(&self, start: usize, len: usize) -> Result<Self> {
         let sz = self.dtype.size();
+        let end = start.checked_add(len);
         ensure!(
-            (start + len) * sz <= self.bytes,
+            end.and_then(|e| e.checked_mul(sz))
+                .is_some_and(|b| b <= self.bytes),
             "slice {start}..{} of a {}-element {} view",
-            start + len,
+            end.map_or("(overflow)".into(), |e| e.to_string()),
             self.bytes / sz,
             self.dtype
         );
@@ -217,7 +219,8 @@ impl DoraWeights<'_> {
         let ad = self.adapter_dtype();
         ensure_input!(
             super::spec::suffix(dt, ad).is_some(),
-            "lora_A: dtype {ad} beside a {dt} weight; adapters must be {dt} or f32"
+            "lora_A: dtype {ad} beside a {dt} weight; adapters must be {}",
+            super::spec::adapter_dtypes(dt)
         );
         self.lora_a.check("lora_A", ad, &[r, d_in])?;
         self.lora_b.check("lora_B", ad, &[d_out, r])?;

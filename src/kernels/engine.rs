@@ -32,6 +32,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Checks held memory at construction: its device and that it holds `len` elements of `dtype`.
+/// `a·b` elements of `name`, refused when it overflows.
+fn elems(name: &str, a: usize, b: usize) -> Result<usize> {
+    match a.checked_mul(b) {
+        Some(n) => Ok(n),
+        None => crate::error::invalid!("{name}: {a}×{b} elements overflow"),
+    }
+}
+
 fn check_held(
     name: &str,
     m: &MemoryInfo,
@@ -220,7 +228,13 @@ impl<B: Backend> DoraLinear<B> {
         let dev = backend.device();
         let weight = Held::new(weight);
         let bias = bias.map(Held::new);
-        check_held("weight", &weight.info(), dev, dtype, d_out * d_in)?;
+        check_held(
+            "weight",
+            &weight.info(),
+            dev,
+            dtype,
+            elems("weight", d_out, d_in)?,
+        )?;
         if let Some(b) = &bias {
             check_held("bias", &b.info(), dev, DType::F32, d_out)?;
         }
@@ -257,12 +271,15 @@ impl<B: Backend> DoraLinear<B> {
         self.d_out
     }
 
-    /// f32 elements of workspace a forward of up to `max_tokens` tokens with a rank-`r`
-    /// adapter needs (the shrink's partial products `U`, split over d_in at decode sizes).
-    /// Allocate it once for the largest batch and rank the engine serves.
+    /// f32 elements of workspace a forward of up to `max_tokens` tokens with an adapter of
+    /// rank up to `r` needs (the shrink's partial products `U`, split over d_in at decode
+    /// sizes; the split count depends on T and r, so the need is the largest over every
+    /// `T ≤ max_tokens` and rank `≤ r`). Allocate it once for the largest batch and rank the
+    /// engine serves.
     pub fn workspace_len(&self, max_tokens: usize, r: usize) -> usize {
         (1..=max_tokens)
-            .map(|t| launch::shrink_splits(t, r, self.d_in, true).0 * t * r)
+            .flat_map(|t| (1..=r).map(move |rank| (t, rank)))
+            .map(|(t, rank)| launch::shrink_splits(t, rank, self.d_in, true).0 * t * rank)
             .max()
             .unwrap_or(0)
             .max(1)
@@ -327,10 +344,10 @@ impl<B: Backend> DoraLinear<B> {
         );
         ensure_input!(
             super::spec::suffix(self.dtype, a.dtype).is_some(),
-            "adapter: lora_A is {} beside a {} weight; adapters must be {} or f32",
+            "adapter: lora_A is {} beside a {} weight; adapters must be {}",
             a.dtype,
             self.dtype,
-            self.dtype
+            super::spec::adapter_dtypes(self.dtype)
         );
         if a.magnitude.is_none() {
             return Ok(None);
@@ -609,8 +626,8 @@ impl<B: Backend> DoraAdapter<B> {
     /// # Errors
     /// Inconsistent shapes (naming the module), or a device error.
     pub fn upload(backend: &B, module: &AdapterModule, dtype: DType) -> Result<Self> {
-        let (d_in, d_out, r) = module.dims();
         let ctx = || format!("adapter module {}", module.name);
+        let (d_in, d_out, r) = module.checked_dims().with_context(ctx)?;
         let a = upload_erased(backend, &module.lora_a, dtype, "lora_A").with_context(ctx)?;
         let b = upload_erased(backend, &module.lora_b, dtype, "lora_B").with_context(ctx)?;
         let m = module
@@ -653,8 +670,20 @@ impl<B: Backend> DoraAdapter<B> {
         let dev = backend.device();
         let (lora_a, lora_b) = (Held::new(lora_a), Held::new(lora_b));
         let magnitude = magnitude.map(Held::new);
-        check_held("lora_A", &lora_a.info(), dev, dtype, r * d_in)?;
-        check_held("lora_B", &lora_b.info(), dev, dtype, d_out * r)?;
+        check_held(
+            "lora_A",
+            &lora_a.info(),
+            dev,
+            dtype,
+            elems("lora_A", r, d_in)?,
+        )?;
+        check_held(
+            "lora_B",
+            &lora_b.info(),
+            dev,
+            dtype,
+            elems("lora_B", d_out, r)?,
+        )?;
         if let Some(m) = &magnitude {
             check_held("magnitude", &m.info(), dev, DType::F32, d_out)?;
         }
@@ -784,10 +813,10 @@ impl<B: Backend> DoraAdapter<B> {
         let w = linear.weights(self);
         ensure_input!(
             super::spec::suffix(w.dtype(), self.dtype).is_some(),
-            "lora_A: dtype {} beside a {} weight; adapters must be {} or f32",
+            "lora_A: dtype {} beside a {} weight; adapters must be {}",
             self.dtype,
             w.dtype(),
-            w.dtype()
+            super::spec::adapter_dtypes(w.dtype())
         );
         let n_out = info.ptr;
         // The partial sums of the norm split over d_in (the tuned launch), sized by the same

@@ -162,12 +162,12 @@ impl<B: Backend> SlotTables<B> {
         r_max: usize,
         slots: &[Option<SlotAdapter>],
     ) -> Result<Self> {
-        ensure!(
+        crate::error::ensure_input!(
             (1..=spec::MAX_RANK).contains(&r_max),
             "adapter pool: largest rank {r_max} outside 1..={}",
             spec::MAX_RANK
         );
-        ensure!(
+        crate::error::ensure_input!(
             d_in >= 1 && d_out >= 1,
             "adapter pool: d_in and d_out must be at least 1"
         );

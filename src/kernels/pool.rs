@@ -137,9 +137,9 @@ impl<B: Backend> AdapterPool<B> {
         );
         ensure_input!(
             super::spec::suffix(linear.dtype(), adapter_dtype).is_some(),
-            "adapter pool: {adapter_dtype} adapters beside a {} layer; adapters must be {} or f32",
+            "adapter pool: {adapter_dtype} adapters beside a {} layer; adapters must be {}",
             linear.dtype(),
-            linear.dtype()
+            super::spec::adapter_dtypes(linear.dtype())
         );
         let main = linear.backend().clone();
         let empty = vec![None; slots];

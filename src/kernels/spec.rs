@@ -301,6 +301,14 @@ pub struct Variant {
     pub rank_tile: usize,
 }
 
+/// The adapter dtypes a layer of `act` takes, for messages: `bf16 or f32`, or `f32` alone.
+pub fn adapter_dtypes(act: DType) -> String {
+    match act {
+        DType::F32 => "f32".into(),
+        d => format!("{d} or f32"),
+    }
+}
+
 /// The entry-point suffix for activations (W0, x, y, ...) in `act` and adapters (A, B) in
 /// `adapter`: `bf16` when they agree, `bf16_a32` for f32 adapters beside bf16 (PEFT's
 /// default mix); `None` for any other pair (the host path widens such adapters to f32).

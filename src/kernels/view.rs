@@ -48,7 +48,11 @@ impl MatShape {
         if self.rows == 0 || self.cols == 0 {
             0
         } else {
-            (self.rows - 1) * self.ld + self.cols
+            // Saturating: a span past usize::MAX is longer than any memory, so it is refused
+            // as too short for its memory rather than wrapped.
+            (self.rows - 1)
+                .saturating_mul(self.ld)
+                .saturating_add(self.cols)
         }
     }
 }
@@ -197,13 +201,18 @@ fn sub(
     col0: usize,
     sub: MatShape,
 ) -> Result<MemoryInfo> {
+    let fits = |first: usize, n: usize, all: usize| first.checked_add(n).is_some_and(|e| e <= all);
     ensure_input!(
-        row0 + sub.rows <= shape.rows && col0 + sub.cols <= shape.cols,
+        fits(row0, sub.rows, shape.rows) && fits(col0, sub.cols, shape.cols),
         "sub-view [{row0}.., {col0}..] {sub} outside a {shape} view"
     );
-    let off = row0 * shape.ld + col0;
+    let off = row0.checked_mul(shape.ld).and_then(|o| o.checked_add(col0));
+    let off_bytes = off.and_then(|o| o.checked_mul(mem.dtype.size()));
+    let (Some(off), Some(off_bytes)) = (off, off_bytes) else {
+        crate::error::invalid!("sub-view [{row0}.., {col0}..] of a {shape} view: offset overflows");
+    };
     Ok(MemoryInfo {
-        ptr: mem.ptr.offset(off * mem.dtype.size()),
+        ptr: mem.ptr.offset(off_bytes),
         len: mem.len.saturating_sub(off),
         dtype: mem.dtype,
         device: mem.device,

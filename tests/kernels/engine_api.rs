@@ -296,9 +296,10 @@ fn g_is_per_adapter_and_switching_costs_no_norm() {
 fn workspace_is_planned_and_the_owned_one_stops_growing() {
     let mut s = setup();
     let emu = s.emu.clone();
-    // The query covers every token count up to the maximum.
+    // The query covers every token count and every rank up to the maximum.
     let max = s.linear.workspace_len(64, R);
     assert!((1..=64).all(|t| s.linear.workspace_len(t, R) <= max));
+    assert!((1..=R).all(|r| s.linear.workspace_len(64, r) <= max));
     let xh = x_host(64);
     let x = emu.upload_slice(&xh).unwrap();
     let mut y = emu.alloc_slice::<bf16>(64 * D_OUT).unwrap();
@@ -644,4 +645,78 @@ fn compute_scale_launches_the_tuned_norm_split_over_d_in() {
     let got = emu.download_slice(mem).unwrap();
     assert_eq!(&got[..D_OUT], &n[..]);
     assert_eq!(&got[D_OUT..], &g.unwrap()[..]);
+}
+
+#[test]
+fn ranges_that_overflow_are_refused_not_wrapped() {
+    let s = setup();
+    let emu = s.emu.clone();
+    let buf = emu.alloc_zeroed(64 * 4).unwrap();
+    let whole = dorafuse::kernels::DevTensor::of(&buf, DType::F32);
+    let mid = whole.slice(16, 16).unwrap();
+    for (start, len) in [(usize::MAX, 2), (2, usize::MAX), (usize::MAX / 4 + 1, 1)] {
+        let e = mid.slice(start, len).expect_err("an overflowing slice");
+        assert!(e.to_string().contains("of a 16-element f32 view"), "{e}");
+    }
+    let x = emu.alloc_slice::<bf16>(T * D_IN).unwrap();
+    let v = emu.view(&x, MatShape::new(T, D_IN));
+    assert!(fails(v.columns(usize::MAX, 2).map(drop)).contains("outside"));
+    assert!(fails(v.rows(1, usize::MAX).map(drop)).contains("outside"));
+    // A shape whose span passes usize::MAX is too long for any memory.
+    let huge = MatShape::strided(3, 1, usize::MAX / 2);
+    assert_eq!(huge.span(), usize::MAX);
+}
+
+#[test]
+fn an_adapter_module_built_by_hand_is_checked_against_its_rank() {
+    let s = setup();
+    let emu = s.emu.clone();
+    let good = adapter_module(&s.layer, "proj");
+    let upload =
+        |m: &dorafuse::adapter::AdapterModule| DoraAdapter::upload(&*emu, m, DType::F32).map(drop);
+    let t = |shape: Vec<usize>| {
+        Tensor::from_f32(
+            DType::F32,
+            shape.clone(),
+            &vec![0.5; shape.iter().product()],
+        )
+        .unwrap()
+    };
+    let cases = [
+        (
+            dorafuse::adapter::AdapterModule {
+                rank: R - 1,
+                ..good.clone()
+            },
+            "lora_A is [6, 72], expected [5, d_in]",
+        ),
+        (
+            dorafuse::adapter::AdapterModule {
+                lora_b: t(vec![D_OUT, R + 1]),
+                ..good.clone()
+            },
+            "lora_B is [40, 7], expected [d_out, 6]",
+        ),
+        (
+            dorafuse::adapter::AdapterModule {
+                magnitude: Some(t(vec![D_OUT + 3])),
+                ..good.clone()
+            },
+            "magnitude is [43], expected 40 elements",
+        ),
+        (
+            dorafuse::adapter::AdapterModule {
+                lora_a: t(vec![R * D_IN]),
+                ..good.clone()
+            },
+            "lora_A is [432], expected [6, d_in]",
+        ),
+    ];
+    for (m, want) in cases {
+        let msg = fails(upload(&m));
+        assert!(
+            msg.contains("adapter module proj") && msg.contains(want),
+            "{msg}"
+        );
+    }
 }
