@@ -241,10 +241,13 @@ pub fn check_writable(path: &Path) -> Result<()> {
     );
     if target.exists() {
         // Opening for writing without truncating changes nothing and asks the OS, which
-        // knows the permissions, ACLs and read-only mounts.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&target)
+        // knows the permissions, ACLs and read-only mounts. Non-blocking, so a named pipe
+        // without a reader is refused rather than waited on.
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+        open.open(&target)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
