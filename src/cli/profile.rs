@@ -22,7 +22,7 @@ use std::process::ExitCode;
   dorafuse profile --device emu --markdown kernels/README.md")]
 pub struct Args {
     /// Where the kernels run: only `emu` (the access record comes from the emulator).
-    #[arg(long, value_enum, default_value = "emu")]
+    #[arg(long, value_enum, default_value = "emu", hide_possible_values = true)]
     device: Device,
     /// Profile only the entry points whose name contains this, or one of its comma-separated
     /// parts (e.g. `dora_norm_v2_bf16` or `dora_shrink_bf16,dora_compose_bf16`).
