@@ -279,10 +279,15 @@ impl<B: Backend> DoraLinear<B> {
     pub fn workspace_len(&self, max_tokens: usize, r: usize) -> usize {
         (1..=max_tokens)
             .flat_map(|t| (1..=r).map(move |rank| (t, rank)))
-            .map(|(t, rank)| launch::shrink_splits(t, rank, self.d_in, true).0 * t * rank)
+            .map(|(t, rank)| self.workspace_need(t, rank))
             .max()
-            .unwrap_or(0)
-            .max(1)
+            .unwrap_or(1)
+    }
+
+    /// f32 elements of workspace one forward of `t` tokens with a rank-`r` adapter uses (what
+    /// a call checks; [`DoraLinear::workspace_len`] plans for every call up to a size).
+    fn workspace_need(&self, t: usize, r: usize) -> usize {
+        (launch::shrink_splits(t, r, self.d_in, true).0 * t * r).max(1)
     }
 
     /// The weights as the launchers take them, with `adapter`'s factors.
@@ -447,7 +452,7 @@ impl<B: Backend> DoraLinear<B> {
         ensure_input!(t >= 1, "x: at least one token is needed");
         let xc = x.check("x", dev, t, self.d_in)?;
         let yc = y.check("y", dev, t, self.d_out)?;
-        let need = self.workspace_len(t, r);
+        let need = self.workspace_need(t, r);
         let wsm = workspace.memory();
         let wc = check_memory("workspace", &wsm, MatShape::new(1, need), dev, 1, need)
             .context("workspace: see DoraLinear::workspace_len")?;
@@ -516,15 +521,17 @@ impl<B: Backend> DoraLinear<B> {
         base: BaseResult<T>,
         y: &mut DevViewMut<T>,
     ) -> Result<()> {
-        let need = self.workspace_len(x.shape().rows.max(1), adapter.r);
+        let (t, r) = (x.shape().rows.max(1), adapter.r);
+        // The exact need on every call; the plan for every call up to this size (a loop over
+        // T and r) only when the workspace grows.
         let (mut ws, len) = match self.workspace.take() {
-            Some((w, len)) if len >= need => (w, len),
-            _ => (
-                self.backend
-                    .alloc_slice::<f32>(need)
-                    .context("allocating the forward workspace")?,
-                need,
-            ),
+            Some((w, len)) if len >= self.workspace_need(t, r) => (w, len),
+            _ => {
+                let plan = self.workspace_len(t, r);
+                let w = (self.backend.alloc_slice::<f32>(plan))
+                    .context("allocating the forward workspace")?;
+                (w, plan)
+            }
         };
         let r = {
             let backend = self.backend.clone();
